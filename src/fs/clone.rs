@@ -1,0 +1,225 @@
+//! Clones: whole files and directory trees in O(1) per file, and chunk sharing for ranges
+//! (`copy_file_range`).
+//!
+//! A cloned file gets a new inode whose chunk map root is the source's root with one more
+//! reference (see `tree.rs`): nothing proportional to the file's size is copied or counted.
+
+use std::collections::HashMap;
+
+use redb::ReadableTable;
+
+use super::dir::{add_entry, lookup_in, new_inode};
+use super::inode::{InodeId, Kind, Time};
+use super::{check_name, tree, Engine, FsError, FsResult, W};
+
+/// Split `a/b/c` into (`a/b`, `c`).
+fn split_parent(path: &[u8]) -> FsResult<(&[u8], &[u8])> {
+    let p = path.strip_suffix(b"/").unwrap_or(path);
+    match p.iter().rposition(|&b| b == b'/') {
+        Some(i) => Ok((&p[..i], &p[i + 1..])),
+        None if !p.is_empty() => Ok((b"", p)),
+        None => Err(FsError::Invalid("empty destination path")),
+    }
+}
+
+fn resolve_w(w: &W<'_>, path: &[u8]) -> FsResult<InodeId> {
+    let mut cur = InodeId::ROOT;
+    for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
+        cur = lookup_in(w, cur, comp)?.ok_or(FsError::NotFound)?.0;
+    }
+    Ok(cur)
+}
+
+/// Why a clone request failed, naming the path it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum CloneError {
+    #[error("source {0} does not exist")]
+    SrcMissing(String),
+    #[error("destination {0} already exists")]
+    DstExists(String),
+    #[error("destination folder {0} does not exist")]
+    DstParentMissing(String),
+    #[error("cannot clone {0} into itself")]
+    IntoItself(String),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+}
+
+impl Engine {
+    /// Clone the file or directory tree at `src` to each path in `dsts` (paths relative to the
+    /// datastore root), in one durable transaction. Returns the new inodes.
+    pub fn clone_paths(&self, src: &[u8], dsts: &[Vec<u8>]) -> Result<Vec<InodeId>, CloneError> {
+        let show = |p: &[u8]| format!("/{}", String::from_utf8_lossy(p).trim_start_matches('/'));
+        // The clone must see data written up to now.
+        let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
+        for ino in inos {
+            self.flush_ino(ino, false)?;
+        }
+        self.txn(true, |w| {
+            let s = match resolve_w(w, src) {
+                Err(FsError::NotFound) => return Ok(Err(CloneError::SrcMissing(show(src)))),
+                r => r?,
+            };
+            let mut out = Vec::with_capacity(dsts.len());
+            for dst in dsts {
+                let (pp, name) = split_parent(dst)?;
+                check_name(name)?;
+                let parent = match resolve_w(w, pp) {
+                    Err(FsError::NotFound) => return Ok(Err(CloneError::DstParentMissing(show(pp)))),
+                    r => r?,
+                };
+                if w.inode(parent)?.kind != Kind::Dir {
+                    return Ok(Err(CloneError::DstParentMissing(show(pp))));
+                }
+                if lookup_in(w, parent, name)?.is_some() {
+                    return Ok(Err(CloneError::DstExists(show(dst))));
+                }
+                if w.inode(s)?.kind == Kind::Dir && Self::is_within_pub(w, parent, s)? {
+                    return Ok(Err(CloneError::IntoItself(show(src))));
+                }
+                out.push(clone_tree(w, s, parent, name)?);
+            }
+            Ok(Ok(out))
+        })?
+    }
+
+    pub(crate) fn is_within_pub(w: &W<'_>, dir: InodeId, ancestor: InodeId) -> FsResult<bool> {
+        let mut cur = dir;
+        for _ in 0..4096 {
+            if cur == ancestor {
+                return Ok(true);
+            }
+            if cur == InodeId::ROOT {
+                return Ok(false);
+            }
+            cur = lookup_in(w, cur, b"..")?.map(|(p, _)| p).ok_or(FsError::NotFound)?;
+        }
+        Err(FsError::BadMeta("directory parent chain too deep or looping".into()))
+    }
+
+    /// Copy `len` bytes from `src` at `off_in` to `dst` at `off_out`, sharing whole chunks
+    /// instead of copying them where both offsets are chunk-aligned. A copy of a whole file
+    /// onto an empty file shares its chunk map root: O(1), like a clone.
+    /// Returns the bytes copied (short at the end of `src`).
+    pub fn copy_range(&self, src: InodeId, off_in: u64, dst: InodeId, off_out: u64, len: u64) -> FsResult<u64> {
+        let c = self.chunk_size;
+        let (lo, hi) = if src <= dst { (src, dst) } else { (dst, src) };
+        let (st_lo, st_hi) = (self.state(lo), self.state(hi));
+        let mut shared = 0u64;
+        let total;
+        {
+            let mut g_lo = st_lo.write();
+            self.flush_locked(lo, &mut g_lo, false, &[])?;
+            let mut g_hi = if lo != hi { Some(st_hi.write()) } else { None };
+            if let Some(g) = g_hi.as_deref_mut() {
+                self.flush_locked(hi, g, false, &[])?;
+            }
+            let sa = self.getattr(src)?.inode;
+            let da = self.getattr(dst)?.inode;
+            if sa.kind != Kind::File || da.kind != Kind::File {
+                return Err(FsError::Invalid("copy between non-regular files"));
+            }
+            if off_in >= sa.size {
+                return Ok(0);
+            }
+            total = len.min(sa.size - off_in);
+            off_out.checked_add(total).filter(|&e| e <= super::MAX_FILE_SIZE).ok_or(FsError::TooBig)?;
+            let overlap = src == dst && off_in < off_out + total && off_out < off_in + total;
+            if off_in % c == 0 && off_out % c == 0 && !overlap {
+                let new_end = off_out + total;
+                // The source's last chunk is zero past its EOF, so it can be shared when the
+                // destination ends there too.
+                let tail_ok = off_in + total == sa.size && da.size <= new_end;
+                let n = total / c + u64::from(tail_ok && total % c != 0);
+                shared = (n * c).min(total);
+                if n > 0 {
+                    self.txn(false, |w| {
+                        let mut di = w.inode(dst)?;
+                        let si = w.inode(src)?;
+                        if off_in == 0 && off_out == 0 && shared == si.size && di.root.node == 0 && src != dst {
+                            w.tree().incref_node(si.root.node)?;
+                            di.root = si.root;
+                            di.aux = si.aux;
+                        } else {
+                            let first = off_in / c;
+                            let present: HashMap<u64, _> =
+                                tree::collect(&*w.tree().nodes, si.root, first, first + n)?.into_iter().collect();
+                            let base = off_out / c;
+                            let ups: Vec<_> = (0..n).map(|k| (base + k, present.get(&(first + k)).copied())).collect();
+                            let (r, t) = w.tree().set(di.root, &ups, &HashMap::new())?;
+                            di.root = r;
+                            di.aux = t;
+                        }
+                        di.size = di.size.max(off_out + shared);
+                        let now = Time::now();
+                        di.mtime = now;
+                        di.ctime = now;
+                        w.put_inode(dst, &di)
+                    })?;
+                }
+            }
+        }
+        // The rest goes through the page-sized path, 1 MiB at a time.
+        let mut done = shared;
+        while done < total {
+            let n = (total - done).min(1 << 20) as u32;
+            let buf = self.read(src, off_in + done, n)?;
+            if buf.is_empty() {
+                break;
+            }
+            self.write(dst, off_out + done, &buf)?;
+            done += buf.len() as u64;
+        }
+        Ok(done)
+    }
+}
+
+/// Clone inode `src` (recursively for a directory) as `parent/name`.
+fn clone_tree(w: &mut W<'_>, src: InodeId, parent: InodeId, name: &[u8]) -> FsResult<InodeId> {
+    let si = w.inode(src)?;
+    let mut ni = si.clone();
+    let now = Time::now();
+    ni.atime = now;
+    ni.mtime = now;
+    ni.ctime = now;
+    ni.nlink = if si.kind == Kind::Dir { 2 } else { 1 };
+    match si.kind {
+        Kind::File => w.tree().incref_node(si.root.node)?,
+        Kind::Dir => ni.aux = 3,
+        _ => {}
+    }
+    let (ino, _) = new_inode(w, ni)?;
+    if si.kind == Kind::Symlink {
+        let t = w.symlinks.get(src.0)?.map(|v| v.value().to_vec()).unwrap_or_default();
+        w.symlinks.insert(ino.0, t.as_slice())?;
+    }
+    let xattrs: Vec<(Vec<u8>, Vec<u8>)> = w
+        .xattrs
+        .range((src.0, [].as_slice())..(src.0 + 1, [].as_slice()))?
+        .map(|r| r.map(|(k, v)| (k.value().1.to_vec(), v.value().to_vec())))
+        .collect::<Result<_, _>>()?;
+    for (k, v) in xattrs {
+        w.xattrs.insert((ino.0, k.as_slice()), v.as_slice())?;
+    }
+    add_entry(w, parent, name, ino, si.kind == Kind::Dir)?;
+    if si.kind == Kind::Dir {
+        let children: Vec<(Vec<u8>, InodeId)> = {
+            let names: Vec<Vec<u8>> = w
+                .cookies
+                .range((src.0, 0)..(src.0 + 1, 0))?
+                .map(|r| r.map(|(_, v)| v.value().to_vec()))
+                .collect::<Result<_, _>>()?;
+            let mut v = Vec::new();
+            for n in names {
+                if let Some((c, _)) = lookup_in(w, src, &n)? {
+                    v.push((n, c));
+                }
+            }
+            v
+        };
+        for (n, c) in children {
+            clone_tree(w, c, ino, &n)?;
+        }
+    }
+    Ok(ino)
+}

@@ -1,0 +1,570 @@
+//! File contents: reads, the write-back buffer, flushing, truncate, punch, seek, fsync.
+//!
+//! # Write-back
+//! A write lands in the file's [`FileState`]: each touched chunk is held whole in memory
+//! (read once from the store if the write covers it only partly), so a burst of 4 KiB writes
+//! into one chunk costs one read and one hash + compress + append when flushed, not one per
+//! write. Dirty data is flushed (1) by `fsync`, durably; (2) by the background flusher every
+//! few seconds, durably; (3) when the dirty total passes [`super::Tuning::dirty_limit`]
+//! (memory pressure); (4) before operations that need the file's stored state (truncate,
+//! clone, copy ranges). Reads see dirty data.
+//!
+//! # Flush
+//! Hash dirty chunks (in parallel); skip all-zero ones (holes); look up each id; compress and
+//! append only the new ones; then one transaction points the file's chunk map at them and
+//! adjusts reference counts. Unchanged invariant: bytes past EOF inside the last chunk are 0.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use rayon::prelude::*;
+
+use super::inode::{Inode, InodeId, Kind, Time};
+use super::{get_inode, tree, Attr, Engine, FsError, FsResult, MAX_FILE_SIZE};
+use crate::schema::{INODES, K_BARRIERS, NODES};
+use crate::store::chunk::{is_zero, ChunkId};
+use crate::store::Encoded;
+
+/// Unflushed state of one file.
+#[derive(Default)]
+pub struct FileState {
+    /// Whole chunks by index, newer than what the chunk map holds.
+    pub(crate) dirty: BTreeMap<u64, Box<[u8]>>,
+    /// File size if changed since the last flush.
+    pub(crate) size: Option<u64>,
+    /// Modification time (and ctime) if changed since the last flush.
+    pub(crate) mtime: Option<Time>,
+}
+
+impl FileState {
+    pub(crate) fn overlay(&self, inode: &mut Inode) {
+        if let Some(s) = self.size {
+            inode.size = s;
+        }
+        if let Some(t) = self.mtime {
+            inode.mtime = t;
+            inode.ctime = t;
+        }
+    }
+
+    fn is_clean(&self) -> bool {
+        self.dirty.is_empty() && self.size.is_none() && self.mtime.is_none()
+    }
+}
+
+/// A time to set: the server's clock or a given time.
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    Now,
+    At(Time),
+}
+
+/// Attribute changes (each `None` leaves the attribute alone).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub ctime: Option<Time>,
+}
+
+/// What `fallocate` should do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Falloc {
+    /// Make the range part of the file (extends the size unless `keep_size`). Nothing is
+    /// reserved: the datastore is thin, space is used when data is written.
+    Allocate { keep_size: bool },
+    /// Turn the range into a hole; the size does not change.
+    PunchHole,
+    /// Make the range read as zeros (extends the size unless `keep_size`).
+    ZeroRange { keep_size: bool },
+}
+
+impl Engine {
+    pub(crate) fn state(&self, ino: InodeId) -> Arc<RwLock<FileState>> {
+        self.files.entry(ino).or_default().clone()
+    }
+
+    /// Forget the unflushed state of a deleted inode.
+    pub(crate) fn drop_state(&self, ino: InodeId) {
+        if let Some((_, st)) = self.files.remove(&ino) {
+            let mut g = st.write();
+            let n = g.dirty.len() as u64 * self.chunk_size;
+            g.dirty.clear();
+            self.dirty_bytes.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes of unflushed file data held in memory.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Read up to `len` bytes at `offset` (short at end of file).
+    pub fn read(&self, ino: InodeId, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+        let st = self.files.get(&ino).map(|s| s.clone());
+        let g = st.as_ref().map(|s| s.read());
+        let rtx = self.read_txn()?;
+        let inode = get_inode(&rtx.open_table(INODES)?, ino)?;
+        match inode.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid("not a regular file")),
+        }
+        let size = g.as_ref().and_then(|g| g.size).unwrap_or(inode.size);
+        if offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = (offset + u64::from(len)).min(size);
+        let c = self.chunk_size;
+        let (first, last) = (offset / c, (end - 1) / c);
+        let mut out = vec![0u8; (end - offset) as usize];
+        let copy = |out: &mut [u8], idx: u64, chunk: &[u8]| {
+            let s = offset.max(idx * c);
+            let e = end.min((idx + 1) * c);
+            out[(s - offset) as usize..(e - offset) as usize]
+                .copy_from_slice(&chunk[(s - idx * c) as usize..(e - idx * c) as usize]);
+        };
+        let dirty = g.as_ref().map(|g| &g.dirty);
+        let nodes = rtx.open_table(NODES)?;
+        let stored: Vec<(u64, ChunkId)> = tree::collect(&nodes, inode.root, first, last + 1)?
+            .into_iter()
+            .filter(|(i, _)| !dirty.is_some_and(|d| d.contains_key(i)))
+            .collect();
+        if let Some(d) = dirty {
+            for (&idx, buf) in d.range(first..=last) {
+                copy(&mut out, idx, buf);
+            }
+        }
+        let fetch = |(idx, id): &(u64, ChunkId)| (*idx, self.store.read(&rtx, id));
+        // Large reads decode chunks on all cores; small ones stay on this thread.
+        let chunks: Vec<_> = if stored.len() > 4 {
+            stored.par_iter().map(fetch).collect()
+        } else {
+            stored.iter().map(fetch).collect()
+        };
+        for (idx, r) in chunks {
+            match r {
+                Ok(data) => copy(&mut out, idx, &data),
+                Err(e) => {
+                    let e = FsError::from(e).at(ino.0, idx * c);
+                    tracing::error!(file = %self.path_of(ino), offset = idx * c, "read failed: {e}");
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Write `data` at `offset`; returns the bytes written (all of them).
+    pub fn write(&self, ino: InodeId, offset: u64, data: &[u8]) -> FsResult<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        offset.checked_add(data.len() as u64).filter(|&e| e <= MAX_FILE_SIZE).ok_or(FsError::TooBig)?;
+        let st = self.state(ino);
+        {
+            let mut g = st.write();
+            self.write_locked(ino, &mut g, offset, data)?;
+        }
+        self.relieve_pressure(ino)?;
+        Ok(data.len())
+    }
+
+    pub(crate) fn write_locked(&self, ino: InodeId, g: &mut FileState, offset: u64, data: &[u8]) -> FsResult<()> {
+        let c = self.chunk_size;
+        let end = offset + data.len() as u64;
+        let mut stored: Option<(redb::ReadTransaction, Inode)> = None;
+        let load = |stored: &mut Option<(redb::ReadTransaction, Inode)>| -> FsResult<()> {
+            if stored.is_none() {
+                let rtx = self.read_txn()?;
+                let inode = get_inode(&rtx.open_table(INODES)?, ino)?;
+                *stored = Some((rtx, inode));
+            }
+            Ok(())
+        };
+        if g.size.is_none() {
+            load(&mut stored)?;
+            let k = stored.as_ref().map(|s| s.1.kind);
+            if k != Some(Kind::File) {
+                return Err(if k == Some(Kind::Dir) { FsError::IsDir } else { FsError::Invalid("not a regular file") });
+            }
+        }
+        let mut pos = offset;
+        while pos < end {
+            let idx = pos / c;
+            let cs = idx * c;
+            let ce = (cs + c).min(end);
+            if !g.dirty.contains_key(&idx) {
+                let buf = if pos == cs && ce == cs + c {
+                    vec![0u8; c as usize]
+                } else {
+                    load(&mut stored)?;
+                    let (rtx, inode) = stored.as_ref().expect("loaded above");
+                    let nodes = rtx.open_table(NODES)?;
+                    match tree::get(&nodes, inode.root, idx)? {
+                        Some(id) => self
+                            .store
+                            .read(rtx, &id)
+                            .map_err(|e| {
+                                let e = FsError::from(e).at(ino.0, cs);
+                                tracing::error!(file = %self.path_of(ino), offset = cs, "read for write failed: {e}");
+                                e
+                            })?
+                            .to_vec(),
+                        None => vec![0u8; c as usize],
+                    }
+                };
+                g.dirty.insert(idx, buf.into_boxed_slice());
+                self.dirty_bytes.fetch_add(c, Ordering::Relaxed);
+            }
+            let buf = g.dirty.get_mut(&idx).expect("inserted above");
+            buf[(pos - cs) as usize..(ce - cs) as usize]
+                .copy_from_slice(&data[(pos - offset) as usize..(ce - offset) as usize]);
+            pos = ce;
+        }
+        let size = match g.size {
+            Some(s) => s,
+            None => stored.as_ref().map_or(0, |s| s.1.size),
+        };
+        g.size = Some(size.max(end));
+        g.mtime = Some(Time::now());
+        Ok(())
+    }
+
+    /// Flush files while the dirty total is over the limit.
+    fn relieve_pressure(&self, ino: InodeId) -> FsResult<()> {
+        if self.dirty_bytes() <= self.tuning.dirty_limit {
+            return Ok(());
+        }
+        self.flush_ino(ino, false)?;
+        if self.dirty_bytes() > self.tuning.dirty_limit {
+            let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
+            for i in inos {
+                if self.dirty_bytes() <= self.tuning.dirty_limit / 2 {
+                    break;
+                }
+                self.flush_ino(i, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flush one file's unflushed data; durably (with everything committed before) if asked.
+    pub fn flush_ino(&self, ino: InodeId, durable: bool) -> FsResult<()> {
+        let st = self.files.get(&ino).map(|s| s.clone());
+        match st {
+            Some(st) => {
+                let mut g = st.write();
+                self.flush_locked(ino, &mut g, durable, &[])
+            }
+            None if durable => self.barrier(),
+            None => Ok(()),
+        }
+    }
+
+    /// `fsync`/`fdatasync`: on return, everything written to `ino` survives a power loss.
+    pub fn fsync(&self, ino: InodeId) -> FsResult<()> {
+        self.flush_ino(ino, true)
+    }
+
+    /// A durable commit: makes every earlier commit (and the packs they reference) durable.
+    pub fn barrier(&self) -> FsResult<()> {
+        self.txn(true, |w| {
+            w.counter(K_BARRIERS, 0)?;
+            Ok(())
+        })
+    }
+
+    /// Flush every file and commit durably (`syncfs`, the periodic flusher, unmount).
+    pub fn sync_all(&self) -> FsResult<()> {
+        let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
+        for ino in inos {
+            self.flush_ino(ino, false)?;
+        }
+        self.barrier()?;
+        // Forget clean states nobody holds (only the map's reference left).
+        self.files.retain(|_, s| Arc::strong_count(s) > 1 || s.try_read().is_none_or(|g| !g.is_clean()));
+        Ok(())
+    }
+
+    /// Commit the unflushed state of a file (the caller holds its lock), plus `holes`: chunk
+    /// indexes to turn into holes.
+    pub(crate) fn flush_locked(&self, ino: InodeId, g: &mut FileState, durable: bool, holes: &[u64]) -> FsResult<()> {
+        if g.is_clean() && holes.is_empty() {
+            return if durable { self.barrier() } else { Ok(()) };
+        }
+        let level = self.store.zstd_level();
+        let hashed: Vec<(u64, Option<ChunkId>)> =
+            g.dirty.par_iter().map(|(&i, b)| (i, (!is_zero(b)).then(|| ChunkId::of(b)))).collect();
+        let mut need: Vec<(ChunkId, u64)> = Vec::new();
+        {
+            let rtx = self.read_txn()?;
+            let mut seen = HashSet::new();
+            for (i, id) in &hashed {
+                if let Some(id) = id {
+                    if seen.insert(*id) && !self.store.contains(&rtx, id)? {
+                        need.push((*id, *i));
+                    }
+                }
+            }
+        }
+        let encoded: Vec<Encoded> = need.par_iter().map(|(id, i)| Encoded::new(*id, &g.dirty[i], level)).collect();
+        let mut locs = HashMap::new();
+        for e in &encoded {
+            locs.insert(e.id, self.store.append(e)?);
+        }
+        drop(encoded);
+        let mut updates = hashed;
+        updates.extend(holes.iter().filter(|h| !g.dirty.contains_key(h)).map(|&h| (h, None)));
+        updates.sort_unstable_by_key(|u| u.0);
+        let (size, mtime, dirty) = (g.size, g.mtime, &g.dirty);
+        self.txn(durable, |w| {
+            let mut inode = match w.inode(ino) {
+                Ok(i) => i,
+                // Deleted meanwhile (NFS has no open state): its data goes with it.
+                Err(FsError::NotFound) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            // A chunk seen as stored may have lost its last reference since: store it again.
+            for (i, id) in &updates {
+                if let Some(id) = id {
+                    if !locs.contains_key(id) && w.chunks.get(id)?.is_none() {
+                        let e = Encoded::new(*id, &dirty[i], level);
+                        locs.insert(*id, self.store.append(&e)?);
+                    }
+                }
+            }
+            let (root, total) = w.tree().set(inode.root, &updates, &locs)?;
+            inode.root = root;
+            inode.aux = total;
+            if let Some(s) = size {
+                inode.size = s;
+            }
+            if let Some(t) = mtime {
+                inode.mtime = t;
+                inode.ctime = t;
+            }
+            w.put_inode(ino, &inode)
+        })?;
+        let n = g.dirty.len() as u64;
+        *g = FileState::default();
+        self.dirty_bytes.fetch_sub(n * self.chunk_size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Change attributes (a size change truncates or extends with a hole).
+    pub fn setattr(&self, ino: InodeId, s: &SetAttr) -> FsResult<Attr> {
+        if s.size.is_some_and(|sz| sz > MAX_FILE_SIZE) {
+            return Err(FsError::TooBig);
+        }
+        let st = match self.files.get(&ino).map(|x| x.clone()) {
+            Some(st) => Some(st),
+            None if s.size.is_some() => Some(self.state(ino)),
+            None => None,
+        };
+        let mut g = st.as_ref().map(|s| s.write());
+        if let Some(g) = g.as_deref_mut() {
+            self.flush_locked(ino, g, false, &[])?;
+        }
+        let c = self.chunk_size;
+        // Truncating inside a chunk: that chunk's tail past the new size must read as zeros.
+        let mut tail: Option<(u64, Option<ChunkId>, Option<Encoded>)> = None;
+        if let Some(sz) = s.size {
+            let rtx = self.read_txn()?;
+            let inode = get_inode(&rtx.open_table(INODES)?, ino)?;
+            match inode.kind {
+                Kind::File => {}
+                Kind::Dir => return Err(FsError::IsDir),
+                _ => return Err(FsError::Invalid("not a regular file")),
+            }
+            if sz < inode.size && sz % c != 0 {
+                let idx = sz / c;
+                if let Some(id) = tree::get(&rtx.open_table(NODES)?, inode.root, idx)? {
+                    let mut data = self.store.read(&rtx, &id).map_err(|e| FsError::from(e).at(ino.0, idx * c))?.to_vec();
+                    data[(sz % c) as usize..].fill(0);
+                    tail = Some(if is_zero(&data) {
+                        (idx, None, None)
+                    } else {
+                        let nid = ChunkId::of(&data);
+                        (idx, Some(nid), Some(Encoded::new(nid, &data, self.store.zstd_level())))
+                    });
+                }
+            }
+        }
+        let inode = self.txn(false, |w| {
+            let mut i = w.inode(ino)?;
+            let now = Time::now();
+            let mut changed = false;
+            if let Some(m) = s.mode {
+                i.perm = (m & 0o7777) as u16;
+                changed = true;
+            }
+            if let Some(u) = s.uid {
+                i.uid = u;
+                changed = true;
+            }
+            if let Some(gid) = s.gid {
+                i.gid = gid;
+                changed = true;
+            }
+            if let Some(sz) = s.size {
+                if let Some((idx, id, enc)) = &tail {
+                    let mut locs = HashMap::new();
+                    if let Some(e) = enc {
+                        if w.chunks.get(&e.id)?.is_none() {
+                            locs.insert(e.id, self.store.append(e)?);
+                        }
+                    }
+                    let (r, t) = w.tree().set(i.root, &[(*idx, *id)], &locs)?;
+                    i.root = r;
+                    i.aux = t;
+                }
+                if sz < i.size {
+                    let (r, t) = w.tree().truncate(i.root, sz.div_ceil(c))?;
+                    i.root = r;
+                    i.aux = t;
+                }
+                if sz != i.size {
+                    i.mtime = now;
+                }
+                i.size = sz;
+                changed = true;
+            }
+            match s.atime {
+                Some(SetTime::Now) => i.atime = now,
+                Some(SetTime::At(t)) => i.atime = t,
+                None => {}
+            }
+            match s.mtime {
+                Some(SetTime::Now) => i.mtime = now,
+                Some(SetTime::At(t)) => i.mtime = t,
+                None => {}
+            }
+            changed |= s.atime.is_some() || s.mtime.is_some();
+            if let Some(t) = s.ctime {
+                i.ctime = t;
+            } else if changed {
+                i.ctime = now;
+            }
+            w.put_inode(ino, &i)?;
+            Ok(i)
+        })?;
+        Ok(self.attr_of(ino, inode, g.as_deref()))
+    }
+
+    /// Punch holes, zero ranges or extend (see [`Falloc`]).
+    pub fn fallocate(&self, ino: InodeId, offset: u64, len: u64, mode: Falloc) -> FsResult<()> {
+        let end = offset.checked_add(len).filter(|&e| e <= MAX_FILE_SIZE).ok_or(FsError::TooBig)?;
+        if len == 0 {
+            return Err(FsError::Invalid("fallocate of zero bytes"));
+        }
+        let st = self.state(ino);
+        let mut g = st.write();
+        let inode = self.getattr_locked(ino, &g)?;
+        if inode.kind != Kind::File {
+            return Err(if inode.kind == Kind::Dir { FsError::IsDir } else { FsError::Invalid("not a regular file") });
+        }
+        let (keep_size, zero) = match mode {
+            Falloc::Allocate { keep_size } => (keep_size, false),
+            Falloc::PunchHole => (true, true),
+            Falloc::ZeroRange { keep_size } => (keep_size, true),
+        };
+        if zero && offset < inode.size {
+            let zend = end.min(inode.size);
+            let c = self.chunk_size;
+            let mut holes = Vec::new();
+            let mut pos = offset;
+            while pos < zend {
+                let idx = pos / c;
+                let ce = ((idx + 1) * c).min(zend);
+                if pos == idx * c && ce == (idx + 1) * c {
+                    if let Some(b) = g.dirty.remove(&idx) {
+                        drop(b);
+                        self.dirty_bytes.fetch_sub(c, Ordering::Relaxed);
+                    }
+                    holes.push(idx);
+                } else {
+                    let zeros = vec![0u8; (ce - pos) as usize];
+                    self.write_locked(ino, &mut g, pos, &zeros)?;
+                }
+                pos = ce;
+            }
+            // Zeroing must not move the size or times beyond what the caller asked.
+            g.size = Some(inode.size);
+            g.mtime = Some(Time::now());
+            self.flush_locked(ino, &mut g, false, &holes)?;
+        }
+        if !keep_size && end > inode.size {
+            g.size = Some(end);
+            g.mtime = Some(Time::now());
+        }
+        Ok(())
+    }
+
+    fn getattr_locked(&self, ino: InodeId, g: &FileState) -> FsResult<Inode> {
+        let rtx = self.read_txn()?;
+        let mut i = get_inode(&rtx.open_table(INODES)?, ino)?;
+        g.overlay(&mut i);
+        Ok(i)
+    }
+
+    /// `lseek` with SEEK_DATA (`data`) or SEEK_HOLE: the next offset `>= offset` in data or in
+    /// a hole; `None` (ENXIO) at or past the end of the file.
+    pub fn seek(&self, ino: InodeId, offset: u64, data: bool) -> FsResult<Option<u64>> {
+        let st = self.files.get(&ino).map(|s| s.clone());
+        let g = st.as_ref().map(|s| s.read());
+        let rtx = self.read_txn()?;
+        let mut inode = get_inode(&rtx.open_table(INODES)?, ino)?;
+        if let Some(g) = g.as_deref() {
+            g.overlay(&mut inode);
+        }
+        if offset >= inode.size {
+            return Ok(None);
+        }
+        let nodes = rtx.open_table(NODES)?;
+        let c = self.chunk_size;
+        let dirty = g.as_ref().map(|g| &g.dirty);
+        let mut idx = offset / c;
+        if data {
+            let t = tree::seek(&nodes, inode.root, idx, true)?;
+            let d = dirty.and_then(|d| d.range(idx..).next().map(|(&k, _)| k));
+            let found = match (t, d) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            Ok(found.map(|i| (i * c).max(offset)).filter(|&o| o < inode.size))
+        } else {
+            loop {
+                let h = tree::seek(&nodes, inode.root, idx, false)?.unwrap_or(u64::MAX / c);
+                if dirty.is_some_and(|d| d.contains_key(&h)) {
+                    idx = h + 1;
+                    continue;
+                }
+                return Ok(Some((h * c).max(offset).min(inode.size)));
+            }
+        }
+    }
+
+    /// Start the background flusher: every `interval`, flush all files durably. It stops
+    /// when the engine is dropped.
+    pub fn spawn_flusher(self: &Arc<Self>, interval: Duration) -> std::thread::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("tessera-flush".into())
+            .spawn(move || loop {
+                std::thread::sleep(interval);
+                let Some(e) = weak.upgrade() else { return };
+                if let Err(err) = e.sync_all() {
+                    tracing::error!("background flush failed (will retry): {err}");
+                }
+            })
+            .expect("spawn flusher thread")
+    }
+}

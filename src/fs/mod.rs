@@ -1,0 +1,427 @@
+//! The filesystem engine: a datastore in POSIX terms (inodes, directories, file data, clones).
+//!
+//! Front ends (FUSE, NFS, the CLI) call the methods of [`Engine`]; the engine knows nothing of
+//! them. Operations are grouped by family: `dir.rs` (namespace), `data.rs` (file contents and
+//! write-back), `clone.rs` (clones and range sharing), `xattr.rs`, `check.rs` (fsck), `stats.rs`.
+//!
+//! # Concurrency
+//! Metadata lives in one redb database; redb serialises write transactions and gives readers
+//! snapshots. File data written but not yet flushed sits in a per-inode [`data::FileState`]
+//! behind a `RwLock`. Lock order: file-state locks (several: in inode order), then the write
+//! transaction. Nothing waits for a file-state lock while holding a write transaction.
+//!
+//! # Durability
+//! Metadata operations commit with `Durability::None`: atomic, visible at once, survive a
+//! kill -9 of the process (the OS keeps the written pages) but not a power loss. `fsync`, the
+//! periodic flusher and clones commit durably: first every pack append is synced, then the
+//! transaction commits with `Durability::Immediate`, which also makes every earlier
+//! non-durable commit durable. Packs are therefore always durable before the metadata that
+//! references them.
+
+pub mod check;
+pub mod clone;
+pub mod data;
+pub mod dir;
+pub mod error;
+pub mod inode;
+pub mod stats;
+pub mod tree;
+pub mod xattr;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use parking_lot::{Mutex, RwLock};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+
+use crate::schema::{self, *};
+use crate::store::pack::{DirPackIo, PackIo};
+use crate::store::{ChunkTables, Store};
+pub use error::{FsError, FsResult};
+pub use inode::{Generation, Inode, InodeId, Kind, Time};
+
+/// Largest file size (bytes): 1 PiB. Well above the 16 TiB NFS clients expect.
+pub const MAX_FILE_SIZE: u64 = 1 << 50;
+/// Longest name in a directory (bytes), as in Linux.
+pub const NAME_MAX: usize = 255;
+pub const MIN_CHUNK_SIZE: u32 = 4096;
+pub const MAX_CHUNK_SIZE: u32 = 65536;
+pub const DEFAULT_CHUNK_SIZE: u32 = 16384;
+
+/// Settings chosen when a datastore is created (recorded in it).
+#[derive(Clone, Copy, Debug)]
+pub struct Format {
+    /// Bytes; a power of two between 4 KiB and 64 KiB.
+    pub chunk_size: u32,
+    /// zstd level, 1 (fast) to 19.
+    pub zstd_level: i32,
+}
+
+impl Default for Format {
+    fn default() -> Self {
+        Format { chunk_size: DEFAULT_CHUNK_SIZE, zstd_level: 1 }
+    }
+}
+
+/// Run-time tuning.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// Unflushed file data held in memory before writers flush (bytes).
+    pub dirty_limit: u64,
+    /// Verified, decompressed chunks kept for reads (bytes).
+    pub cache_bytes: u64,
+    /// redb page cache (bytes).
+    pub meta_cache_bytes: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning { dirty_limit: 128 << 20, cache_bytes: 64 << 20, meta_cache_bytes: 64 << 20 }
+    }
+}
+
+/// Attributes as front ends see them.
+#[derive(Clone, Debug)]
+pub struct Attr {
+    pub ino: InodeId,
+    pub inode: Inode,
+    /// Bytes of stored (non-hole) data, before dedup and compression.
+    pub allocated: u64,
+}
+
+pub const META_FILE: &str = "meta.redb";
+pub const PACK_DIR: &str = "packs";
+
+/// The engine over one datastore.
+pub struct Engine {
+    db: Database,
+    store: Store,
+    dir: Option<PathBuf>,
+    chunk_size: u64,
+    files: DashMap<InodeId, Arc<RwLock<data::FileState>>>,
+    /// Open handles per inode (an unlinked inode lives until its last handle closes).
+    open_counts: Mutex<HashMap<InodeId, u32>>,
+    dirty_bytes: AtomicU64,
+    tuning: Tuning,
+}
+
+/// The tables a metadata transaction works on, opened once per transaction.
+pub(crate) struct W<'txn> {
+    pub inodes: Table<'txn, u64, &'static [u8]>,
+    pub dirents: Table<'txn, (u64, &'static [u8]), (u64, u64)>,
+    pub cookies: Table<'txn, (u64, u64), &'static [u8]>,
+    pub symlinks: Table<'txn, u64, &'static [u8]>,
+    pub xattrs: Table<'txn, (u64, &'static [u8]), &'static [u8]>,
+    pub orphans: Table<'txn, u64, ()>,
+    pub sup: Table<'txn, &'static str, u64>,
+    pub nodes: Table<'txn, u64, &'static [u8]>,
+    pub refs: Table<'txn, u64, u64>,
+    pub chunks: ChunkTables<'txn>,
+    pub next_node: u64,
+}
+
+impl<'txn> W<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> FsResult<W<'txn>> {
+        let sup = txn.open_table(SUPER)?;
+        let next_node = sup.get(K_NEXT_NODE)?.map_or(1, |v| v.value());
+        Ok(W {
+            inodes: txn.open_table(INODES)?,
+            dirents: txn.open_table(DIRENTS)?,
+            cookies: txn.open_table(DIRCOOKIE)?,
+            symlinks: txn.open_table(SYMLINKS)?,
+            xattrs: txn.open_table(XATTRS)?,
+            orphans: txn.open_table(ORPHANS)?,
+            sup,
+            nodes: txn.open_table(NODES)?,
+            refs: txn.open_table(NODEREFS)?,
+            chunks: ChunkTables::open(txn)?,
+            next_node,
+        })
+    }
+
+    fn finish(mut self) -> FsResult<Vec<crate::store::chunk::ChunkId>> {
+        self.sup.insert(K_NEXT_NODE, self.next_node)?;
+        Ok(std::mem::take(&mut self.chunks.released))
+    }
+
+    pub fn tree(&mut self) -> tree::TreeTx<'_, 'txn> {
+        tree::TreeTx {
+            nodes: &mut self.nodes,
+            refs: &mut self.refs,
+            chunks: &mut self.chunks,
+            next_node: &mut self.next_node,
+        }
+    }
+
+    pub fn inode(&self, ino: InodeId) -> FsResult<Inode> {
+        get_inode(&self.inodes, ino)
+    }
+
+    pub fn put_inode(&mut self, ino: InodeId, inode: &Inode) -> FsResult<()> {
+        self.inodes.insert(ino.0, inode.encode().as_slice())?;
+        Ok(())
+    }
+
+    pub fn counter(&mut self, key: &'static str, first: u64) -> FsResult<u64> {
+        let v = self.sup.get(key)?.map_or(first, |v| v.value());
+        self.sup.insert(key, v + 1)?;
+        Ok(v)
+    }
+}
+
+pub(crate) fn get_inode<T: ReadableTable<u64, &'static [u8]>>(t: &T, ino: InodeId) -> FsResult<Inode> {
+    let v = t.get(ino.0)?.ok_or(FsError::NotFound)?;
+    Inode::decode(v.value()).ok_or_else(|| FsError::BadMeta(format!("inode {} does not decode", ino.0)))
+}
+
+fn read_format(db: &Database) -> FsResult<Format> {
+    let rtx = db.begin_read()?;
+    let sup = rtx.open_table(SUPER).map_err(|_| FsError::BadMeta("not a Tessera datastore".into()))?;
+    let get = |k| -> FsResult<u64> {
+        sup.get(k)?.map(|v| v.value()).ok_or_else(|| FsError::BadMeta(format!("superblock lacks {k}")))
+    };
+    let version = get(K_FORMAT)?;
+    if version != FORMAT_VERSION {
+        return Err(FsError::BadMeta(format!(
+            "datastore format {version} is not supported by this build (format {FORMAT_VERSION})"
+        )));
+    }
+    Ok(Format { chunk_size: get(K_CHUNK_SIZE)? as u32, zstd_level: get(K_ZSTD_LEVEL)? as i32 })
+}
+
+impl Engine {
+    /// Create a new datastore in `dir` (which must be empty or absent).
+    pub fn create(dir: &Path, format: Format) -> FsResult<()> {
+        if !format.chunk_size.is_power_of_two()
+            || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&format.chunk_size)
+        {
+            return Err(FsError::Invalid("chunk size must be a power of two from 4 KiB to 64 KiB"));
+        }
+        if !(1..=19).contains(&format.zstd_level) {
+            return Err(FsError::Invalid("zstd level must be 1 to 19"));
+        }
+        std::fs::create_dir_all(dir)?;
+        if std::fs::read_dir(dir)?.next().is_some() {
+            return Err(FsError::Exists);
+        }
+        std::fs::create_dir(dir.join(PACK_DIR))?;
+        let db = Database::create(dir.join(META_FILE))?;
+        Self::init_db(&db, format)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    }
+
+    fn init_db(db: &Database, format: Format) -> FsResult<()> {
+        let txn = db.begin_write()?;
+        {
+            let mut w = W::open(&txn)?;
+            w.sup.insert(K_FORMAT, FORMAT_VERSION)?;
+            w.sup.insert(K_CHUNK_SIZE, u64::from(format.chunk_size))?;
+            w.sup.insert(K_ZSTD_LEVEL, format.zstd_level as u64)?;
+            w.sup.insert(K_NEXT_INODE, 2)?;
+            w.sup.insert(K_NEXT_GENERATION, 2)?;
+            let mut root = Inode::new(Kind::Dir, 0o755, 0, 0, Generation(1));
+            root.nlink = 2;
+            w.put_inode(InodeId::ROOT, &root)?;
+            w.dirents.insert((1, b"..".as_slice()), (1, 0))?;
+            w.finish()?;
+        }
+        let _ = txn.open_table(COUNTERS)?;
+        let _ = txn.open_table(PACKS)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Open the datastore in `dir`. The caller holds the datastore lock.
+    pub fn open(dir: &Path, tuning: Tuning) -> FsResult<Engine> {
+        let meta = dir.join(META_FILE);
+        if !meta.exists() {
+            return Err(FsError::BadMeta(format!("{} is not a Tessera datastore (no {META_FILE})", dir.display())));
+        }
+        let db = Database::builder().set_cache_size(tuning.meta_cache_bytes as usize).open(&meta)?;
+        let io: Arc<dyn PackIo> = Arc::new(DirPackIo::new(&dir.join(PACK_DIR))?);
+        let mut e = Self::with_parts(db, io, tuning)?;
+        e.dir = Some(dir.to_path_buf());
+        Ok(e)
+    }
+
+    /// An engine over a given database and pack I/O (tests use in-memory ones).
+    pub fn with_parts(db: Database, io: Arc<dyn PackIo>, tuning: Tuning) -> FsResult<Engine> {
+        let format = read_format(&db)?;
+        let cache_items = (tuning.cache_bytes / u64::from(format.chunk_size)) as usize;
+        let store = Store::open(io, format.zstd_level, cache_items)?;
+        let e = Engine {
+            db,
+            store,
+            dir: None,
+            chunk_size: u64::from(format.chunk_size),
+            files: DashMap::new(),
+            open_counts: Mutex::new(HashMap::new()),
+            dirty_bytes: AtomicU64::new(0),
+            tuning,
+        };
+        e.purge_orphans()?;
+        Ok(e)
+    }
+
+    /// A fresh in-memory datastore (tests, benchmarks).
+    pub fn in_memory(format: Format, io: Arc<dyn PackIo>) -> FsResult<Engine> {
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        Self::init_db(&db, format)?;
+        Self::with_parts(db, io, Tuning::default())
+    }
+
+    /// Tear down, returning the database and pack I/O so a test can reopen them as after a
+    /// crash (nothing is flushed).
+    pub fn into_parts(self) -> (Database, Arc<dyn PackIo>) {
+        let io = self.store.io().clone();
+        (self.db, io)
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// Run `f` in a write transaction and commit it; durably (packs synced first) if asked.
+    pub(crate) fn txn<T>(&self, durable: bool, f: impl FnOnce(&mut W<'_>) -> FsResult<T>) -> FsResult<T> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(if durable { Durability::Immediate } else { Durability::None })
+            .map_err(|e| FsError::BadMeta(e.to_string()))?;
+        let (out, released) = {
+            let mut w = W::open(&txn)?;
+            let out = f(&mut w)?;
+            (out, w.finish()?)
+        };
+        if durable {
+            self.store.sync()?;
+        }
+        txn.commit()?;
+        for id in released {
+            self.store.forget(&id);
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn read_txn(&self) -> FsResult<redb::ReadTransaction> {
+        Ok(self.db.begin_read()?)
+    }
+
+    /// Attributes of `ino`, including data written but not yet flushed.
+    pub fn getattr(&self, ino: InodeId) -> FsResult<Attr> {
+        let st = self.files.get(&ino).map(|s| s.clone());
+        let guard = st.as_ref().map(|s| s.read());
+        let rtx = self.read_txn()?;
+        let inode = get_inode(&rtx.open_table(INODES)?, ino)?;
+        Ok(self.attr_of(ino, inode, guard.as_deref()))
+    }
+
+    pub(crate) fn attr_of(&self, ino: InodeId, mut inode: Inode, st: Option<&data::FileState>) -> Attr {
+        let mut allocated = inode.aux * self.chunk_size;
+        if let Some(st) = st {
+            st.overlay(&mut inode);
+            allocated += st.dirty.len() as u64 * self.chunk_size;
+        }
+        let allocated = match inode.kind {
+            // Chunks are whole, the file's tail is not: never report more than the size.
+            Kind::File => allocated.min(inode.size.next_multiple_of(4096)),
+            _ => 4096,
+        };
+        Attr { ino, inode, allocated }
+    }
+
+    /// A handle was opened on `ino`.
+    pub fn open_handle(&self, ino: InodeId) -> FsResult<Attr> {
+        let a = self.getattr(ino)?;
+        *self.open_counts.lock().entry(ino).or_insert(0) += 1;
+        Ok(a)
+    }
+
+    /// A handle on `ino` was closed; an unlinked inode is deleted with its last handle.
+    pub fn release_handle(&self, ino: InodeId) -> FsResult<()> {
+        let last = {
+            let mut oc = self.open_counts.lock();
+            let c = oc.entry(ino).or_insert(1);
+            *c -= 1;
+            if *c == 0 {
+                oc.remove(&ino);
+                true
+            } else {
+                false
+            }
+        };
+        if last {
+            let purged = self.txn(false, |w| {
+                if w.orphans.get(ino.0)?.is_some() {
+                    w.orphans.remove(ino.0)?;
+                    dir::purge(w, ino)?;
+                    return Ok(true);
+                }
+                Ok(false)
+            })?;
+            if purged {
+                self.drop_state(ino);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_open(&self, ino: InodeId) -> bool {
+        self.open_counts.lock().contains_key(&ino)
+    }
+
+    fn purge_orphans(&self) -> FsResult<()> {
+        self.txn(true, |w| {
+            let orphans: Vec<u64> = w.orphans.iter()?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<_, _>>()?;
+            for o in orphans {
+                w.orphans.remove(o)?;
+                dir::purge(w, InodeId(o))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Capacity of the disk under the datastore: (total bytes, available bytes).
+    pub fn disk_space(&self) -> (u64, u64) {
+        let Some(dir) = &self.dir else { return (1 << 40, 1 << 40) };
+        let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return (0, 0) };
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid NUL-terminated path and `s` a properly sized out-parameter.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+            return (0, 0);
+        }
+        let f = s.f_frsize as u64;
+        (s.f_blocks as u64 * f, s.f_bavail as u64 * f)
+    }
+
+    /// Number of inodes in use.
+    pub fn inode_count(&self) -> FsResult<u64> {
+        Ok(self.read_txn()?.open_table(INODES)?.len()?)
+    }
+}
+
+/// Check a directory entry name.
+pub(crate) fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+        return Err(FsError::Invalid("bad file name"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) fn test_engine(chunk: u32) -> Engine {
+    Engine::in_memory(Format { chunk_size: chunk, zstd_level: 1 }, Arc::new(crate::store::pack::MemPackIo::default()))
+        .unwrap()
+}
+
+#[allow(unused_imports)]
+use schema::ChunkLoc as _;

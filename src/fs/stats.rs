@@ -1,0 +1,114 @@
+//! Space statistics: logical size, stored size, dedup and compression ratios.
+
+use redb::ReadableTable;
+use serde::Serialize;
+
+use super::inode::{Inode, Kind};
+use super::{Engine, FsResult};
+use crate::schema::*;
+
+/// Figures for `tessera stats`. Byte counts are bytes.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    pub files: u64,
+    pub directories: u64,
+    /// Sum of file sizes (holes included).
+    pub logical_bytes: u64,
+    /// Sum over files of their non-hole chunks: what the files would take without dedup.
+    pub referenced_bytes: u64,
+    /// Distinct chunks stored, uncompressed.
+    pub unique_bytes: u64,
+    /// Distinct chunks stored, as compressed in packs (record headers excluded).
+    pub stored_bytes: u64,
+    pub chunk_count: u64,
+    pub chunk_size: u64,
+    /// referenced / unique.
+    pub dedup_ratio: f64,
+    /// unique / stored.
+    pub compression_ratio: f64,
+    /// referenced / stored.
+    pub total_ratio: f64,
+    /// Bytes of pack files on disk (live and dead records, headers).
+    pub pack_bytes: u64,
+    /// Records no longer referenced, reclaimable by compaction.
+    pub reclaimable_bytes: u64,
+    pub pack_count: u64,
+    /// Size of the metadata database file.
+    pub metadata_bytes: u64,
+    /// Unflushed data held in memory (only non-zero when asked of a serving process).
+    pub dirty_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub disk_free_bytes: u64,
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        1.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+impl Engine {
+    pub fn stats(&self) -> FsResult<Stats> {
+        let rtx = self.read_txn()?;
+        let (mut files, mut dirs, mut logical, mut referenced) = (0, 0, 0, 0);
+        for r in rtx.open_table(INODES)?.iter()? {
+            let (_, v) = r?;
+            let Some(i) = Inode::decode(v.value()) else { continue };
+            match i.kind {
+                Kind::File => {
+                    files += 1;
+                    logical += i.size;
+                    referenced += i.aux * self.chunk_size;
+                }
+                Kind::Dir => dirs += 1,
+                _ => {}
+            }
+        }
+        // Unflushed data is not in the chunk maps yet: count it as referenced.
+        for e in self.files.iter() {
+            if let Some(g) = e.value().try_read() {
+                referenced += g.dirty.len() as u64 * self.chunk_size;
+            }
+        }
+        let counters = rtx.open_table(COUNTERS)?;
+        let get = |k| -> FsResult<u64> { Ok(counters.get(k)?.map_or(0, |v| v.value())) };
+        let unique = get(C_UNIQUE_BYTES)?;
+        let stored = get(C_STORED_BYTES)?;
+        let chunk_count = get(C_CHUNK_COUNT)?;
+        let mut dead = 0;
+        for r in rtx.open_table(PACKS)?.iter()? {
+            dead += r?.1.value().1;
+        }
+        let (mut pack_bytes, mut pack_count) = (0, 0);
+        let io = self.store.io();
+        for p in io.list()? {
+            pack_bytes += io.len(p).unwrap_or(0);
+            pack_count += 1;
+        }
+        let metadata_bytes =
+            self.dir().and_then(|d| std::fs::metadata(d.join(super::META_FILE)).ok()).map_or(0, |m| m.len());
+        let (disk_total_bytes, disk_free_bytes) = self.disk_space();
+        Ok(Stats {
+            files,
+            directories: dirs,
+            logical_bytes: logical,
+            referenced_bytes: referenced,
+            unique_bytes: unique,
+            stored_bytes: stored,
+            chunk_count,
+            chunk_size: self.chunk_size,
+            dedup_ratio: ratio(referenced, unique),
+            compression_ratio: ratio(unique, stored),
+            total_ratio: ratio(referenced, stored),
+            pack_bytes,
+            reclaimable_bytes: dead,
+            pack_count,
+            metadata_bytes,
+            dirty_bytes: self.dirty_bytes(),
+            disk_total_bytes,
+            disk_free_bytes,
+        })
+    }
+}

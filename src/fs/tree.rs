@@ -1,0 +1,546 @@
+//! Chunk maps: a copy-on-write radix tree of chunk ids per file, shared by clones.
+//!
+//! Slot `i` of a file holds the id of the chunk covering bytes `[i*C, (i+1)*C)` (C = chunk
+//! size) or nothing (a hole). Nodes have 256 slots: a leaf maps 256 chunks (4 MiB at 16 KiB),
+//! a height-3 tree covers 4 Gi chunks (64 TiB at 16 KiB).
+//!
+//! # Sharing (Rodeh, "B-trees, shadowing, and clones"; btrfs)
+//! Every node has a reference count: the number of inode roots and parent nodes pointing at it.
+//! Cloning a file points the new inode at the same root and adds one reference: O(1).
+//! Before a node is modified it is made private: if its count is above one, it is copied, the
+//! copy's children each gain a reference (chunks for a leaf, nodes for an interior node) and
+//! the original loses one. Counts are thus pushed down lazily, one level per first write, and
+//! no write ever changes what another file reads.
+//!
+//! # Encoding of a node (little-endian)
+//! `height u8` (0 = leaf), `count u16`, then `count` entries sorted by slot: `slot u8` and, in a
+//! leaf, a 32-byte chunk id; in an interior node, child node id `u64` and the number of chunks
+//! present under that child `u64` (so a file's allocated size and full/empty subtrees are known
+//! without walking them).
+
+use std::collections::HashMap;
+
+use redb::{ReadableTable, Table};
+
+use super::error::{FsError, FsResult};
+use super::inode::Root;
+use crate::schema::ChunkLoc;
+use crate::store::chunk::ChunkId;
+use crate::store::ChunkTables;
+
+pub const FANOUT_BITS: u32 = 8;
+pub const FANOUT: usize = 1 << FANOUT_BITS;
+
+/// Number of chunk slots a node at `height` covers.
+fn coverage(height: u8) -> u128 {
+    1u128 << (FANOUT_BITS * (u32::from(height) + 1))
+}
+
+/// Number of chunk slots one child of a node at `height` covers.
+fn child_span(height: u8) -> u64 {
+    1u64 << (FANOUT_BITS * u32::from(height))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Node {
+    Leaf(Box<[Option<ChunkId>; FANOUT]>),
+    /// (child node id or 0, chunks present under it)
+    Interior(u8, Box<[(u64, u64); FANOUT]>),
+}
+
+impl Node {
+    fn empty(height: u8) -> Node {
+        if height == 0 {
+            Node::Leaf(Box::new([None; FANOUT]))
+        } else {
+            Node::Interior(height, Box::new([(0, 0); FANOUT]))
+        }
+    }
+
+    /// Chunks present under this node.
+    pub fn total(&self) -> u64 {
+        match self {
+            Node::Leaf(s) => s.iter().filter(|c| c.is_some()).count() as u64,
+            Node::Interior(_, s) => s.iter().map(|c| c.1).sum(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Node::Leaf(s) => s.iter().all(|c| c.is_none()),
+            Node::Interior(_, s) => s.iter().all(|c| c.0 == 0),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            Node::Leaf(s) => {
+                out.push(0);
+                let n = s.iter().filter(|c| c.is_some()).count() as u16;
+                out.extend_from_slice(&n.to_le_bytes());
+                for (i, c) in s.iter().enumerate() {
+                    if let Some(c) = c {
+                        out.push(i as u8);
+                        out.extend_from_slice(&c.0);
+                    }
+                }
+            }
+            Node::Interior(h, s) => {
+                out.push(*h);
+                let n = s.iter().filter(|c| c.0 != 0).count() as u16;
+                out.extend_from_slice(&n.to_le_bytes());
+                for (i, c) in s.iter().enumerate() {
+                    if c.0 != 0 {
+                        out.push(i as u8);
+                        out.extend_from_slice(&c.0.to_le_bytes());
+                        out.extend_from_slice(&c.1.to_le_bytes());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Node> {
+        let height = *b.first()?;
+        let n = u16::from_le_bytes(b.get(1..3)?.try_into().ok()?) as usize;
+        let mut node = Node::empty(height);
+        let mut p = 3;
+        for _ in 0..n {
+            let slot = *b.get(p)? as usize;
+            p += 1;
+            match &mut node {
+                Node::Leaf(s) => {
+                    s[slot] = Some(ChunkId(b.get(p..p + 32)?.try_into().ok()?));
+                    p += 32;
+                }
+                Node::Interior(_, s) => {
+                    let id = u64::from_le_bytes(b.get(p..p + 8)?.try_into().ok()?);
+                    let t = u64::from_le_bytes(b.get(p + 8..p + 16)?.try_into().ok()?);
+                    s[slot] = (id, t);
+                    p += 16;
+                }
+            }
+        }
+        (p == b.len()).then_some(node)
+    }
+}
+
+fn bad(id: u64) -> FsError {
+    FsError::BadMeta(format!("chunk-map node {id} is missing or damaged"))
+}
+
+/// Load a node through any readable table (read or write transaction).
+pub fn load<T: ReadableTable<u64, &'static [u8]>>(nodes: &T, id: u64) -> FsResult<Node> {
+    let v = nodes.get(id)?.ok_or_else(|| bad(id))?;
+    Node::decode(v.value()).ok_or_else(|| bad(id))
+}
+
+/// The chunk at slot `idx`, if any.
+pub fn get<T: ReadableTable<u64, &'static [u8]>>(nodes: &T, root: Root, idx: u64) -> FsResult<Option<ChunkId>> {
+    if root.node == 0 || u128::from(idx) >= coverage(root.height) {
+        return Ok(None);
+    }
+    let (mut id, mut h) = (root.node, root.height);
+    loop {
+        match load(nodes, id)? {
+            Node::Leaf(s) => return Ok(s[(idx as usize) & (FANOUT - 1)]),
+            Node::Interior(_, s) => {
+                let slot = ((idx >> (FANOUT_BITS * u32::from(h))) as usize) & (FANOUT - 1);
+                if s[slot].0 == 0 {
+                    return Ok(None);
+                }
+                id = s[slot].0;
+                h -= 1;
+            }
+        }
+    }
+}
+
+/// Every present slot in `[from, to)`, in order.
+pub fn collect<T: ReadableTable<u64, &'static [u8]>>(
+    nodes: &T,
+    root: Root,
+    from: u64,
+    to: u64,
+) -> FsResult<Vec<(u64, ChunkId)>> {
+    let mut out = Vec::new();
+    if root.node != 0 && from < to {
+        collect_in(nodes, root.node, root.height, 0, from, to, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn collect_in<T: ReadableTable<u64, &'static [u8]>>(
+    nodes: &T,
+    id: u64,
+    height: u8,
+    base: u64,
+    from: u64,
+    to: u64,
+    out: &mut Vec<(u64, ChunkId)>,
+) -> FsResult<()> {
+    match load(nodes, id)? {
+        Node::Leaf(s) => {
+            for (i, c) in s.iter().enumerate() {
+                let idx = base + i as u64;
+                if let (Some(c), true) = (c, idx >= from && idx < to) {
+                    out.push((idx, *c));
+                }
+            }
+        }
+        Node::Interior(_, s) => {
+            let span = child_span(height);
+            for (i, c) in s.iter().enumerate() {
+                let cb = base + i as u64 * span;
+                if c.0 != 0 && cb < to && cb.saturating_add(span) > from {
+                    collect_in(nodes, c.0, height - 1, cb, from, to, out)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// First slot `>= from` that is present (`want_data`) or a hole (`!want_data`).
+/// Slots beyond the tree's coverage are holes.
+pub fn seek<T: ReadableTable<u64, &'static [u8]>>(
+    nodes: &T,
+    root: Root,
+    from: u64,
+    want_data: bool,
+) -> FsResult<Option<u64>> {
+    if root.node == 0 || u128::from(from) >= coverage(root.height) {
+        return Ok(if want_data { None } else { Some(from) });
+    }
+    let r = seek_in(nodes, root.node, root.height, 0, from, want_data)?;
+    if r.is_none() && !want_data {
+        return Ok(Some(coverage(root.height).min(u128::from(u64::MAX)) as u64));
+    }
+    Ok(r)
+}
+
+fn seek_in<T: ReadableTable<u64, &'static [u8]>>(
+    nodes: &T,
+    id: u64,
+    height: u8,
+    base: u64,
+    from: u64,
+    want_data: bool,
+) -> FsResult<Option<u64>> {
+    match load(nodes, id)? {
+        Node::Leaf(s) => {
+            for (i, c) in s.iter().enumerate() {
+                let idx = base + i as u64;
+                if idx >= from && c.is_some() == want_data {
+                    return Ok(Some(idx));
+                }
+            }
+        }
+        Node::Interior(_, s) => {
+            let span = child_span(height);
+            for (i, c) in s.iter().enumerate() {
+                let cb = base + i as u64 * span;
+                if cb.saturating_add(span) <= from {
+                    continue;
+                }
+                let start = from.max(cb);
+                if c.0 == 0 {
+                    if !want_data {
+                        return Ok(Some(start));
+                    }
+                    continue;
+                }
+                if !want_data && c.1 == span {
+                    continue; // full subtree: no hole in it
+                }
+                if let Some(r) = seek_in(nodes, c.0, height - 1, cb, start, want_data)? {
+                    return Ok(Some(r));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Tree mutations inside one write transaction.
+pub struct TreeTx<'a, 'txn> {
+    pub nodes: &'a mut Table<'txn, u64, &'static [u8]>,
+    pub refs: &'a mut Table<'txn, u64, u64>,
+    pub chunks: &'a mut ChunkTables<'txn>,
+    /// Next free node id (persisted by the caller).
+    pub next_node: &'a mut u64,
+}
+
+impl TreeTx<'_, '_> {
+    fn refcount(&self, id: u64) -> FsResult<u64> {
+        Ok(self.refs.get(id)?.map_or(0, |v| v.value()))
+    }
+
+    fn put(&mut self, id: u64, node: &Node) -> FsResult<()> {
+        self.nodes.insert(id, node.encode().as_slice())?;
+        Ok(())
+    }
+
+    fn alloc(&mut self) -> u64 {
+        let id = *self.next_node;
+        *self.next_node += 1;
+        id
+    }
+
+    /// One more reference to a node (a clone of a file shares its root).
+    pub fn incref_node(&mut self, id: u64) -> FsResult<()> {
+        if id != 0 {
+            let r = self.refcount(id)?;
+            if r == 0 {
+                return Err(bad(id));
+            }
+            self.refs.insert(id, r + 1)?;
+        }
+        Ok(())
+    }
+
+    /// One reference fewer; a node nobody references releases its children and is deleted.
+    pub fn decref_node(&mut self, id: u64) -> FsResult<()> {
+        if id == 0 {
+            return Ok(());
+        }
+        let r = self.refcount(id)?;
+        if r > 1 {
+            self.refs.insert(id, r - 1)?;
+            return Ok(());
+        }
+        let node = load(&*self.nodes, id)?;
+        self.refs.remove(id)?;
+        self.nodes.remove(id)?;
+        match node {
+            Node::Leaf(s) => {
+                for c in s.iter().flatten() {
+                    self.chunks.decref(c)?;
+                }
+            }
+            Node::Interior(_, s) => {
+                for c in s.iter() {
+                    self.decref_node(c.0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Load a node for modification: a shared node is copied first (its children gain a
+    /// reference, it loses one). Returns the id to write the modified node under.
+    fn own(&mut self, id: u64) -> FsResult<(u64, Node)> {
+        let node = load(&*self.nodes, id)?;
+        let r = self.refcount(id)?;
+        if r <= 1 {
+            return Ok((id, node));
+        }
+        match &node {
+            Node::Leaf(s) => {
+                for c in s.iter().flatten() {
+                    self.chunks.incref(c)?;
+                }
+            }
+            Node::Interior(_, s) => {
+                for c in s.iter() {
+                    self.incref_node(c.0)?;
+                }
+            }
+        }
+        self.refs.insert(id, r - 1)?;
+        let new = self.alloc();
+        self.refs.insert(new, 1)?;
+        Ok((new, node))
+    }
+
+    /// Delete a private node that became empty.
+    fn free(&mut self, id: u64) -> FsResult<()> {
+        self.nodes.remove(id)?;
+        self.refs.remove(id)?;
+        Ok(())
+    }
+
+    /// Set slots (sorted by index, no duplicates) to chunks or holes. New chunks are added to
+    /// the index from `locs` when absent; they must be in `locs` or already stored.
+    /// Returns the new root and the number of chunks now present.
+    pub fn set(
+        &mut self,
+        root: Root,
+        updates: &[(u64, Option<ChunkId>)],
+        locs: &HashMap<ChunkId, ChunkLoc>,
+    ) -> FsResult<(Root, u64)> {
+        let mut root = root;
+        let Some(max) = updates.iter().filter(|u| u.1.is_some()).map(|u| u.0).max() else {
+            // Only holes: nothing beyond the coverage needs to grow.
+            let ups: Vec<_> =
+                updates.iter().copied().filter(|u| u128::from(u.0) < coverage(root.height)).collect();
+            return self.set_bounded(root, &ups, locs);
+        };
+        while u128::from(max) >= coverage(root.height) {
+            if root.node != 0 {
+                let mut n = Node::empty(root.height + 1);
+                let total = load(&*self.nodes, root.node)?.total();
+                if let Node::Interior(_, s) = &mut n {
+                    s[0] = (root.node, total);
+                }
+                let id = self.alloc();
+                self.put(id, &n)?;
+                self.refs.insert(id, 1)?;
+                root.node = id;
+            }
+            root.height += 1;
+        }
+        let ups: Vec<_> =
+            updates.iter().copied().filter(|u| u128::from(u.0) < coverage(root.height)).collect();
+        self.set_bounded(root, &ups, locs)
+    }
+
+    fn set_bounded(
+        &mut self,
+        root: Root,
+        ups: &[(u64, Option<ChunkId>)],
+        locs: &HashMap<ChunkId, ChunkLoc>,
+    ) -> FsResult<(Root, u64)> {
+        if ups.is_empty() {
+            let total = if root.node == 0 { 0 } else { load(&*self.nodes, root.node)?.total() };
+            return Ok((root, total));
+        }
+        let (id, total) = self.set_in(root.node, root.height, 0, ups, locs)?;
+        Ok((Root { node: id, height: if id == 0 { 0 } else { root.height } }, total))
+    }
+
+    fn set_in(
+        &mut self,
+        id: u64,
+        height: u8,
+        base: u64,
+        ups: &[(u64, Option<ChunkId>)],
+        locs: &HashMap<ChunkId, ChunkLoc>,
+    ) -> FsResult<(u64, u64)> {
+        let (id, mut node) = if id == 0 {
+            if ups.iter().all(|u| u.1.is_none()) {
+                return Ok((0, 0));
+            }
+            let id = self.alloc();
+            self.refs.insert(id, 1)?;
+            (id, Node::empty(height))
+        } else {
+            self.own(id)?
+        };
+        match &mut node {
+            Node::Leaf(s) => {
+                for &(idx, new) in ups {
+                    let slot = (idx - base) as usize;
+                    let old = s[slot];
+                    if old == new {
+                        continue;
+                    }
+                    if let Some(n) = &new {
+                        match locs.get(n) {
+                            Some(l) => self.chunks.incref_or_insert(n, l)?,
+                            None => self.chunks.incref(n)?,
+                        }
+                    }
+                    if let Some(o) = &old {
+                        self.chunks.decref(o)?;
+                    }
+                    s[slot] = new;
+                }
+            }
+            Node::Interior(_, s) => {
+                let span = child_span(height);
+                let mut i = 0;
+                while i < ups.len() {
+                    let slot = ((ups[i].0 - base) / span) as usize;
+                    let mut j = i;
+                    while j < ups.len() && ((ups[j].0 - base) / span) as usize == slot {
+                        j += 1;
+                    }
+                    let cb = base + slot as u64 * span;
+                    s[slot] = self.set_in(s[slot].0, height - 1, cb, &ups[i..j], locs)?;
+                    i = j;
+                }
+            }
+        }
+        if node.is_empty() {
+            self.free(id)?;
+            return Ok((0, 0));
+        }
+        self.put(id, &node)?;
+        Ok((id, node.total()))
+    }
+
+    /// Drop every slot `>= keep` (truncate). Returns the new root and chunks present.
+    pub fn truncate(&mut self, root: Root, keep: u64) -> FsResult<(Root, u64)> {
+        if root.node == 0 {
+            return Ok((Root::default(), 0));
+        }
+        let (id, total) = self.trunc_in(root.node, root.height, 0, keep)?;
+        Ok((Root { node: id, height: if id == 0 { 0 } else { root.height } }, total))
+    }
+
+    fn trunc_in(&mut self, id: u64, height: u8, base: u64, keep: u64) -> FsResult<(u64, u64)> {
+        if base >= keep {
+            self.decref_node(id)?;
+            return Ok((0, 0));
+        }
+        if u128::from(base) + coverage(height) <= u128::from(keep) {
+            return Ok((id, load(&*self.nodes, id)?.total()));
+        }
+        let (id, mut node) = self.own(id)?;
+        match &mut node {
+            Node::Leaf(s) => {
+                for slot in (keep - base) as usize..FANOUT {
+                    if let Some(o) = s[slot].take() {
+                        self.chunks.decref(&o)?;
+                    }
+                }
+            }
+            Node::Interior(_, s) => {
+                let span = child_span(height);
+                for (i, c) in s.iter_mut().enumerate() {
+                    if c.0 != 0 {
+                        *c = self.trunc_in(c.0, height - 1, base + i as u64 * span, keep)?;
+                    }
+                }
+            }
+        }
+        if node.is_empty() {
+            self.free(id)?;
+            return Ok((0, 0));
+        }
+        self.put(id, &node)?;
+        Ok((id, node.total()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_encoding_roundtrip() {
+        let mut n = Node::empty(0);
+        if let Node::Leaf(s) = &mut n {
+            s[3] = Some(ChunkId([7; 32]));
+            s[255] = Some(ChunkId([9; 32]));
+        }
+        assert_eq!(Node::decode(&n.encode()), Some(n.clone()));
+        assert_eq!(n.total(), 2);
+        let mut i = Node::empty(2);
+        if let Node::Interior(_, s) = &mut i {
+            s[1] = (44, 10);
+        }
+        assert_eq!(Node::decode(&i.encode()), Some(i));
+        assert_eq!(Node::decode(&[0, 1, 0]), None);
+    }
+
+    #[test]
+    fn coverage_grows_by_fanout() {
+        assert_eq!(coverage(0), 256);
+        assert_eq!(coverage(1), 65536);
+        assert_eq!(child_span(1), 256);
+    }
+}

@@ -1,0 +1,22 @@
+//! Tessera: a deduplicating filesystem for VDI datastores.
+//!
+//! # Code map
+//! Layers depend one way only: `store` <- `fs` <- (`fuse`, `control`, `cli`).
+//!
+//! - [`store`]: chunks (blake3 ids, zstd), append-only pack files behind the [`store::pack::PackIo`]
+//!   seam, the chunk index and reference counts. Knows nothing of inodes.
+//! - [`schema`]: every table of the metadata database (redb), keys and value encodings.
+//! - [`fs`]: the engine in POSIX terms: inodes, directories, copy-on-write chunk maps, the
+//!   write-back buffer, clones, fsck, stats. **The engine never imports fuser, an NFS crate or
+//!   clap**; front ends translate their requests into engine calls and engine errors into
+//!   their own (one exhaustive `match` each).
+//! - [`fuse`]: the FUSE adapter (fuser).
+//! - [`control`]: the Unix-socket protocol by which the CLI asks a serving process to clone or
+//!   report stats, and the datastore lock.
+//! - `cli` (in the binary): one file per subcommand.
+
+pub mod control;
+pub mod fs;
+pub mod fuse;
+pub mod schema;
+pub mod store;

@@ -1,0 +1,285 @@
+//! The chunk store: content-addressed chunks in append-only packs, indexed in redb.
+//!
+//! The store knows nothing of inodes or files. It turns bytes into [`ChunkId`]s, keeps each
+//! distinct chunk once (in a pack, compressed), counts references, and reads chunks back
+//! verified against their id.
+//!
+//! # Durability
+//! A chunk's record is appended to a pack *before* the metadata transaction that references it
+//! commits, and [`Store::sync`] makes every append durable. The engine calls `sync` before every
+//! durable commit, so no durable metadata ever points past the durable end of a pack. Records
+//! appended but never referenced (crash between append and commit) are garbage that compaction
+//! reclaims; they are never referenced by mistake because the index only learns a location in
+//! the same transaction that references it.
+
+pub mod chunk;
+pub mod pack;
+
+use std::collections::BTreeSet;
+use std::io;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use redb::{ReadTransaction, ReadableTable, WriteTransaction};
+
+use crate::schema::{self, ChunkLoc};
+use chunk::{ChunkId, Codec};
+use pack::{PackId, PackIo, RECORD_HEADER_LEN};
+
+/// A pack is closed and a new one started once it reaches this size (bytes). 256 MiB keeps
+/// compaction units small while keeping the number of open files low (4 per GiB stored).
+pub const PACK_TARGET_BYTES: u64 = 256 << 20;
+
+/// Errors of the chunk store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("I/O error on pack file: {0}")]
+    Io(#[from] io::Error),
+    #[error("metadata database error: {0}")]
+    Meta(#[from] redb::Error),
+    #[error("chunk {id:?} is damaged: {detail}")]
+    Corrupt { id: ChunkId, detail: String },
+    #[error("chunk {0:?} is referenced but not in the index")]
+    Missing(ChunkId),
+}
+
+macro_rules! redb_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Meta(e.into()) }
+        }
+    )*};
+}
+redb_from!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+struct Active {
+    pack: PackId,
+    len: u64,
+}
+
+/// The chunk store. Cheap to share behind an `Arc`.
+pub struct Store {
+    io: Arc<dyn PackIo>,
+    active: Mutex<Active>,
+    /// Packs appended to since their last sync.
+    unsynced: Mutex<BTreeSet<PackId>>,
+    /// Decompressed, verified chunks, most recently used first.
+    cache: quick_cache::sync::Cache<ChunkId, Arc<Vec<u8>>>,
+    zstd_level: i32,
+}
+
+/// A chunk compressed and ready to append.
+pub struct Encoded {
+    pub id: ChunkId,
+    pub payload: Vec<u8>,
+    pub codec: Codec,
+    pub raw_len: u32,
+}
+
+impl Encoded {
+    pub fn new(id: ChunkId, data: &[u8], level: i32) -> Encoded {
+        let (payload, codec) = chunk::encode(data, level);
+        Encoded { id, payload, codec, raw_len: data.len() as u32 }
+    }
+}
+
+impl Store {
+    /// Open the store over `io`. Appends always go to a new pack, so a torn tail left by a
+    /// crash in an older pack is never appended after.
+    pub fn open(io: Arc<dyn PackIo>, zstd_level: i32, cache_items: usize) -> Result<Store, StoreError> {
+        let next = io.list()?.last().map_or(1, |p| p.0 + 1);
+        io.create(PackId(next))?;
+        Ok(Store {
+            io,
+            active: Mutex::new(Active { pack: PackId(next), len: pack::PACK_HEADER_LEN }),
+            unsynced: Mutex::new(BTreeSet::new()),
+            cache: quick_cache::sync::Cache::new(cache_items.max(16)),
+            zstd_level,
+        })
+    }
+
+    pub fn io(&self) -> &Arc<dyn PackIo> {
+        &self.io
+    }
+
+    pub fn zstd_level(&self) -> i32 {
+        self.zstd_level
+    }
+
+    /// Append an encoded chunk to the active pack; returns its location with `refs == 0`.
+    pub fn append(&self, e: &Encoded) -> Result<ChunkLoc, StoreError> {
+        let rec = pack::encode_record(&e.id, e.codec, e.raw_len, &e.payload);
+        let mut a = self.active.lock();
+        if a.len >= PACK_TARGET_BYTES {
+            // Seal the full pack (durably) and start the next one.
+            self.io.sync(a.pack)?;
+            self.unsynced.lock().remove(&a.pack);
+            let next = PackId(a.pack.0 + 1);
+            self.io.create(next)?;
+            *a = Active { pack: next, len: pack::PACK_HEADER_LEN };
+        }
+        let offset = self.io.append(a.pack, &rec)?;
+        a.len = offset + rec.len() as u64;
+        self.unsynced.lock().insert(a.pack);
+        Ok(ChunkLoc {
+            pack: a.pack,
+            offset,
+            stored_len: e.payload.len() as u32,
+            raw_len: e.raw_len,
+            codec: e.codec,
+            refs: 0,
+        })
+    }
+
+    /// Make every append so far durable. Called before every durable metadata commit.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let packs: Vec<PackId> = std::mem::take(&mut *self.unsynced.lock()).into_iter().collect();
+        for (i, p) in packs.iter().enumerate() {
+            if let Err(e) = self.io.sync(*p) {
+                // Put back what was not synced so a retry syncs it.
+                self.unsynced.lock().extend(packs[i..].iter().copied());
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Is this chunk already stored? (A hint for dedup before compressing; the answer is
+    /// re-checked inside the committing transaction.)
+    pub fn contains(&self, rtx: &ReadTransaction, id: &ChunkId) -> Result<bool, StoreError> {
+        if self.cache.get(id).is_some() {
+            return Ok(true);
+        }
+        let t = rtx.open_table(schema::CHUNKS)?;
+        Ok(t.get(&id.0)?.is_some())
+    }
+
+    /// Read a chunk, verified against its id. Damage is reported as [`StoreError::Corrupt`],
+    /// never as wrong bytes.
+    pub fn read(&self, rtx: &ReadTransaction, id: &ChunkId) -> Result<Arc<Vec<u8>>, StoreError> {
+        if let Some(c) = self.cache.get(id) {
+            return Ok(c);
+        }
+        let t = rtx.open_table(schema::CHUNKS)?;
+        let loc = match t.get(&id.0)? {
+            Some(v) => ChunkLoc::decode(v.value())
+                .ok_or_else(|| StoreError::Corrupt { id: *id, detail: "bad index entry".into() })?,
+            None => return Err(StoreError::Missing(*id)),
+        };
+        let data = Arc::new(self.read_loc(id, &loc)?);
+        self.cache.insert(*id, data.clone());
+        Ok(data)
+    }
+
+    /// Read and verify the record at `loc`, bypassing the cache (used by fsck and scrub).
+    pub fn read_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
+        let corrupt = |detail: String| StoreError::Corrupt { id: *id, detail };
+        let rec = self
+            .io
+            .read_at(loc.pack, loc.offset, RECORD_HEADER_LEN + loc.stored_len as usize)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound => {
+                    corrupt(format!("pack {:08x} is missing or truncated: {e}", loc.pack.0))
+                }
+                _ => StoreError::Io(e),
+            })?;
+        let h = pack::decode_header(&rec)
+            .ok_or_else(|| corrupt(format!("bad record header in pack {:08x} at {}", loc.pack.0, loc.offset)))?;
+        let payload = &rec[RECORD_HEADER_LEN..];
+        if h.id != *id || h.stored_len != loc.stored_len || !pack::record_crc_ok(&rec, payload, h.crc) {
+            return Err(corrupt(format!("checksum mismatch in pack {:08x} at {}", loc.pack.0, loc.offset)));
+        }
+        let data = chunk::decode(payload, h.codec, h.raw_len as usize)
+            .ok_or_else(|| corrupt("payload does not decompress".into()))?;
+        if ChunkId::of(&data) != *id {
+            return Err(corrupt("content does not match its id".into()));
+        }
+        Ok(data)
+    }
+
+    /// Drop a chunk from the read cache (after it was released).
+    pub fn forget(&self, id: &ChunkId) {
+        self.cache.remove(id);
+    }
+}
+
+/// The store's tables opened in one write transaction: reference counting of chunks.
+pub struct ChunkTables<'txn> {
+    chunks: redb::Table<'txn, &'static [u8; 32], &'static [u8]>,
+    packs: redb::Table<'txn, u32, (u64, u64)>,
+    counters: redb::Table<'txn, &'static str, u64>,
+    /// Chunks whose last reference went away in this transaction.
+    pub released: Vec<ChunkId>,
+}
+
+fn bump(t: &mut redb::Table<'_, &'static str, u64>, k: &str, d: i64) -> Result<(), StoreError> {
+    let cur = t.get(k)?.map_or(0, |v| v.value());
+    t.insert(k, cur.saturating_add_signed(d))?;
+    Ok(())
+}
+
+impl<'txn> ChunkTables<'txn> {
+    pub fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(ChunkTables {
+            chunks: txn.open_table(schema::CHUNKS)?,
+            packs: txn.open_table(schema::PACKS)?,
+            counters: txn.open_table(schema::COUNTERS)?,
+            released: Vec::new(),
+        })
+    }
+
+    pub fn get(&self, id: &ChunkId) -> Result<Option<ChunkLoc>, StoreError> {
+        match self.chunks.get(&id.0)? {
+            Some(v) => Ok(Some(
+                ChunkLoc::decode(v.value())
+                    .ok_or_else(|| StoreError::Corrupt { id: *id, detail: "bad index entry".into() })?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Add a reference to a chunk that is already stored.
+    pub fn incref(&mut self, id: &ChunkId) -> Result<(), StoreError> {
+        let mut loc = self.get(id)?.ok_or(StoreError::Missing(*id))?;
+        loc.refs += 1;
+        self.chunks.insert(&id.0, loc.encode().as_slice())?;
+        Ok(())
+    }
+
+    /// Add a reference to `id`, recording it at `loc` if it is not in the index yet.
+    pub fn incref_or_insert(&mut self, id: &ChunkId, loc: &ChunkLoc) -> Result<(), StoreError> {
+        if self.get(id)?.is_some() {
+            return self.incref(id);
+        }
+        let mut l = *loc;
+        l.refs = 1;
+        self.chunks.insert(&id.0, l.encode().as_slice())?;
+        let rec = RECORD_HEADER_LEN as u64 + u64::from(l.stored_len);
+        let (live, dead) = self.packs.get(l.pack.0)?.map_or((0, 0), |v| v.value());
+        self.packs.insert(l.pack.0, (live + rec, dead))?;
+        bump(&mut self.counters, schema::C_CHUNK_COUNT, 1)?;
+        bump(&mut self.counters, schema::C_UNIQUE_BYTES, i64::from(l.raw_len))?;
+        bump(&mut self.counters, schema::C_STORED_BYTES, i64::from(l.stored_len))?;
+        Ok(())
+    }
+
+    /// Drop a reference; the chunk leaves the index when none are left and its record becomes
+    /// dead space in its pack.
+    pub fn decref(&mut self, id: &ChunkId) -> Result<(), StoreError> {
+        let mut loc = self.get(id)?.ok_or(StoreError::Missing(*id))?;
+        if loc.refs > 1 {
+            loc.refs -= 1;
+            self.chunks.insert(&id.0, loc.encode().as_slice())?;
+            return Ok(());
+        }
+        self.chunks.remove(&id.0)?;
+        let rec = RECORD_HEADER_LEN as u64 + u64::from(loc.stored_len);
+        let (live, dead) = self.packs.get(loc.pack.0)?.map_or((0, 0), |v| v.value());
+        self.packs.insert(loc.pack.0, (live.saturating_sub(rec), dead + rec))?;
+        bump(&mut self.counters, schema::C_CHUNK_COUNT, -1)?;
+        bump(&mut self.counters, schema::C_UNIQUE_BYTES, -i64::from(loc.raw_len))?;
+        bump(&mut self.counters, schema::C_STORED_BYTES, -i64::from(loc.stored_len))?;
+        self.released.push(*id);
+        Ok(())
+    }
+}
