@@ -53,7 +53,8 @@ impl Walk<'_> {
         match &node {
             Node::Leaf(s) => {
                 if height != 0 {
-                    self.problems.push(format!("node {id}: leaf found at height {height}"));
+                    self.problems
+                        .push(format!("node {id}: leaf found at height {height}"));
                 }
                 if first {
                     for c in s.iter().flatten() {
@@ -64,7 +65,8 @@ impl Walk<'_> {
             }
             Node::Interior(h, s) => {
                 if *h != height {
-                    self.problems.push(format!("node {id}: height {h}, expected {height}"));
+                    self.problems
+                        .push(format!("node {id}: height {h}, expected {height}"));
                 }
                 if first && height > 0 {
                     for (slot, (child, total)) in s.iter().enumerate() {
@@ -103,10 +105,16 @@ impl Engine {
             if i.kind == Kind::File && i.root.node != 0 {
                 let t = walk.visit(i.root.node, i.root.height, *ino);
                 if t != i.aux {
-                    walk.problems.push(format!("inode {}: records {} chunks, its map has {t}", ino.0, i.aux));
+                    walk.problems.push(format!(
+                        "inode {}: records {} chunks, its map has {t}",
+                        ino.0, i.aux
+                    ));
                 }
             } else if i.kind == Kind::File && i.aux != 0 {
-                walk.problems.push(format!("inode {}: empty map but {} chunks recorded", ino.0, i.aux));
+                walk.problems.push(format!(
+                    "inode {}: empty map but {} chunks recorded",
+                    ino.0, i.aux
+                ));
             }
         }
         r.problems.append(&mut walk.problems);
@@ -115,16 +123,20 @@ impl Engine {
             let (k, v) = e?;
             let (id, n) = (k.value(), v.value());
             match walk.node_refs.get(&id) {
-                None => r.problems.push(format!("node {id} is not referenced by any file (leaked)")),
-                Some(&c) if c != n => {
-                    r.problems.push(format!("node {id}: reference count {n}, but {c} references found"))
-                }
+                None => r
+                    .problems
+                    .push(format!("node {id} is not referenced by any file (leaked)")),
+                Some(&c) if c != n => r.problems.push(format!(
+                    "node {id}: reference count {n}, but {c} references found"
+                )),
                 _ => {}
             }
         }
         for (id, _) in &walk.node_refs {
             if refs_t.get(*id)?.is_none() {
-                r.problems.push(format!("node {id} is referenced but has no reference count"));
+                r.problems.push(format!(
+                    "node {id} is referenced but has no reference count"
+                ));
             }
         }
         let mut max_node = 0;
@@ -133,19 +145,25 @@ impl Engine {
             max_node = max_node.max(id);
             r.nodes += 1;
             if !walk.visited.contains(&id) {
-                r.problems.push(format!("node {id} is stored but unreachable"));
+                r.problems
+                    .push(format!("node {id} is stored but unreachable"));
             }
         }
         let sup = rtx.open_table(SUPER)?;
         if sup.get(K_NEXT_NODE)?.map_or(1, |v| v.value()) <= max_node {
-            r.problems.push("next node id is not above every node id".into());
+            r.problems
+                .push("next node id is not above every node id".into());
         }
         self.check_chunks(&rtx, &walk, &mut r, progress)?;
         r.inodes = inodes.len() as u64;
         Ok(r)
     }
 
-    fn check_namespace(&self, rtx: &ReadTransaction, r: &mut Report) -> FsResult<Vec<(InodeId, Inode)>> {
+    fn check_namespace(
+        &self,
+        rtx: &ReadTransaction,
+        r: &mut Report,
+    ) -> FsResult<Vec<(InodeId, Inode)>> {
         let mut inodes = Vec::new();
         let mut max_ino = 0;
         for e in rtx.open_table(INODES)?.iter()? {
@@ -153,19 +171,25 @@ impl Engine {
             max_ino = max_ino.max(k.value());
             match Inode::decode(v.value()) {
                 Some(i) => inodes.push((InodeId(k.value()), i)),
-                None => r.problems.push(format!("inode {} does not decode", k.value())),
+                None => r
+                    .problems
+                    .push(format!("inode {} does not decode", k.value())),
             }
         }
         let sup = rtx.open_table(SUPER)?;
         if sup.get(K_NEXT_INODE)?.map_or(2, |v| v.value()) <= max_ino {
-            r.problems.push("next inode number is not above every inode".into());
+            r.problems
+                .push("next inode number is not above every inode".into());
         }
         let kinds: HashMap<InodeId, Kind> = inodes.iter().map(|(i, n)| (*i, n.kind)).collect();
         if kinds.get(&InodeId::ROOT) != Some(&Kind::Dir) {
             r.problems.push("root directory is missing".into());
         }
-        let orphans: HashSet<u64> =
-            rtx.open_table(ORPHANS)?.iter()?.map(|e| e.map(|(k, _)| k.value())).collect::<Result<_, _>>()?;
+        let orphans: HashSet<u64> = rtx
+            .open_table(ORPHANS)?
+            .iter()?
+            .map(|e| e.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
         let mut links: HashMap<InodeId, u32> = HashMap::new();
         let mut subdirs: HashMap<InodeId, u32> = HashMap::new();
         let mut parent_of: HashMap<InodeId, InodeId> = HashMap::new();
@@ -177,7 +201,10 @@ impl Engine {
             let (p, c) = (InodeId(p), InodeId(c));
             let shown = String::from_utf8_lossy(name);
             if kinds.get(&p) != Some(&Kind::Dir) {
-                r.problems.push(format!("entry {shown:?} is in inode {}, which is not a directory", p.0));
+                r.problems.push(format!(
+                    "entry {shown:?} is in inode {}, which is not a directory",
+                    p.0
+                ));
                 continue;
             }
             if name == b".." {
@@ -185,14 +212,20 @@ impl Engine {
                 continue;
             }
             match kinds.get(&c) {
-                None => r.problems.push(format!("entry {shown:?} in directory {} names missing inode {}", p.0, c.0)),
+                None => r.problems.push(format!(
+                    "entry {shown:?} in directory {} names missing inode {}",
+                    p.0, c.0
+                )),
                 Some(k) => {
                     *links.entry(c).or_insert(0) += 1;
                     if *k == Kind::Dir {
                         *subdirs.entry(p).or_insert(0) += 1;
                         if let Some(prev) = parent_of.get(&c) {
                             if *prev != p {
-                                r.problems.push(format!("directory {} has {} as parent, but is in {}", c.0, prev.0, p.0));
+                                r.problems.push(format!(
+                                    "directory {} has {} as parent, but is in {}",
+                                    c.0, prev.0, p.0
+                                ));
                             }
                         }
                     }
@@ -200,14 +233,19 @@ impl Engine {
             }
             match cookies.get((p.0, cookie))? {
                 Some(n) if n.value() == name => {}
-                _ => r.problems.push(format!("entry {shown:?} in directory {} has no readdir cookie", p.0)),
+                _ => r.problems.push(format!(
+                    "entry {shown:?} in directory {} has no readdir cookie",
+                    p.0
+                )),
             }
         }
         for e in cookies.iter()? {
             let (k, v) = e?;
             let (p, _) = k.value();
             if dirents.get((p, v.value()))?.is_none() {
-                r.problems.push(format!("readdir cookie in directory {p} names a missing entry"));
+                r.problems.push(format!(
+                    "readdir cookie in directory {p} names a missing entry"
+                ));
             }
         }
         let symlinks = rtx.open_table(SYMLINKS)?;
@@ -216,19 +254,28 @@ impl Engine {
             if i.kind == Kind::Dir {
                 let expect = 2 + subdirs.get(ino).copied().unwrap_or(0);
                 if i.nlink != expect && !orphans.contains(&ino.0) {
-                    r.problems.push(format!("directory {}: link count {}, expected {expect}", ino.0, i.nlink));
+                    r.problems.push(format!(
+                        "directory {}: link count {}, expected {expect}",
+                        ino.0, i.nlink
+                    ));
                 }
                 if !parent_of.contains_key(ino) {
-                    r.problems.push(format!("directory {} has no parent entry", ino.0));
+                    r.problems
+                        .push(format!("directory {} has no parent entry", ino.0));
                 }
                 if *ino != InodeId::ROOT && found != 1 && !orphans.contains(&ino.0) {
-                    r.problems.push(format!("directory {} is linked {found} times", ino.0));
+                    r.problems
+                        .push(format!("directory {} is linked {found} times", ino.0));
                 }
             } else if i.nlink != found {
-                r.problems.push(format!("inode {}: link count {}, but {found} entries", ino.0, i.nlink));
+                r.problems.push(format!(
+                    "inode {}: link count {}, but {found} entries",
+                    ino.0, i.nlink
+                ));
             }
             if found == 0 && *ino != InodeId::ROOT && !orphans.contains(&ino.0) {
-                r.problems.push(format!("inode {} is not in any directory (lost)", ino.0));
+                r.problems
+                    .push(format!("inode {} is not in any directory (lost)", ino.0));
             }
             if i.kind == Kind::Symlink && symlinks.get(ino.0)?.is_none() {
                 r.problems.push(format!("symlink {} has no target", ino.0));
@@ -237,7 +284,13 @@ impl Engine {
         Ok(inodes)
     }
 
-    fn check_chunks(&self, rtx: &ReadTransaction, walk: &Walk<'_>, r: &mut Report, progress: &dyn Fn(u64, u64)) -> FsResult<()> {
+    fn check_chunks(
+        &self,
+        rtx: &ReadTransaction,
+        walk: &Walk<'_>,
+        r: &mut Report,
+        progress: &dyn Fn(u64, u64),
+    ) -> FsResult<()> {
         let chunks = rtx.open_table(CHUNKS)?;
         let total = redb::ReadableTableMetadata::len(&chunks)?;
         let (mut unique, mut stored, mut count) = (0u64, 0u64, 0u64);
@@ -247,16 +300,24 @@ impl Engine {
             let (k, v) = e?;
             let id = ChunkId(*k.value());
             let Some(loc) = ChunkLoc::decode(v.value()) else {
-                r.problems.push(format!("index entry of chunk {} does not decode", id.short()));
+                r.problems.push(format!(
+                    "index entry of chunk {} does not decode",
+                    id.short()
+                ));
                 continue;
             };
             count += 1;
             unique += u64::from(loc.raw_len);
             stored += u64::from(loc.stored_len);
-            *live.entry(loc.pack.0).or_insert(0) += crate::store::pack::RECORD_HEADER_LEN as u64 + u64::from(loc.stored_len);
+            *live.entry(loc.pack.0).or_insert(0) +=
+                crate::store::pack::RECORD_HEADER_LEN as u64 + u64::from(loc.stored_len);
             let found = walk.chunk_refs.get(&id).copied().unwrap_or(0);
             if found != loc.refs {
-                r.problems.push(format!("chunk {}: reference count {}, but {found} references found", id.short(), loc.refs));
+                r.problems.push(format!(
+                    "chunk {}: reference count {}, but {found} references found",
+                    id.short(),
+                    loc.refs
+                ));
             }
             match self.store.read_loc(&id, &loc) {
                 Ok(d) => r.chunk_bytes_verified += d.len() as u64,
@@ -275,7 +336,8 @@ impl Engine {
         r.chunks = count;
         for (id, _) in &walk.chunk_refs {
             if chunks.get(&id.0)?.is_none() {
-                r.problems.push(format!("chunk {} is referenced but not stored", id.short()));
+                r.problems
+                    .push(format!("chunk {} is referenced but not stored", id.short()));
                 if let Some(o) = walk.chunk_owner.get(id) {
                     damaged.insert(*o);
                 }
@@ -283,16 +345,25 @@ impl Engine {
         }
         let counters = rtx.open_table(COUNTERS)?;
         let get = |k| -> FsResult<u64> { Ok(counters.get(k)?.map_or(0, |v| v.value())) };
-        for (k, v) in [(C_CHUNK_COUNT, count), (C_UNIQUE_BYTES, unique), (C_STORED_BYTES, stored)] {
+        for (k, v) in [
+            (C_CHUNK_COUNT, count),
+            (C_UNIQUE_BYTES, unique),
+            (C_STORED_BYTES, stored),
+        ] {
             if get(k)? != v {
-                r.problems.push(format!("counter {k} is {}, actual {v}", get(k)?));
+                r.problems
+                    .push(format!("counter {k} is {}, actual {v}", get(k)?));
             }
         }
         for e in rtx.open_table(PACKS)?.iter()? {
             let (k, v) = e?;
             let want = live.get(&k.value()).copied().unwrap_or(0);
             if v.value().0 != want {
-                r.problems.push(format!("pack {:08x}: live bytes {} recorded, {want} actual", k.value(), v.value().0));
+                r.problems.push(format!(
+                    "pack {:08x}: live bytes {} recorded, {want} actual",
+                    k.value(),
+                    v.value().0
+                ));
             }
         }
         r.damaged_files = damaged.into_iter().map(|i| self.path_of(i)).collect();

@@ -24,7 +24,10 @@ fn split_parent(path: &[u8]) -> FsResult<(&[u8], &[u8])> {
 
 fn resolve_w(w: &W<'_>, path: &[u8]) -> FsResult<InodeId> {
     let mut cur = InodeId::ROOT;
-    for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
+    for comp in path
+        .split(|&b| b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+    {
         cur = lookup_in(w, cur, comp)?.ok_or(FsError::NotFound)?.0;
     }
     Ok(cur)
@@ -65,7 +68,9 @@ impl Engine {
                 let (pp, name) = split_parent(dst)?;
                 check_name(name)?;
                 let parent = match resolve_w(w, pp) {
-                    Err(FsError::NotFound) => return Ok(Err(CloneError::DstParentMissing(show(pp)))),
+                    Err(FsError::NotFound) => {
+                        return Ok(Err(CloneError::DstParentMissing(show(pp))))
+                    }
                     r => r?,
                 };
                 if w.inode(parent)?.kind != Kind::Dir {
@@ -92,16 +97,27 @@ impl Engine {
             if cur == InodeId::ROOT {
                 return Ok(false);
             }
-            cur = lookup_in(w, cur, b"..")?.map(|(p, _)| p).ok_or(FsError::NotFound)?;
+            cur = lookup_in(w, cur, b"..")?
+                .map(|(p, _)| p)
+                .ok_or(FsError::NotFound)?;
         }
-        Err(FsError::BadMeta("directory parent chain too deep or looping".into()))
+        Err(FsError::BadMeta(
+            "directory parent chain too deep or looping".into(),
+        ))
     }
 
     /// Copy `len` bytes from `src` at `off_in` to `dst` at `off_out`, sharing whole chunks
     /// instead of copying them where both offsets are chunk-aligned. A copy of a whole file
     /// onto an empty file shares its chunk map root: O(1), like a clone.
     /// Returns the bytes copied (short at the end of `src`).
-    pub fn copy_range(&self, src: InodeId, off_in: u64, dst: InodeId, off_out: u64, len: u64) -> FsResult<u64> {
+    pub fn copy_range(
+        &self,
+        src: InodeId,
+        off_in: u64,
+        dst: InodeId,
+        off_out: u64,
+        len: u64,
+    ) -> FsResult<u64> {
         let c = self.chunk_size;
         let (lo, hi) = if src <= dst { (src, dst) } else { (dst, src) };
         let (st_lo, st_hi) = (self.state(lo), self.state(hi));
@@ -114,8 +130,12 @@ impl Engine {
             if let Some(g) = g_hi.as_deref_mut() {
                 self.flush_locked(hi, g, false, &[])?;
             }
-            let sa = self.getattr(src)?.inode;
-            let da = self.getattr(dst)?.inode;
+            // Both files are flushed and locked: the tables hold their whole state.
+            let (sa, da) = {
+                let rtx = self.read_txn()?;
+                let t = rtx.open_table(crate::schema::INODES)?;
+                (super::get_inode(&t, src)?, super::get_inode(&t, dst)?)
+            };
             if sa.kind != Kind::File || da.kind != Kind::File {
                 return Err(FsError::Invalid("copy between non-regular files"));
             }
@@ -123,7 +143,10 @@ impl Engine {
                 return Ok(0);
             }
             total = len.min(sa.size - off_in);
-            off_out.checked_add(total).filter(|&e| e <= super::MAX_FILE_SIZE).ok_or(FsError::TooBig)?;
+            off_out
+                .checked_add(total)
+                .filter(|&e| e <= super::MAX_FILE_SIZE)
+                .ok_or(FsError::TooBig)?;
             let overlap = src == dst && off_in < off_out + total && off_out < off_in + total;
             if off_in % c == 0 && off_out % c == 0 && !overlap {
                 let new_end = off_out + total;
@@ -136,16 +159,25 @@ impl Engine {
                     self.txn(false, |w| {
                         let mut di = w.inode(dst)?;
                         let si = w.inode(src)?;
-                        if off_in == 0 && off_out == 0 && shared == si.size && di.root.node == 0 && src != dst {
+                        if off_in == 0
+                            && off_out == 0
+                            && shared == si.size
+                            && di.root.node == 0
+                            && src != dst
+                        {
                             w.tree().incref_node(si.root.node)?;
                             di.root = si.root;
                             di.aux = si.aux;
                         } else {
                             let first = off_in / c;
                             let present: HashMap<u64, _> =
-                                tree::collect(&*w.tree().nodes, si.root, first, first + n)?.into_iter().collect();
+                                tree::collect(&*w.tree().nodes, si.root, first, first + n)?
+                                    .into_iter()
+                                    .collect();
                             let base = off_out / c;
-                            let ups: Vec<_> = (0..n).map(|k| (base + k, present.get(&(first + k)).copied())).collect();
+                            let ups: Vec<_> = (0..n)
+                                .map(|k| (base + k, present.get(&(first + k)).copied()))
+                                .collect();
                             let (r, t) = w.tree().set(di.root, &ups, &HashMap::new())?;
                             di.root = r;
                             di.aux = t;
@@ -190,7 +222,11 @@ fn clone_tree(w: &mut W<'_>, src: InodeId, parent: InodeId, name: &[u8]) -> FsRe
     }
     let (ino, _) = new_inode(w, ni)?;
     if si.kind == Kind::Symlink {
-        let t = w.symlinks.get(src.0)?.map(|v| v.value().to_vec()).unwrap_or_default();
+        let t = w
+            .symlinks
+            .get(src.0)?
+            .map(|v| v.value().to_vec())
+            .unwrap_or_default();
         w.symlinks.insert(ino.0, t.as_slice())?;
     }
     let xattrs: Vec<(Vec<u8>, Vec<u8>)> = w

@@ -167,7 +167,10 @@ impl Engine {
         if data.is_empty() {
             return Ok(0);
         }
-        offset.checked_add(data.len() as u64).filter(|&e| e <= MAX_FILE_SIZE).ok_or(FsError::TooBig)?;
+        offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(FsError::TooBig)?;
         let st = self.state(ino);
         {
             let mut g = st.write();
@@ -177,7 +180,13 @@ impl Engine {
         Ok(data.len())
     }
 
-    pub(crate) fn write_locked(&self, ino: InodeId, g: &mut FileState, offset: u64, data: &[u8]) -> FsResult<()> {
+    pub(crate) fn write_locked(
+        &self,
+        ino: InodeId,
+        g: &mut FileState,
+        offset: u64,
+        data: &[u8],
+    ) -> FsResult<()> {
         let c = self.chunk_size;
         let end = offset + data.len() as u64;
         let mut stored: Option<(redb::ReadTransaction, Inode)> = None;
@@ -193,7 +202,11 @@ impl Engine {
             load(&mut stored)?;
             let k = stored.as_ref().map(|s| s.1.kind);
             if k != Some(Kind::File) {
-                return Err(if k == Some(Kind::Dir) { FsError::IsDir } else { FsError::Invalid("not a regular file") });
+                return Err(if k == Some(Kind::Dir) {
+                    FsError::IsDir
+                } else {
+                    FsError::Invalid("not a regular file")
+                });
             }
         }
         let mut pos = offset;
@@ -290,19 +303,29 @@ impl Engine {
         }
         self.barrier()?;
         // Forget clean states nobody holds (only the map's reference left).
-        self.files.retain(|_, s| Arc::strong_count(s) > 1 || s.try_read().is_none_or(|g| !g.is_clean()));
+        self.files
+            .retain(|_, s| Arc::strong_count(s) > 1 || s.try_read().is_none_or(|g| !g.is_clean()));
         Ok(())
     }
 
     /// Commit the unflushed state of a file (the caller holds its lock), plus `holes`: chunk
     /// indexes to turn into holes.
-    pub(crate) fn flush_locked(&self, ino: InodeId, g: &mut FileState, durable: bool, holes: &[u64]) -> FsResult<()> {
+    pub(crate) fn flush_locked(
+        &self,
+        ino: InodeId,
+        g: &mut FileState,
+        durable: bool,
+        holes: &[u64],
+    ) -> FsResult<()> {
         if g.is_clean() && holes.is_empty() {
             return if durable { self.barrier() } else { Ok(()) };
         }
         let level = self.store.zstd_level();
-        let hashed: Vec<(u64, Option<ChunkId>)> =
-            g.dirty.par_iter().map(|(&i, b)| (i, (!is_zero(b)).then(|| ChunkId::of(b)))).collect();
+        let hashed: Vec<(u64, Option<ChunkId>)> = g
+            .dirty
+            .par_iter()
+            .map(|(&i, b)| (i, (!is_zero(b)).then(|| ChunkId::of(b))))
+            .collect();
         let mut need: Vec<(ChunkId, u64)> = Vec::new();
         {
             let rtx = self.read_txn()?;
@@ -315,14 +338,22 @@ impl Engine {
                 }
             }
         }
-        let encoded: Vec<Encoded> = need.par_iter().map(|(id, i)| Encoded::new(*id, &g.dirty[i], level)).collect();
+        let encoded: Vec<Encoded> = need
+            .par_iter()
+            .map(|(id, i)| Encoded::new(*id, &g.dirty[i], level))
+            .collect();
         let mut locs = HashMap::new();
         for e in &encoded {
             locs.insert(e.id, self.store.append(e)?);
         }
         drop(encoded);
         let mut updates = hashed;
-        updates.extend(holes.iter().filter(|h| !g.dirty.contains_key(h)).map(|&h| (h, None)));
+        updates.extend(
+            holes
+                .iter()
+                .filter(|h| !g.dirty.contains_key(h))
+                .map(|&h| (h, None)),
+        );
         updates.sort_unstable_by_key(|u| u.0);
         let (size, mtime, dirty) = (g.size, g.mtime, &g.dirty);
         self.txn(durable, |w| {
@@ -355,7 +386,8 @@ impl Engine {
         })?;
         let n = g.dirty.len() as u64;
         *g = FileState::default();
-        self.dirty_bytes.fetch_sub(n * self.chunk_size, Ordering::Relaxed);
+        self.dirty_bytes
+            .fetch_sub(n * self.chunk_size, Ordering::Relaxed);
         Ok(())
     }
 
@@ -387,13 +419,21 @@ impl Engine {
             if sz < inode.size && sz % c != 0 {
                 let idx = sz / c;
                 if let Some(id) = tree::get(&rtx.open_table(NODES)?, inode.root, idx)? {
-                    let mut data = self.store.read(&rtx, &id).map_err(|e| FsError::from(e).at(ino.0, idx * c))?.to_vec();
+                    let mut data = self
+                        .store
+                        .read(&rtx, &id)
+                        .map_err(|e| FsError::from(e).at(ino.0, idx * c))?
+                        .to_vec();
                     data[(sz % c) as usize..].fill(0);
                     tail = Some(if is_zero(&data) {
                         (idx, None, None)
                     } else {
                         let nid = ChunkId::of(&data);
-                        (idx, Some(nid), Some(Encoded::new(nid, &data, self.store.zstd_level())))
+                        (
+                            idx,
+                            Some(nid),
+                            Some(Encoded::new(nid, &data, self.store.zstd_level())),
+                        )
                     });
                 }
             }
@@ -461,7 +501,10 @@ impl Engine {
 
     /// Punch holes, zero ranges or extend (see [`Falloc`]).
     pub fn fallocate(&self, ino: InodeId, offset: u64, len: u64, mode: Falloc) -> FsResult<()> {
-        let end = offset.checked_add(len).filter(|&e| e <= MAX_FILE_SIZE).ok_or(FsError::TooBig)?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(FsError::TooBig)?;
         if len == 0 {
             return Err(FsError::Invalid("fallocate of zero bytes"));
         }
@@ -469,7 +512,11 @@ impl Engine {
         let mut g = st.write();
         let inode = self.getattr_locked(ino, &g)?;
         if inode.kind != Kind::File {
-            return Err(if inode.kind == Kind::Dir { FsError::IsDir } else { FsError::Invalid("not a regular file") });
+            return Err(if inode.kind == Kind::Dir {
+                FsError::IsDir
+            } else {
+                FsError::Invalid("not a regular file")
+            });
         }
         let (keep_size, zero) = match mode {
             Falloc::Allocate { keep_size } => (keep_size, false),
@@ -539,7 +586,9 @@ impl Engine {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            Ok(found.map(|i| (i * c).max(offset)).filter(|&o| o < inode.size))
+            Ok(found
+                .map(|i| (i * c).max(offset))
+                .filter(|&o| o < inode.size))
         } else {
             loop {
                 let h = tree::seek(&nodes, inode.root, idx, false)?.unwrap_or(u64::MAX / c);

@@ -41,7 +41,11 @@ pub struct RenameFlags {
     pub exchange: bool,
 }
 
-pub(crate) fn lookup_in(w: &W<'_>, parent: InodeId, name: &[u8]) -> FsResult<Option<(InodeId, u64)>> {
+pub(crate) fn lookup_in(
+    w: &W<'_>,
+    parent: InodeId,
+    name: &[u8],
+) -> FsResult<Option<(InodeId, u64)>> {
     Ok(w.dirents.get((parent.0, name))?.map(|v| {
         let (c, k) = v.value();
         (InodeId(c), k)
@@ -58,7 +62,13 @@ pub(crate) fn dir_inode(w: &W<'_>, ino: InodeId) -> FsResult<Inode> {
 }
 
 /// Add `name -> child` to `parent`, updating the parent's times (and link count for a subdir).
-pub(crate) fn add_entry(w: &mut W<'_>, parent: InodeId, name: &[u8], child: InodeId, is_dir: bool) -> FsResult<()> {
+pub(crate) fn add_entry(
+    w: &mut W<'_>,
+    parent: InodeId,
+    name: &[u8],
+    child: InodeId,
+    is_dir: bool,
+) -> FsResult<()> {
     let mut p = dir_inode(w, parent)?;
     let cookie = p.aux;
     p.aux += 1;
@@ -72,13 +82,20 @@ pub(crate) fn add_entry(w: &mut W<'_>, parent: InodeId, name: &[u8], child: Inod
     w.dirents.insert((parent.0, name), (child.0, cookie))?;
     w.cookies.insert((parent.0, cookie), name)?;
     if is_dir {
-        w.dirents.insert((child.0, b"..".as_slice()), (parent.0, 0))?;
+        w.dirents
+            .insert((child.0, b"..".as_slice()), (parent.0, 0))?;
     }
     Ok(())
 }
 
 /// Remove the entry `name` (with its cookie) from `parent`.
-pub(crate) fn remove_entry(w: &mut W<'_>, parent: InodeId, name: &[u8], cookie: u64, was_dir: bool) -> FsResult<()> {
+pub(crate) fn remove_entry(
+    w: &mut W<'_>,
+    parent: InodeId,
+    name: &[u8],
+    cookie: u64,
+    was_dir: bool,
+) -> FsResult<()> {
     w.dirents.remove((parent.0, name))?;
     w.cookies.remove((parent.0, cookie))?;
     let mut p = w.inode(parent)?;
@@ -126,7 +143,10 @@ pub(crate) fn purge(w: &mut W<'_>, ino: InodeId) -> FsResult<()> {
 }
 
 fn has_entries(w: &W<'_>, dir: InodeId) -> FsResult<bool> {
-    Ok(w.cookies.range((dir.0, 0)..(dir.0 + 1, 0))?.next().is_some())
+    Ok(w.cookies
+        .range((dir.0, 0)..(dir.0 + 1, 0))?
+        .next()
+        .is_some())
 }
 
 impl Engine {
@@ -134,7 +154,11 @@ impl Engine {
     /// Returns true when the inode was deleted.
     fn drop_link(&self, w: &mut W<'_>, ino: InodeId) -> FsResult<bool> {
         let mut i = w.inode(ino)?;
-        i.nlink = if i.kind == Kind::Dir { 0 } else { i.nlink.saturating_sub(1) };
+        i.nlink = if i.kind == Kind::Dir {
+            0
+        } else {
+            i.nlink.saturating_sub(1)
+        };
         i.ctime = Time::now();
         if i.nlink > 0 {
             w.put_inode(ino, &i)?;
@@ -170,7 +194,15 @@ impl Engine {
     }
 
     /// Create a non-directory, non-symlink inode (regular file, fifo, device, socket).
-    pub fn mknod(&self, parent: InodeId, name: &[u8], kind: Kind, perm: u16, rdev: u32, ctx: Ctx) -> FsResult<Attr> {
+    pub fn mknod(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        kind: Kind,
+        perm: u16,
+        rdev: u32,
+        ctx: Ctx,
+    ) -> FsResult<Attr> {
         if matches!(kind, Kind::Dir | Kind::Symlink) {
             return Err(FsError::Invalid("mknod of a directory or symlink"));
         }
@@ -239,7 +271,9 @@ impl Engine {
             return Err(FsError::Invalid("not a symlink"));
         }
         let t = rtx.open_table(SYMLINKS)?;
-        let v = t.get(ino.0)?.ok_or_else(|| FsError::BadMeta(format!("symlink {} has no target", ino.0)))?;
+        let v = t
+            .get(ino.0)?
+            .ok_or_else(|| FsError::BadMeta(format!("symlink {} has no target", ino.0)))?;
         Ok(v.value().to_vec())
     }
 
@@ -322,9 +356,13 @@ impl Engine {
             if dir == InodeId::ROOT {
                 return Ok(false);
             }
-            dir = lookup_in(w, dir, b"..")?.map(|(p, _)| p).ok_or(FsError::NotFound)?;
+            dir = lookup_in(w, dir, b"..")?
+                .map(|(p, _)| p)
+                .ok_or(FsError::NotFound)?;
         }
-        Err(FsError::BadMeta("directory parent chain too deep or looping".into()))
+        Err(FsError::BadMeta(
+            "directory parent chain too deep or looping".into(),
+        ))
     }
 
     pub fn rename(
@@ -429,11 +467,23 @@ impl Engine {
         let dirents = rtx.open_table(DIRENTS)?;
         let mut out = Vec::new();
         if cookie < 1 {
-            out.push(DirEntry { ino, kind: Kind::Dir, name: b".".to_vec(), cookie: 1 });
+            out.push(DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: b".".to_vec(),
+                cookie: 1,
+            });
         }
         if cookie < 2 {
-            let p = dirents.get((ino.0, b"..".as_slice()))?.map_or(ino.0, |v| v.value().0);
-            out.push(DirEntry { ino: InodeId(p), kind: Kind::Dir, name: b"..".to_vec(), cookie: 2 });
+            let p = dirents
+                .get((ino.0, b"..".as_slice()))?
+                .map_or(ino.0, |v| v.value().0);
+            out.push(DirEntry {
+                ino: InodeId(p),
+                kind: Kind::Dir,
+                name: b"..".to_vec(),
+                cookie: 2,
+            });
         }
         let cookies = rtx.open_table(DIRCOOKIE)?;
         for r in cookies.range((ino.0, cookie.max(2) + 1)..(ino.0 + 1, 0))? {
@@ -442,10 +492,17 @@ impl Engine {
             }
             let (k, v) = r?;
             let name = v.value().to_vec();
-            let Some(e) = dirents.get((ino.0, name.as_slice()))? else { continue };
+            let Some(e) = dirents.get((ino.0, name.as_slice()))? else {
+                continue;
+            };
             let child = InodeId(e.value().0);
             let kind = get_inode(&inodes, child)?.kind;
-            out.push(DirEntry { ino: child, kind, name, cookie: k.value().1 });
+            out.push(DirEntry {
+                ino: child,
+                kind,
+                name,
+                cookie: k.value().1,
+            });
         }
         Ok(out)
     }
@@ -456,7 +513,10 @@ impl Engine {
         let rtx = self.read_txn()?;
         let dirents = rtx.open_table(DIRENTS)?;
         let mut cur = InodeId::ROOT;
-        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
+        for comp in path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+        {
             let v = dirents.get((cur.0, comp))?.ok_or(FsError::NotFound)?;
             cur = InodeId(v.value().0);
         }

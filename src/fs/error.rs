@@ -37,7 +37,11 @@ pub enum FsError {
     #[error("no space left on the datastore's disk")]
     NoSpace,
     #[error("data damaged in inode {ino} at offset {offset}: {detail}")]
-    Corrupt { ino: u64, offset: u64, detail: String },
+    Corrupt {
+        ino: u64,
+        offset: u64,
+        detail: String,
+    },
     #[error("metadata damaged: {0}")]
     BadMeta(String),
     #[error("I/O error: {0}")]
@@ -76,7 +80,13 @@ macro_rules! redb_from {
         }
     )*};
 }
-redb_from!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError, redb::DatabaseError);
+redb_from!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::DatabaseError
+);
 
 impl From<StoreError> for FsError {
     fn from(e: StoreError) -> Self {
@@ -84,23 +94,33 @@ impl From<StoreError> for FsError {
             StoreError::Io(io) => io.into(),
             StoreError::Meta(m) => m.into(),
             // The caller that knows the inode and offset rewraps these with `at()`.
-            StoreError::Corrupt { id, detail } => {
-                FsError::Corrupt { ino: 0, offset: 0, detail: format!("chunk {}: {detail}", id.short()) }
-            }
+            StoreError::Corrupt { id, detail } => FsError::Corrupt {
+                ino: 0,
+                offset: 0,
+                detail: format!("chunk {}: {detail}", id.short()),
+            },
             StoreError::Missing(id) => missing(id),
         }
     }
 }
 
 fn missing(id: ChunkId) -> FsError {
-    FsError::Corrupt { ino: 0, offset: 0, detail: format!("chunk {} missing from the index", id.short()) }
+    FsError::Corrupt {
+        ino: 0,
+        offset: 0,
+        detail: format!("chunk {} missing from the index", id.short()),
+    }
 }
 
 impl FsError {
     /// Attach the file and offset a damage report is about.
     pub fn at(self, ino: u64, offset: u64) -> FsError {
         match self {
-            FsError::Corrupt { detail, .. } => FsError::Corrupt { ino, offset, detail },
+            FsError::Corrupt { detail, .. } => FsError::Corrupt {
+                ino,
+                offset,
+                detail,
+            },
             e => e,
         }
     }

@@ -69,13 +69,22 @@ impl Time {
 
     pub fn from_system(t: SystemTime) -> Time {
         match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => Time { secs: d.as_secs() as i64, nsecs: d.subsec_nanos() },
+            Ok(d) => Time {
+                secs: d.as_secs() as i64,
+                nsecs: d.subsec_nanos(),
+            },
             Err(e) => {
                 let d = e.duration();
                 if d.subsec_nanos() == 0 {
-                    Time { secs: -(d.as_secs() as i64), nsecs: 0 }
+                    Time {
+                        secs: -(d.as_secs() as i64),
+                        nsecs: 0,
+                    }
                 } else {
-                    Time { secs: -(d.as_secs() as i64) - 1, nsecs: 1_000_000_000 - d.subsec_nanos() }
+                    Time {
+                        secs: -(d.as_secs() as i64) - 1,
+                        nsecs: 1_000_000_000 - d.subsec_nanos(),
+                    }
                 }
             }
         }
@@ -85,7 +94,8 @@ impl Time {
         if self.secs >= 0 {
             UNIX_EPOCH + Duration::new(self.secs as u64, self.nsecs)
         } else {
-            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs()) + Duration::from_nanos(self.nsecs.into())
+            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs())
+                + Duration::from_nanos(self.nsecs.into())
         }
     }
 }
@@ -137,8 +147,8 @@ impl Inode {
             ctime: now,
             generation,
             root: Root::default(),
-            // Cookies 0 and 1 are "." and "..".
-            aux: if kind == Kind::Dir { 2 } else { 0 },
+            // Cookies 1 and 2 are "." and "..": entries start at 3.
+            aux: if kind == Kind::Dir { 3 } else { 0 },
         }
     }
 
@@ -233,7 +243,10 @@ mod tests {
     fn inode_roundtrip() {
         let mut i = Inode::new(Kind::File, 0o4755, 1000, 100, Generation(42));
         i.size = 1 << 40;
-        i.root = Root { node: 77, height: 2 };
+        i.root = Root {
+            node: 77,
+            height: 2,
+        };
         i.aux = 5;
         i.atime = Time { secs: -5, nsecs: 7 };
         assert_eq!(Inode::decode(&i.encode()), Some(i));
@@ -241,7 +254,10 @@ mod tests {
 
     #[test]
     fn negative_times_roundtrip_through_systemtime() {
-        let t = Time { secs: -2, nsecs: 500 };
+        let t = Time {
+            secs: -2,
+            nsecs: 500,
+        };
         assert_eq!(Time::from_system(t.to_system()), t);
     }
 }

@@ -35,7 +35,10 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    WriteTransaction,
+};
 
 use crate::schema::{self, *};
 use crate::store::pack::{DirPackIo, PackIo};
@@ -62,7 +65,10 @@ pub struct Format {
 
 impl Default for Format {
     fn default() -> Self {
-        Format { chunk_size: DEFAULT_CHUNK_SIZE, zstd_level: 1 }
+        Format {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            zstd_level: 1,
+        }
     }
 }
 
@@ -79,7 +85,11 @@ pub struct Tuning {
 
 impl Default for Tuning {
     fn default() -> Self {
-        Tuning { dirty_limit: 128 << 20, cache_bytes: 64 << 20, meta_cache_bytes: 64 << 20 }
+        Tuning {
+            dirty_limit: 128 << 20,
+            cache_bytes: 64 << 20,
+            meta_cache_bytes: 64 << 20,
+        }
     }
 }
 
@@ -172,16 +182,24 @@ impl<'txn> W<'txn> {
     }
 }
 
-pub(crate) fn get_inode<T: ReadableTable<u64, &'static [u8]>>(t: &T, ino: InodeId) -> FsResult<Inode> {
+pub(crate) fn get_inode<T: ReadableTable<u64, &'static [u8]>>(
+    t: &T,
+    ino: InodeId,
+) -> FsResult<Inode> {
     let v = t.get(ino.0)?.ok_or(FsError::NotFound)?;
-    Inode::decode(v.value()).ok_or_else(|| FsError::BadMeta(format!("inode {} does not decode", ino.0)))
+    Inode::decode(v.value())
+        .ok_or_else(|| FsError::BadMeta(format!("inode {} does not decode", ino.0)))
 }
 
 fn read_format(db: &Database) -> FsResult<Format> {
     let rtx = db.begin_read()?;
-    let sup = rtx.open_table(SUPER).map_err(|_| FsError::BadMeta("not a Tessera datastore".into()))?;
+    let sup = rtx
+        .open_table(SUPER)
+        .map_err(|_| FsError::BadMeta("not a Tessera datastore".into()))?;
     let get = |k| -> FsResult<u64> {
-        sup.get(k)?.map(|v| v.value()).ok_or_else(|| FsError::BadMeta(format!("superblock lacks {k}")))
+        sup.get(k)?
+            .map(|v| v.value())
+            .ok_or_else(|| FsError::BadMeta(format!("superblock lacks {k}")))
     };
     let version = get(K_FORMAT)?;
     if version != FORMAT_VERSION {
@@ -189,7 +207,10 @@ fn read_format(db: &Database) -> FsResult<Format> {
             "datastore format {version} is not supported by this build (format {FORMAT_VERSION})"
         )));
     }
-    Ok(Format { chunk_size: get(K_CHUNK_SIZE)? as u32, zstd_level: get(K_ZSTD_LEVEL)? as i32 })
+    Ok(Format {
+        chunk_size: get(K_CHUNK_SIZE)? as u32,
+        zstd_level: get(K_ZSTD_LEVEL)? as i32,
+    })
 }
 
 impl Engine {
@@ -198,7 +219,9 @@ impl Engine {
         if !format.chunk_size.is_power_of_two()
             || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&format.chunk_size)
         {
-            return Err(FsError::Invalid("chunk size must be a power of two from 4 KiB to 64 KiB"));
+            return Err(FsError::Invalid(
+                "chunk size must be a power of two from 4 KiB to 64 KiB",
+            ));
         }
         if !(1..=19).contains(&format.zstd_level) {
             return Err(FsError::Invalid("zstd level must be 1 to 19"));
@@ -239,9 +262,14 @@ impl Engine {
     pub fn open(dir: &Path, tuning: Tuning) -> FsResult<Engine> {
         let meta = dir.join(META_FILE);
         if !meta.exists() {
-            return Err(FsError::BadMeta(format!("{} is not a Tessera datastore (no {META_FILE})", dir.display())));
+            return Err(FsError::BadMeta(format!(
+                "{} is not a Tessera datastore (no {META_FILE})",
+                dir.display()
+            )));
         }
-        let db = Database::builder().set_cache_size(tuning.meta_cache_bytes as usize).open(&meta)?;
+        let db = Database::builder()
+            .set_cache_size(tuning.meta_cache_bytes as usize)
+            .open(&meta)?;
         let io: Arc<dyn PackIo> = Arc::new(DirPackIo::new(&dir.join(PACK_DIR))?);
         let mut e = Self::with_parts(db, io, tuning)?;
         e.dir = Some(dir.to_path_buf());
@@ -290,10 +318,18 @@ impl Engine {
     }
 
     /// Run `f` in a write transaction and commit it; durably (packs synced first) if asked.
-    pub(crate) fn txn<T>(&self, durable: bool, f: impl FnOnce(&mut W<'_>) -> FsResult<T>) -> FsResult<T> {
+    pub(crate) fn txn<T>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&mut W<'_>) -> FsResult<T>,
+    ) -> FsResult<T> {
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(if durable { Durability::Immediate } else { Durability::None })
-            .map_err(|e| FsError::BadMeta(e.to_string()))?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(|e| FsError::BadMeta(e.to_string()))?;
         let (out, released) = {
             let mut w = W::open(&txn)?;
             let out = f(&mut w)?;
@@ -322,7 +358,12 @@ impl Engine {
         Ok(self.attr_of(ino, inode, guard.as_deref()))
     }
 
-    pub(crate) fn attr_of(&self, ino: InodeId, mut inode: Inode, st: Option<&data::FileState>) -> Attr {
+    pub(crate) fn attr_of(
+        &self,
+        ino: InodeId,
+        mut inode: Inode,
+        st: Option<&data::FileState>,
+    ) -> Attr {
         let mut allocated = inode.aux * self.chunk_size;
         if let Some(st) = st {
             st.overlay(&mut inode);
@@ -333,7 +374,11 @@ impl Engine {
             Kind::File => allocated.min(inode.size.next_multiple_of(4096)),
             _ => 4096,
         };
-        Attr { ino, inode, allocated }
+        Attr {
+            ino,
+            inode,
+            allocated,
+        }
     }
 
     /// A handle was opened on `ino`.
@@ -378,7 +423,11 @@ impl Engine {
 
     fn purge_orphans(&self) -> FsResult<()> {
         self.txn(true, |w| {
-            let orphans: Vec<u64> = w.orphans.iter()?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<_, _>>()?;
+            let orphans: Vec<u64> = w
+                .orphans
+                .iter()?
+                .map(|r| r.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()?;
             for o in orphans {
                 w.orphans.remove(o)?;
                 dir::purge(w, InodeId(o))?;
@@ -389,8 +438,12 @@ impl Engine {
 
     /// Capacity of the disk under the datastore: (total bytes, available bytes).
     pub fn disk_space(&self) -> (u64, u64) {
-        let Some(dir) = &self.dir else { return (1 << 40, 1 << 40) };
-        let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return (0, 0) };
+        let Some(dir) = &self.dir else {
+            return (1 << 40, 1 << 40);
+        };
+        let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+            return (0, 0);
+        };
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: `c` is a valid NUL-terminated path and `s` a properly sized out-parameter.
         if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
@@ -411,7 +464,8 @@ pub(crate) fn check_name(name: &[u8]) -> FsResult<()> {
     if name.len() > NAME_MAX {
         return Err(FsError::NameTooLong);
     }
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
         return Err(FsError::Invalid("bad file name"));
     }
     Ok(())
@@ -419,8 +473,14 @@ pub(crate) fn check_name(name: &[u8]) -> FsResult<()> {
 
 #[cfg(test)]
 pub(crate) fn test_engine(chunk: u32) -> Engine {
-    Engine::in_memory(Format { chunk_size: chunk, zstd_level: 1 }, Arc::new(crate::store::pack::MemPackIo::default()))
-        .unwrap()
+    Engine::in_memory(
+        Format {
+            chunk_size: chunk,
+            zstd_level: 1,
+        },
+        Arc::new(crate::store::pack::MemPackIo::default()),
+    )
+    .unwrap()
 }
 
 #[allow(unused_imports)]

@@ -1,14 +1,14 @@
 //! Space statistics: logical size, stored size, dedup and compression ratios.
 
 use redb::ReadableTable;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::inode::{Inode, Kind};
 use super::{Engine, FsResult};
 use crate::schema::*;
 
 /// Figures for `tessera stats`. Byte counts are bytes.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Stats {
     pub files: u64,
     pub directories: u64,
@@ -51,11 +51,27 @@ fn ratio(a: u64, b: u64) -> f64 {
 
 impl Engine {
     pub fn stats(&self) -> FsResult<Stats> {
+        // Unflushed sizes and chunks are not in the tables yet.
+        let mut sizes = std::collections::HashMap::new();
+        let mut dirty = 0;
+        for e in self.files.iter() {
+            if let Some(g) = e.value().try_read() {
+                dirty += g.dirty.len() as u64 * self.chunk_size;
+                if let Some(s) = g.size {
+                    sizes.insert(e.key().0, s);
+                }
+            }
+        }
         let rtx = self.read_txn()?;
-        let (mut files, mut dirs, mut logical, mut referenced) = (0, 0, 0, 0);
+        let (mut files, mut dirs, mut logical, mut referenced) = (0, 0, 0, dirty);
         for r in rtx.open_table(INODES)?.iter()? {
-            let (_, v) = r?;
-            let Some(i) = Inode::decode(v.value()) else { continue };
+            let (k, v) = r?;
+            let Some(mut i) = Inode::decode(v.value()) else {
+                continue;
+            };
+            if let Some(s) = sizes.get(&k.value()) {
+                i.size = *s;
+            }
             match i.kind {
                 Kind::File => {
                     files += 1;
@@ -64,12 +80,6 @@ impl Engine {
                 }
                 Kind::Dir => dirs += 1,
                 _ => {}
-            }
-        }
-        // Unflushed data is not in the chunk maps yet: count it as referenced.
-        for e in self.files.iter() {
-            if let Some(g) = e.value().try_read() {
-                referenced += g.dirty.len() as u64 * self.chunk_size;
             }
         }
         let counters = rtx.open_table(COUNTERS)?;
@@ -87,8 +97,10 @@ impl Engine {
             pack_bytes += io.len(p).unwrap_or(0);
             pack_count += 1;
         }
-        let metadata_bytes =
-            self.dir().and_then(|d| std::fs::metadata(d.join(super::META_FILE)).ok()).map_or(0, |m| m.len());
+        let metadata_bytes = self
+            .dir()
+            .and_then(|d| std::fs::metadata(d.join(super::META_FILE)).ok())
+            .map_or(0, |m| m.len());
         let (disk_total_bytes, disk_free_bytes) = self.disk_space();
         Ok(Stats {
             files,

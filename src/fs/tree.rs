@@ -138,7 +138,11 @@ pub fn load<T: ReadableTable<u64, &'static [u8]>>(nodes: &T, id: u64) -> FsResul
 }
 
 /// The chunk at slot `idx`, if any.
-pub fn get<T: ReadableTable<u64, &'static [u8]>>(nodes: &T, root: Root, idx: u64) -> FsResult<Option<ChunkId>> {
+pub fn get<T: ReadableTable<u64, &'static [u8]>>(
+    nodes: &T,
+    root: Root,
+    idx: u64,
+) -> FsResult<Option<ChunkId>> {
     if root.node == 0 || u128::from(idx) >= coverage(root.height) {
         return Ok(None);
     }
@@ -374,8 +378,11 @@ impl TreeTx<'_, '_> {
         let mut root = root;
         let Some(max) = updates.iter().filter(|u| u.1.is_some()).map(|u| u.0).max() else {
             // Only holes: nothing beyond the coverage needs to grow.
-            let ups: Vec<_> =
-                updates.iter().copied().filter(|u| u128::from(u.0) < coverage(root.height)).collect();
+            let ups: Vec<_> = updates
+                .iter()
+                .copied()
+                .filter(|u| u128::from(u.0) < coverage(root.height))
+                .collect();
             return self.set_bounded(root, &ups, locs);
         };
         while u128::from(max) >= coverage(root.height) {
@@ -392,8 +399,11 @@ impl TreeTx<'_, '_> {
             }
             root.height += 1;
         }
-        let ups: Vec<_> =
-            updates.iter().copied().filter(|u| u128::from(u.0) < coverage(root.height)).collect();
+        let ups: Vec<_> = updates
+            .iter()
+            .copied()
+            .filter(|u| u128::from(u.0) < coverage(root.height))
+            .collect();
         self.set_bounded(root, &ups, locs)
     }
 
@@ -404,11 +414,21 @@ impl TreeTx<'_, '_> {
         locs: &HashMap<ChunkId, ChunkLoc>,
     ) -> FsResult<(Root, u64)> {
         if ups.is_empty() {
-            let total = if root.node == 0 { 0 } else { load(&*self.nodes, root.node)?.total() };
+            let total = if root.node == 0 {
+                0
+            } else {
+                load(&*self.nodes, root.node)?.total()
+            };
             return Ok((root, total));
         }
         let (id, total) = self.set_in(root.node, root.height, 0, ups, locs)?;
-        Ok((Root { node: id, height: if id == 0 { 0 } else { root.height } }, total))
+        Ok((
+            Root {
+                node: id,
+                height: if id == 0 { 0 } else { root.height },
+            },
+            total,
+        ))
     }
 
     fn set_in(
@@ -478,7 +498,13 @@ impl TreeTx<'_, '_> {
             return Ok((Root::default(), 0));
         }
         let (id, total) = self.trunc_in(root.node, root.height, 0, keep)?;
-        Ok((Root { node: id, height: if id == 0 { 0 } else { root.height } }, total))
+        Ok((
+            Root {
+                node: id,
+                height: if id == 0 { 0 } else { root.height },
+            },
+            total,
+        ))
     }
 
     fn trunc_in(&mut self, id: u64, height: u8, base: u64, keep: u64) -> FsResult<(u64, u64)> {

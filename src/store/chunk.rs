@@ -96,7 +96,9 @@ mod tests {
         let (p, c) = encode(&text, 1);
         assert_eq!(c, Codec::Zstd);
         assert_eq!(decode(&p, c, text.len()).unwrap(), text);
-        let noise: Vec<u8> = (0..16384u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let noise: Vec<u8> = (0..16384u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let (p, c) = encode(&noise, 1);
         if c == Codec::Raw {
             assert_eq!(p, noise);

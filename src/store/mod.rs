@@ -50,7 +50,12 @@ macro_rules! redb_from {
         }
     )*};
 }
-redb_from!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+redb_from!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 struct Active {
     pack: PackId,
@@ -60,7 +65,8 @@ struct Active {
 /// The chunk store. Cheap to share behind an `Arc`.
 pub struct Store {
     io: Arc<dyn PackIo>,
-    active: Mutex<Active>,
+    /// The pack appends go to; created on the first append, so read-only uses leave no trace.
+    active: Mutex<Option<Active>>,
     /// Packs appended to since their last sync.
     unsynced: Mutex<BTreeSet<PackId>>,
     /// Decompressed, verified chunks, most recently used first.
@@ -79,19 +85,26 @@ pub struct Encoded {
 impl Encoded {
     pub fn new(id: ChunkId, data: &[u8], level: i32) -> Encoded {
         let (payload, codec) = chunk::encode(data, level);
-        Encoded { id, payload, codec, raw_len: data.len() as u32 }
+        Encoded {
+            id,
+            payload,
+            codec,
+            raw_len: data.len() as u32,
+        }
     }
 }
 
 impl Store {
     /// Open the store over `io`. Appends always go to a new pack, so a torn tail left by a
     /// crash in an older pack is never appended after.
-    pub fn open(io: Arc<dyn PackIo>, zstd_level: i32, cache_items: usize) -> Result<Store, StoreError> {
-        let next = io.list()?.last().map_or(1, |p| p.0 + 1);
-        io.create(PackId(next))?;
+    pub fn open(
+        io: Arc<dyn PackIo>,
+        zstd_level: i32,
+        cache_items: usize,
+    ) -> Result<Store, StoreError> {
         Ok(Store {
             io,
-            active: Mutex::new(Active { pack: PackId(next), len: pack::PACK_HEADER_LEN }),
+            active: Mutex::new(None),
             unsynced: Mutex::new(BTreeSet::new()),
             cache: quick_cache::sync::Cache::new(cache_items.max(16)),
             zstd_level,
@@ -109,15 +122,23 @@ impl Store {
     /// Append an encoded chunk to the active pack; returns its location with `refs == 0`.
     pub fn append(&self, e: &Encoded) -> Result<ChunkLoc, StoreError> {
         let rec = pack::encode_record(&e.id, e.codec, e.raw_len, &e.payload);
-        let mut a = self.active.lock();
-        if a.len >= PACK_TARGET_BYTES {
-            // Seal the full pack (durably) and start the next one.
-            self.io.sync(a.pack)?;
-            self.unsynced.lock().remove(&a.pack);
-            let next = PackId(a.pack.0 + 1);
-            self.io.create(next)?;
-            *a = Active { pack: next, len: pack::PACK_HEADER_LEN };
-        }
+        let mut guard = self.active.lock();
+        let a = match &mut *guard {
+            Some(a) if a.len < PACK_TARGET_BYTES => a,
+            full => {
+                // Seal the full pack (durably) and start the next one.
+                if let Some(a) = full {
+                    self.io.sync(a.pack)?;
+                    self.unsynced.lock().remove(&a.pack);
+                }
+                let next = PackId(self.io.list()?.last().map_or(1, |p| p.0 + 1));
+                self.io.create(next)?;
+                full.insert(Active {
+                    pack: next,
+                    len: pack::PACK_HEADER_LEN,
+                })
+            }
+        };
         let offset = self.io.append(a.pack, &rec)?;
         a.len = offset + rec.len() as u64;
         self.unsynced.lock().insert(a.pack);
@@ -133,7 +154,9 @@ impl Store {
 
     /// Make every append so far durable. Called before every durable metadata commit.
     pub fn sync(&self) -> Result<(), StoreError> {
-        let packs: Vec<PackId> = std::mem::take(&mut *self.unsynced.lock()).into_iter().collect();
+        let packs: Vec<PackId> = std::mem::take(&mut *self.unsynced.lock())
+            .into_iter()
+            .collect();
         for (i, p) in packs.iter().enumerate() {
             if let Err(e) = self.io.sync(*p) {
                 // Put back what was not synced so a retry syncs it.
@@ -162,8 +185,10 @@ impl Store {
         }
         let t = rtx.open_table(schema::CHUNKS)?;
         let loc = match t.get(&id.0)? {
-            Some(v) => ChunkLoc::decode(v.value())
-                .ok_or_else(|| StoreError::Corrupt { id: *id, detail: "bad index entry".into() })?,
+            Some(v) => ChunkLoc::decode(v.value()).ok_or_else(|| StoreError::Corrupt {
+                id: *id,
+                detail: "bad index entry".into(),
+            })?,
             None => return Err(StoreError::Missing(*id)),
         };
         let data = Arc::new(self.read_loc(id, &loc)?);
@@ -176,18 +201,33 @@ impl Store {
         let corrupt = |detail: String| StoreError::Corrupt { id: *id, detail };
         let rec = self
             .io
-            .read_at(loc.pack, loc.offset, RECORD_HEADER_LEN + loc.stored_len as usize)
+            .read_at(
+                loc.pack,
+                loc.offset,
+                RECORD_HEADER_LEN + loc.stored_len as usize,
+            )
             .map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound => {
-                    corrupt(format!("pack {:08x} is missing or truncated: {e}", loc.pack.0))
-                }
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound => corrupt(format!(
+                    "pack {:08x} is missing or truncated: {e}",
+                    loc.pack.0
+                )),
                 _ => StoreError::Io(e),
             })?;
-        let h = pack::decode_header(&rec)
-            .ok_or_else(|| corrupt(format!("bad record header in pack {:08x} at {}", loc.pack.0, loc.offset)))?;
+        let h = pack::decode_header(&rec).ok_or_else(|| {
+            corrupt(format!(
+                "bad record header in pack {:08x} at {}",
+                loc.pack.0, loc.offset
+            ))
+        })?;
         let payload = &rec[RECORD_HEADER_LEN..];
-        if h.id != *id || h.stored_len != loc.stored_len || !pack::record_crc_ok(&rec, payload, h.crc) {
-            return Err(corrupt(format!("checksum mismatch in pack {:08x} at {}", loc.pack.0, loc.offset)));
+        if h.id != *id
+            || h.stored_len != loc.stored_len
+            || !pack::record_crc_ok(&rec, payload, h.crc)
+        {
+            return Err(corrupt(format!(
+                "checksum mismatch in pack {:08x} at {}",
+                loc.pack.0, loc.offset
+            )));
         }
         let data = chunk::decode(payload, h.codec, h.raw_len as usize)
             .ok_or_else(|| corrupt("payload does not decompress".into()))?;
@@ -230,10 +270,12 @@ impl<'txn> ChunkTables<'txn> {
 
     pub fn get(&self, id: &ChunkId) -> Result<Option<ChunkLoc>, StoreError> {
         match self.chunks.get(&id.0)? {
-            Some(v) => Ok(Some(
-                ChunkLoc::decode(v.value())
-                    .ok_or_else(|| StoreError::Corrupt { id: *id, detail: "bad index entry".into() })?,
-            )),
+            Some(v) => Ok(Some(ChunkLoc::decode(v.value()).ok_or_else(|| {
+                StoreError::Corrupt {
+                    id: *id,
+                    detail: "bad index entry".into(),
+                }
+            })?)),
             None => Ok(None),
         }
     }
@@ -258,8 +300,16 @@ impl<'txn> ChunkTables<'txn> {
         let (live, dead) = self.packs.get(l.pack.0)?.map_or((0, 0), |v| v.value());
         self.packs.insert(l.pack.0, (live + rec, dead))?;
         bump(&mut self.counters, schema::C_CHUNK_COUNT, 1)?;
-        bump(&mut self.counters, schema::C_UNIQUE_BYTES, i64::from(l.raw_len))?;
-        bump(&mut self.counters, schema::C_STORED_BYTES, i64::from(l.stored_len))?;
+        bump(
+            &mut self.counters,
+            schema::C_UNIQUE_BYTES,
+            i64::from(l.raw_len),
+        )?;
+        bump(
+            &mut self.counters,
+            schema::C_STORED_BYTES,
+            i64::from(l.stored_len),
+        )?;
         Ok(())
     }
 
@@ -275,10 +325,19 @@ impl<'txn> ChunkTables<'txn> {
         self.chunks.remove(&id.0)?;
         let rec = RECORD_HEADER_LEN as u64 + u64::from(loc.stored_len);
         let (live, dead) = self.packs.get(loc.pack.0)?.map_or((0, 0), |v| v.value());
-        self.packs.insert(loc.pack.0, (live.saturating_sub(rec), dead + rec))?;
+        self.packs
+            .insert(loc.pack.0, (live.saturating_sub(rec), dead + rec))?;
         bump(&mut self.counters, schema::C_CHUNK_COUNT, -1)?;
-        bump(&mut self.counters, schema::C_UNIQUE_BYTES, -i64::from(loc.raw_len))?;
-        bump(&mut self.counters, schema::C_STORED_BYTES, -i64::from(loc.stored_len))?;
+        bump(
+            &mut self.counters,
+            schema::C_UNIQUE_BYTES,
+            -i64::from(loc.raw_len),
+        )?;
+        bump(
+            &mut self.counters,
+            schema::C_STORED_BYTES,
+            -i64::from(loc.stored_len),
+        )?;
         self.released.push(*id);
         Ok(())
     }

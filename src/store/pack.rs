@@ -126,7 +126,10 @@ pub struct DirPackIo {
 impl DirPackIo {
     pub fn new(dir: &Path) -> io::Result<DirPackIo> {
         std::fs::create_dir_all(dir)?;
-        Ok(DirPackIo { dir: dir.to_path_buf(), files: Mutex::new(HashMap::new()) })
+        Ok(DirPackIo {
+            dir: dir.to_path_buf(),
+            files: Mutex::new(HashMap::new()),
+        })
     }
 
     fn path(&self, pack: PackId) -> PathBuf {
@@ -138,7 +141,10 @@ impl DirPackIo {
         if let Some(f) = files.get(&pack) {
             return Ok(f.clone());
         }
-        let f = OpenOptions::new().read(true).write(true).open(self.path(pack))?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.path(pack))?;
         let len = f.metadata()?.len();
         let entry = Arc::new((f, Mutex::new(len)));
         files.insert(pack, entry.clone());
@@ -153,12 +159,18 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl PackIo for DirPackIo {
     fn create(&self, pack: PackId) -> io::Result<()> {
         let path = self.path(pack);
-        let f = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
         f.write_all_at(&pack_header(pack), 0)?;
         f.sync_all()?;
         // The new name must be durable before any metadata commit can reference the pack.
         sync_dir(&self.dir)?;
-        self.files.lock().insert(pack, Arc::new((f, Mutex::new(PACK_HEADER_LEN))));
+        self.files
+            .lock()
+            .insert(pack, Arc::new((f, Mutex::new(PACK_HEADER_LEN))));
         Ok(())
     }
 
@@ -244,7 +256,9 @@ fn not_found() -> io::Error {
 impl PackIo for MemPackIo {
     fn create(&self, pack: PackId) -> io::Result<()> {
         let h = pack_header(pack).to_vec();
-        self.packs.lock().insert(pack, (h, PACK_HEADER_LEN as usize));
+        self.packs
+            .lock()
+            .insert(pack, (h, PACK_HEADER_LEN as usize));
         Ok(())
     }
     fn append(&self, pack: PackId, data: &[u8]) -> io::Result<u64> {

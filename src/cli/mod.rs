@@ -1,0 +1,292 @@
+//! The `tessera` command line: argument definitions and the helpers subcommands share.
+//! One file per subcommand; each turns its arguments into one engine or control-socket call.
+
+pub mod clone;
+pub mod fsck;
+pub mod init;
+pub mod mount;
+pub mod stats;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use tessera::control::{self, LockError};
+use tessera::fs::{Engine, Tuning, META_FILE, PACK_DIR};
+
+/// Tessera: a deduplicating datastore for virtual desktop images.
+#[derive(Parser, Debug)]
+#[command(name = "tessera", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    Init(init::Args),
+    Mount(mount::Args),
+    Clone(clone::Args),
+    Stats(stats::Args),
+    Fsck(fsck::Args),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Init(a) => init::run(a),
+        Cmd::Mount(a) => mount::run(a),
+        Cmd::Clone(a) => clone::run(a),
+        Cmd::Stats(a) => stats::run(a),
+        Cmd::Fsck(a) => fsck::run(a),
+    }
+}
+
+/// Is `dir` a datastore folder?
+pub fn is_datastore(dir: &Path) -> bool {
+    dir.join(META_FILE).is_file() && dir.join(PACK_DIR).is_dir()
+}
+
+/// The datastore folder given on the command line, checked.
+pub fn datastore_arg(dir: &Path) -> Result<PathBuf> {
+    let abs = std::fs::canonicalize(dir)
+        .with_context(|| format!("{}: no such datastore folder", dir.display()))?;
+    if !is_datastore(&abs) {
+        bail!(
+            "{} is not a Tessera datastore (create one with `tessera init {}`)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(abs)
+}
+
+/// Either this process owns the datastore, or another process serves it.
+pub enum Access {
+    Own(control::DatastoreLock, Engine),
+    Served(PathBuf),
+}
+
+/// Open the datastore ourselves if nobody holds it, else find the process that serves it.
+pub fn access(dir: &Path) -> Result<Access> {
+    match control::lock(dir) {
+        Ok(lock) => {
+            let engine = Engine::open(dir, Tuning::default())
+                .map_err(|e| anyhow!("cannot open datastore {}: {e}", dir.display()))?;
+            Ok(Access::Own(lock, engine))
+        }
+        Err(LockError::Busy(pid)) => {
+            match control::call(dir, &control::Request::Ping, Duration::from_secs(5)) {
+                Ok(r) if r.ok => Ok(Access::Served(dir.to_path_buf())),
+                _ => bail!(
+                    "datastore {} is busy: process {pid} holds it but does not answer on its control socket; \
+                     wait for it to finish or stop it",
+                    dir.display()
+                ),
+            }
+        }
+        Err(LockError::Io(e)) => Err(anyhow!("cannot lock datastore {}: {e}", dir.display())),
+    }
+}
+
+/// Ask the serving process; turn its error into ours.
+pub fn ask(dir: &Path, req: &control::Request) -> Result<serde_json::Value> {
+    let r = control::call(dir, req, Duration::from_secs(600))
+        .with_context(|| format!("the process serving {} did not answer", dir.display()))?;
+    if !r.ok {
+        bail!("{}", r.error);
+    }
+    Ok(r.result)
+}
+
+/// Where a user-given path lives: its datastore and the path inside it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Located {
+    pub datastore: PathBuf,
+    /// Path inside the datastore, starting with `/`.
+    pub inner: String,
+}
+
+/// Tessera FUSE mounts: (mount point, datastore folder). The mount's source is the datastore.
+fn tessera_mounts() -> Vec<(PathBuf, PathBuf)> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\")
+    };
+    let mut out = Vec::new();
+    for line in info.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        let pre: Vec<&str> = pre.split(' ').collect();
+        let post: Vec<&str> = post.split(' ').collect();
+        // fuser's own mount code does not set the subtype: recognise the datastore by its source.
+        if pre.len() > 4 && post.len() > 1 && (post[0] == "fuse" || post[0] == "fuse.tessera") {
+            let source = PathBuf::from(unescape(post[1]));
+            if is_datastore(&source) {
+                out.push((PathBuf::from(unescape(pre[4])), source));
+            }
+        }
+    }
+    out
+}
+
+/// An absolute, normalised path (`.` and `..` resolved textually after the longest existing
+/// prefix is canonicalised), so paths that do not exist yet can be located.
+fn absolute(p: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))?;
+    let mut existing = abs.clone();
+    let mut rest = Vec::new();
+    while std::fs::symlink_metadata(&existing).is_err() {
+        match (existing.file_name(), existing.parent()) {
+            (Some(n), Some(parent)) => {
+                rest.push(n.to_os_string());
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut out = std::fs::canonicalize(&existing).unwrap_or(existing);
+    for n in rest.into_iter().rev() {
+        if n == ".." {
+            out.pop();
+        } else if n != "." {
+            out.push(n);
+        }
+    }
+    Ok(out)
+}
+
+/// Find the datastore of a path on a Tessera mount or inside a datastore folder.
+pub fn locate(p: &Path) -> Result<Located> {
+    let abs = absolute(p)?;
+    let to_inner = |rest: &Path| -> Result<String> {
+        let s = rest
+            .to_str()
+            .ok_or_else(|| anyhow!("{}: path is not valid UTF-8", p.display()))?;
+        Ok(format!("/{}", s.trim_start_matches('/')))
+    };
+    let mut best: Option<(PathBuf, PathBuf)> = None;
+    for (mp, ds) in tessera_mounts() {
+        if abs.starts_with(&mp)
+            && best
+                .as_ref()
+                .is_none_or(|b| mp.as_os_str().len() > b.0.as_os_str().len())
+        {
+            best = Some((mp, ds));
+        }
+    }
+    if let Some((mp, ds)) = best {
+        let rest = abs.strip_prefix(&mp).expect("prefix checked");
+        return Ok(Located {
+            datastore: ds,
+            inner: to_inner(rest)?,
+        });
+    }
+    for anc in abs.ancestors() {
+        if is_datastore(anc) {
+            let rest = abs.strip_prefix(anc).expect("ancestor");
+            return Ok(Located {
+                datastore: anc.to_path_buf(),
+                inner: to_inner(rest)?,
+            });
+        }
+    }
+    bail!(
+        "{} is neither on a Tessera mount nor inside a datastore folder",
+        p.display()
+    )
+}
+
+/// Parse a byte size such as `16K`, `16KiB`, `64k` or `16384`.
+pub fn parse_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let digits: String = t.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let unit = t[digits.len()..].trim().to_ascii_lowercase();
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 16K)"))?;
+    let mult = match unit.as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1 << 20,
+        _ => return Err(format!("{s:?}: unknown unit (use K or M)")),
+    };
+    u32::try_from(n * mult).map_err(|_| format!("{s:?} is too large"))
+}
+
+/// A progress bar on a terminal, nothing otherwise.
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("16K"), Ok(16384));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12Q").is_err());
+    }
+
+    #[test]
+    fn locate_finds_paths_inside_a_datastore_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let ds = d.path().join("ds");
+        Engine::create(&ds, Default::default()).unwrap();
+        let l = locate(&ds.join("templates/x.raw")).unwrap();
+        assert_eq!(l.inner, "/templates/x.raw");
+        assert_eq!(l.datastore, std::fs::canonicalize(&ds).unwrap());
+        assert!(locate(d.path()).is_err());
+    }
+
+    /// Protects man/: the pages must match the clap definitions (regenerate with
+    /// `UPDATE_MAN=1 cargo test man_pages`).
+    #[test]
+    fn man_pages_match_cli() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("man");
+        let cmd = Cli::command();
+        let mut pages = vec![(cmd.get_name().to_string(), cmd.clone())];
+        for sub in cmd.get_subcommands() {
+            pages.push((format!("tessera-{}", sub.get_name()), sub.clone()));
+        }
+        for (name, c) in pages {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(c.name(name.clone()))
+                .render(&mut buf)
+                .unwrap();
+            let path = dir.join(format!("{name}.1"));
+            if std::env::var_os("UPDATE_MAN").is_some() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &buf).unwrap();
+            }
+            let have = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                have == buf,
+                "{} is out of date: run UPDATE_MAN=1 cargo test man_pages",
+                path.display()
+            );
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! `tessera stats`: space figures of a datastore, mounted or not.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Result};
+
+use tessera::control::Request;
+use tessera::fs::stats::Stats;
+
+/// Show logical and physical space, dedup and compression ratios.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The datastore folder.
+    pub dir: PathBuf,
+    /// Print JSON (for monitoring).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn human(b: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", U[i])
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let dir = super::datastore_arg(&a.dir)?;
+    let v = match super::access(&dir)? {
+        super::Access::Served(d) => super::ask(&d, &Request::Stats)?,
+        super::Access::Own(_lock, engine) => serde_json::to_value(
+            engine
+                .stats()
+                .map_err(|e| anyhow!("cannot read stats: {e}"))?,
+        )?,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let s: Stats = serde_json::from_value(v)?;
+    println!("datastore         {}", dir.display());
+    println!("files             {} in {} folders", s.files, s.directories);
+    println!("logical size      {}", human(s.logical_bytes));
+    println!("data referenced   {}", human(s.referenced_bytes));
+    println!(
+        "unique data       {} in {} chunks of {}",
+        human(s.unique_bytes),
+        s.chunk_count,
+        human(s.chunk_size)
+    );
+    println!("stored (zstd)     {}", human(s.stored_bytes));
+    println!("dedup ratio       {:.2}x", s.dedup_ratio);
+    println!("compression ratio {:.2}x", s.compression_ratio);
+    println!("total saving      {:.2}x", s.total_ratio);
+    println!(
+        "pack files        {} ({}), reclaimable {}",
+        s.pack_count,
+        human(s.pack_bytes),
+        human(s.reclaimable_bytes)
+    );
+    println!("metadata          {}", human(s.metadata_bytes));
+    println!(
+        "disk              {} free of {}",
+        human(s.disk_free_bytes),
+        human(s.disk_total_bytes)
+    );
+    Ok(())
+}
