@@ -25,6 +25,8 @@ pub mod dir;
 pub mod error;
 pub mod inode;
 pub mod stats;
+#[cfg(test)]
+mod tests;
 pub mod tree;
 pub mod xattr;
 
@@ -470,18 +472,3 @@ pub(crate) fn check_name(name: &[u8]) -> FsResult<()> {
     }
     Ok(())
 }
-
-#[cfg(test)]
-pub(crate) fn test_engine(chunk: u32) -> Engine {
-    Engine::in_memory(
-        Format {
-            chunk_size: chunk,
-            zstd_level: 1,
-        },
-        Arc::new(crate::store::pack::MemPackIo::default()),
-    )
-    .unwrap()
-}
-
-#[allow(unused_imports)]
-use schema::ChunkLoc as _;

@@ -239,7 +239,12 @@ impl MemPackIo {
         }
     }
 
-    /// Overwrite bytes in place (corruption tests).
+    /// The packs that exist (tests).
+    pub fn list_packs(&self) -> Vec<PackId> {
+        self.list().unwrap_or_default()
+    }
+
+    /// Flip bits of one byte in place (corruption tests).
     pub fn corrupt(&self, pack: PackId, offset: usize, byte: u8) {
         if let Some((data, _)) = self.packs.lock().get_mut(&pack) {
             if offset < data.len() {

@@ -1,0 +1,464 @@
+//! Engine tests: a proptest model test (random operation sequences checked byte for byte
+//! against a map of byte vectors) and targeted tests of clones, holes and durability.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::data::{Falloc, SetAttr};
+use super::dir::{Ctx, RenameFlags};
+use super::*;
+use crate::store::pack::MemPackIo;
+
+const C: u32 = 4096;
+
+fn engine() -> (Engine, Arc<MemPackIo>) {
+    let io = Arc::new(MemPackIo::default());
+    (
+        Engine::in_memory(
+            Format {
+                chunk_size: C,
+                zstd_level: 1,
+            },
+            io.clone(),
+        )
+        .unwrap(),
+        io,
+    )
+}
+
+fn reopen(e: Engine) -> Engine {
+    e.sync_all().unwrap();
+    let (db, io) = e.into_parts();
+    Engine::with_parts(db, io, Tuning::default()).unwrap()
+}
+
+fn ino(e: &Engine, name: &str) -> InodeId {
+    e.lookup(InodeId::ROOT, name.as_bytes()).unwrap().ino
+}
+
+fn content(e: &Engine, name: &str) -> Vec<u8> {
+    let i = ino(e, name);
+    let size = e.getattr(i).unwrap().inode.size;
+    let mut out = Vec::new();
+    while (out.len() as u64) < size {
+        let chunk = e.read(i, out.len() as u64, 1 << 20).unwrap();
+        assert!(!chunk.is_empty(), "short read");
+        out.extend_from_slice(&chunk);
+    }
+    out
+}
+
+fn assert_clean(e: &Engine) {
+    let r = e.fsck(&|_, _| {}).unwrap();
+    assert!(r.problems.is_empty(), "fsck: {:#?}", r.problems);
+}
+
+/// Bytes that compress somewhat and repeat across seeds (so dedup happens).
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            if (i / 512) % 3 == 0 {
+                0
+            } else {
+                seed.wrapping_add((i / 700) as u8)
+            }
+        })
+        .collect()
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write {
+        f: u8,
+        off: u32,
+        len: u32,
+        seed: u8,
+    },
+    Truncate {
+        f: u8,
+        size: u32,
+    },
+    Punch {
+        f: u8,
+        off: u32,
+        len: u32,
+    },
+    Clone {
+        src: u8,
+        dst: u8,
+    },
+    Copy {
+        src: u8,
+        dst: u8,
+        off_in: u32,
+        off_out: u32,
+        len: u32,
+        aligned: bool,
+    },
+    Rename {
+        src: u8,
+        dst: u8,
+    },
+    Unlink {
+        f: u8,
+    },
+    Flush {
+        f: u8,
+    },
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let f = 0u8..5;
+    prop_oneof![
+        6 => (f.clone(), 0u32..200_000, 1u32..40_000, any::<u8>()).prop_map(|(f, off, len, seed)| Op::Write { f, off, len, seed }),
+        2 => (f.clone(), 0u32..220_000).prop_map(|(f, size)| Op::Truncate { f, size }),
+        1 => (f.clone(), 0u32..200_000, 1u32..60_000).prop_map(|(f, off, len)| Op::Punch { f, off, len }),
+        2 => (f.clone(), f.clone()).prop_map(|(src, dst)| Op::Clone { src, dst }),
+        2 => (f.clone(), f.clone(), 0u32..100_000, 0u32..100_000, 1u32..120_000, any::<bool>())
+            .prop_map(|(src, dst, off_in, off_out, len, aligned)| Op::Copy { src, dst, off_in, off_out, len, aligned }),
+        1 => (f.clone(), f.clone()).prop_map(|(src, dst)| Op::Rename { src, dst }),
+        1 => f.clone().prop_map(|f| Op::Unlink { f }),
+        1 => f.clone().prop_map(|f| Op::Flush { f }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn name(f: u8) -> String {
+    format!("f{f}")
+}
+
+fn ensure(e: &Engine, m: &mut BTreeMap<String, Vec<u8>>, n: &str) -> InodeId {
+    if !m.contains_key(n) {
+        e.mknod(InodeId::ROOT, n.as_bytes(), Kind::File, 0o644, 0, Ctx::ROOT)
+            .unwrap();
+        m.insert(n.to_string(), Vec::new());
+    }
+    ino(e, n)
+}
+
+fn apply(e: Engine, m: &mut BTreeMap<String, Vec<u8>>, op: &Op) -> Engine {
+    match op.clone() {
+        Op::Write { f, off, len, seed } => {
+            let n = name(f);
+            let i = ensure(&e, m, &n);
+            let data = pattern(seed, len as usize);
+            e.write(i, off.into(), &data).unwrap();
+            let v = m.get_mut(&n).unwrap();
+            let end = off as usize + data.len();
+            if v.len() < end {
+                v.resize(end, 0);
+            }
+            v[off as usize..end].copy_from_slice(&data);
+        }
+        Op::Truncate { f, size } => {
+            let n = name(f);
+            let i = ensure(&e, m, &n);
+            e.setattr(
+                i,
+                &SetAttr {
+                    size: Some(size.into()),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            m.get_mut(&n).unwrap().resize(size as usize, 0);
+        }
+        Op::Punch { f, off, len } => {
+            let n = name(f);
+            let i = ensure(&e, m, &n);
+            e.fallocate(i, off.into(), len.into(), Falloc::PunchHole)
+                .unwrap();
+            let v = m.get_mut(&n).unwrap();
+            let end = (off as usize + len as usize).min(v.len());
+            if (off as usize) < end {
+                v[off as usize..end].fill(0);
+            }
+        }
+        Op::Clone { src, dst } => {
+            let (s, d) = (name(src), name(dst));
+            if m.contains_key(&s) && !m.contains_key(&d) {
+                e.clone_paths(s.as_bytes(), &[d.clone().into_bytes()])
+                    .unwrap();
+                let v = m[&s].clone();
+                m.insert(d, v);
+            }
+        }
+        Op::Copy {
+            src,
+            dst,
+            off_in,
+            off_out,
+            len,
+            aligned,
+        } => {
+            let (s, d) = (name(src), name(dst));
+            let (mut off_in, mut off_out) = (u64::from(off_in), u64::from(off_out));
+            if aligned {
+                off_in -= off_in % u64::from(C);
+                off_out -= off_out % u64::from(C);
+            }
+            if m.contains_key(&s) && s != d {
+                let di = ensure(&e, m, &d);
+                let si = ino(&e, &s);
+                let n = e.copy_range(si, off_in, di, off_out, len.into()).unwrap();
+                let sv = m[&s].clone();
+                let want = (len as u64).min((sv.len() as u64).saturating_sub(off_in));
+                assert_eq!(n, want, "copy_range length");
+                if n > 0 {
+                    let dv = m.get_mut(&d).unwrap();
+                    let end = (off_out + n) as usize;
+                    if dv.len() < end {
+                        dv.resize(end, 0);
+                    }
+                    dv[off_out as usize..end]
+                        .copy_from_slice(&sv[off_in as usize..(off_in + n) as usize]);
+                }
+            }
+        }
+        Op::Rename { src, dst } => {
+            let (s, d) = (name(src), name(dst));
+            if m.contains_key(&s) {
+                e.rename(
+                    InodeId::ROOT,
+                    s.as_bytes(),
+                    InodeId::ROOT,
+                    d.as_bytes(),
+                    RenameFlags::default(),
+                )
+                .unwrap();
+                let v = m.remove(&s).unwrap();
+                m.insert(d, v);
+            }
+        }
+        Op::Unlink { f } => {
+            let n = name(f);
+            if m.remove(&n).is_some() {
+                e.unlink(InodeId::ROOT, n.as_bytes()).unwrap();
+            }
+        }
+        Op::Flush { f } => {
+            if m.contains_key(&name(f)) {
+                e.fsync(ino(&e, &name(f))).unwrap();
+            }
+        }
+        Op::Reopen => return reopen(e),
+    }
+    e
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Protects: every file reads back exactly as the model says after any sequence of writes,
+    /// truncates, punches, clones (of clones), range copies, renames, unlinks and reopens;
+    /// clones never see each other's writes; the datastore passes fsck at the end.
+    #[test]
+    fn engine_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let (mut e, _) = engine();
+        let mut m = BTreeMap::new();
+        for op in &ops {
+            e = apply(e, &mut m, op);
+            for (n, v) in &m {
+                prop_assert!(content(&e, n) == *v, "file {} differs after {:?}", n, op);
+            }
+        }
+        e.sync_all().unwrap();
+        assert_clean(&e);
+        let e = reopen(e);
+        for (n, v) in &m {
+            prop_assert!(content(&e, n) == *v, "file {} differs after reopen", n);
+        }
+        // Deleting everything releases every chunk and node.
+        for n in m.keys() {
+            e.unlink(InodeId::ROOT, n.as_bytes()).unwrap();
+        }
+        let s = e.stats().unwrap();
+        prop_assert_eq!(s.chunk_count, 0);
+        assert_clean(&e);
+    }
+}
+
+/// Protects: a clone costs the same for a large file as for a small one (no per-chunk work):
+/// the clone adds one inode and touches no chunk-map node.
+#[test]
+fn clone_is_constant_time_in_file_size() {
+    let (e, _) = engine();
+    let i = e
+        .mknod(InodeId::ROOT, b"big", Kind::File, 0o644, 0, Ctx::ROOT)
+        .unwrap()
+        .ino;
+    // 64 MiB of distinct chunks: 16384 chunk slots, 64 leaves.
+    for k in 0..16384u32 {
+        let mut buf = vec![0u8; C as usize];
+        buf[..4].copy_from_slice(&k.to_le_bytes());
+        e.write(i, u64::from(k) * u64::from(C), &buf).unwrap();
+    }
+    e.sync_all().unwrap();
+    let nodes_before = e.fsck(&|_, _| {}).unwrap().nodes;
+    e.clone_paths(b"big", &[b"big2".to_vec()]).unwrap();
+    let r = e.fsck(&|_, _| {}).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(
+        r.nodes, nodes_before,
+        "a clone must share the tree, not copy it"
+    );
+    // A write to the clone copies one path (root..leaf), not the tree.
+    let j = ino(&e, "big2");
+    e.write(j, 0, &[7u8; 16]).unwrap();
+    e.sync_all().unwrap();
+    let r = e.fsck(&|_, _| {}).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(
+        r.nodes,
+        nodes_before + 2,
+        "path copy of a height-1 tree is 2 nodes"
+    );
+    assert_eq!(&content(&e, "big")[..4], &[0, 0, 0, 0]);
+}
+
+/// Protects: zero chunks are holes: never stored, reported by SEEK_HOLE/SEEK_DATA.
+#[test]
+fn zeros_are_holes_and_seek_finds_data() {
+    let (e, _) = engine();
+    let i = e
+        .mknod(InodeId::ROOT, b"thin", Kind::File, 0o644, 0, Ctx::ROOT)
+        .unwrap()
+        .ino;
+    e.write(i, 10 * u64::from(C), &[1u8; 100]).unwrap();
+    e.write(i, 0, &vec![0u8; 8 * C as usize]).unwrap();
+    e.setattr(
+        i,
+        &SetAttr {
+            size: Some(100 * u64::from(C)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    e.sync_all().unwrap();
+    assert_eq!(e.stats().unwrap().chunk_count, 1);
+    assert_eq!(e.seek(i, 0, true).unwrap(), Some(10 * u64::from(C)));
+    assert_eq!(
+        e.seek(i, 10 * u64::from(C), false).unwrap(),
+        Some(11 * u64::from(C))
+    );
+    assert_eq!(e.seek(i, 0, false).unwrap(), Some(0));
+    assert_eq!(e.seek(i, 100 * u64::from(C), true).unwrap(), None);
+    assert_eq!(e.getattr(i).unwrap().allocated, u64::from(C));
+}
+
+/// Protects: a damaged chunk reads as an error naming the file and offset, never as wrong
+/// bytes; fsck reports it and names the file.
+#[test]
+fn corrupt_chunk_reads_as_error() {
+    let (e, io) = engine();
+    let i = e
+        .mknod(InodeId::ROOT, b"vm.raw", Kind::File, 0o644, 0, Ctx::ROOT)
+        .unwrap()
+        .ino;
+    e.write(i, 0, &pattern(3, 2 * C as usize)).unwrap();
+    e.sync_all().unwrap();
+    let e = reopen(e); // empty the chunk cache
+    let pack = io.list_packs()[0];
+    io.corrupt(
+        pack,
+        crate::store::pack::PACK_HEADER_LEN as usize + 60,
+        0xff,
+    );
+    match e.read(i, 0, C) {
+        Err(FsError::Corrupt { ino, offset, .. }) => assert_eq!((ino, offset), (i.0, 0)),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert!(
+        e.read(i, u64::from(C), C).is_ok(),
+        "undamaged chunk stays readable"
+    );
+    let r = e.fsck(&|_, _| {}).unwrap();
+    assert!(!r.problems.is_empty());
+    assert_eq!(r.damaged_files, vec!["/vm.raw".to_string()]);
+}
+
+/// Protects: what fsync acknowledged survives losing every unsynced pack byte; data written
+/// after the fsync and never flushed is simply absent; the datastore stays consistent.
+#[test]
+fn fsynced_data_survives_pack_crash() {
+    let (e, io) = engine();
+    let i = e
+        .mknod(InodeId::ROOT, b"a", Kind::File, 0o644, 0, Ctx::ROOT)
+        .unwrap()
+        .ino;
+    e.write(i, 0, &pattern(1, 3 * C as usize)).unwrap();
+    e.fsync(i).unwrap();
+    e.write(i, 0, &pattern(2, C as usize)).unwrap(); // not flushed
+    let (db, _) = e.into_parts();
+    io.crash();
+    let e = Engine::with_parts(db, io.clone(), Tuning::default()).unwrap();
+    assert_eq!(content(&e, "a"), pattern(1, 3 * C as usize));
+    assert_clean(&e);
+}
+
+/// Protects: an unlinked file stays readable through its open handle and is deleted (with
+/// its chunks) when the last handle closes; after a restart, leftovers are purged.
+#[test]
+fn unlinked_open_file_lives_until_release() {
+    let (e, _) = engine();
+    let i = e
+        .mknod(InodeId::ROOT, b"tmp", Kind::File, 0o644, 0, Ctx::ROOT)
+        .unwrap()
+        .ino;
+    e.open_handle(i).unwrap();
+    e.write(i, 0, &pattern(5, 5000)).unwrap();
+    e.unlink(InodeId::ROOT, b"tmp").unwrap();
+    assert_eq!(e.read(i, 0, 5000).unwrap(), pattern(5, 5000));
+    e.sync_all().unwrap();
+    assert_clean(&e);
+    e.release_handle(i).unwrap();
+    assert!(matches!(e.getattr(i), Err(FsError::NotFound)));
+    assert_eq!(e.stats().unwrap().chunk_count, 0);
+    assert_clean(&e);
+}
+
+/// Protects: rename over an existing file replaces it; directories cannot move into
+/// themselves; readdir cookies stay valid while entries are added.
+#[test]
+fn namespace_rules() {
+    let (e, _) = engine();
+    let r = InodeId::ROOT;
+    let d = e.mkdir(r, b"d", 0o755, Ctx::ROOT).unwrap().ino;
+    let sub = e.mkdir(d, b"sub", 0o755, Ctx::ROOT).unwrap().ino;
+    assert!(matches!(
+        e.rename(r, b"d", sub, b"x", RenameFlags::default()),
+        Err(FsError::Invalid(_))
+    ));
+    e.mknod(r, b"a", Kind::File, 0o644, 0, Ctx::ROOT).unwrap();
+    e.mknod(r, b"b", Kind::File, 0o644, 0, Ctx::ROOT).unwrap();
+    e.rename(r, b"a", r, b"b", RenameFlags::default()).unwrap();
+    assert!(matches!(e.lookup(r, b"a"), Err(FsError::NotFound)));
+    let first = e.readdir(r, 0, 3).unwrap();
+    let last = first.last().unwrap().cookie;
+    for k in 0..50 {
+        e.mknod(
+            r,
+            format!("n{k}").as_bytes(),
+            Kind::File,
+            0o644,
+            0,
+            Ctx::ROOT,
+        )
+        .unwrap();
+    }
+    let rest = e.readdir(r, last, 1000).unwrap();
+    let mut names: Vec<_> = first
+        .iter()
+        .chain(rest.iter())
+        .map(|x| String::from_utf8_lossy(&x.name).into_owned())
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 2 + 2 + 50, "{names:?}");
+    assert!(matches!(e.rmdir(r, b"d"), Err(FsError::NotEmpty)));
+    assert_eq!(e.getattr(r).unwrap().inode.nlink, 3);
+    assert_clean(&e);
+}
