@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# .ci/deps.sh: install what the build and the tests need, if it is missing.
+# Idempotent and quick when everything is there (no apt-get update, no cargo
+# install). Runs non-interactively; needs root (or passwordless sudo) only
+# when an apt package is missing.
+#   apt:   fuse3 (fusermount3), fio, libnfs-utils, qemu-utils, python3, make,
+#          gcc + libc6-dev (linker, zstd-sys), util-linux (mountpoint), ca-certificates
+#   rustup components rustfmt and clippy (for `make lint`)
+#   cargo: pjdfstest 0.2.2 (fs-tests/pjdfstest.sh)
+set -euo pipefail
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+APT_PACKAGES=(fuse3 fio libnfs-utils qemu-utils python3 make gcc libc6-dev util-linux coreutils ca-certificates)
+PJDFSTEST_VERSION=0.2.2
+
+say() { echo "deps: $*"; }
+die() { echo "deps: ERROR: $*" >&2; exit 1; }
+
+# ---- apt packages
+if command -v dpkg-query >/dev/null; then
+    missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null)" = "ii " ] || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        say "installing: ${missing[*]}"
+        if [ "$(id -u)" = 0 ]; then sudo=(); elif command -v sudo >/dev/null; then sudo=(sudo -n); else
+            die "missing packages (${missing[*]}) and not root: apt-get install ${missing[*]}"
+        fi
+        export DEBIAN_FRONTEND=noninteractive
+        "${sudo[@]}" apt-get update -q </dev/null
+        "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+    else
+        say "apt packages present"
+    fi
+else
+    say "no dpkg: not a Debian system, checking commands only"
+    for c in fusermount3 fio nfs-ls qemu-img python3 make cc mountpoint; do
+        command -v "$c" >/dev/null || die "$c not found; install it"
+    done
+fi
+[ -c /dev/fuse ] || say "WARNING: /dev/fuse is missing: the fs-tests cannot mount"
+
+# ---- Rust toolchain
+command -v cargo >/dev/null || die "cargo not found (install Rust with rustup: https://rustup.rs)"
+for comp in rustfmt:fmt clippy:clippy; do
+    if ! cargo "${comp#*:}" --version >/dev/null 2>&1; then
+        command -v rustup >/dev/null || die "cargo ${comp#*:} is missing and rustup is not available"
+        say "adding rustup component ${comp%%:*}"
+        rustup component add "${comp%%:*}" </dev/null
+    fi
+done
+say "$(cargo --version), $(cargo fmt --version | head -n 1), $(cargo clippy --version)"
+
+# ---- pjdfstest
+pjd=$(command -v pjdfstest || true)
+if [ -z "$pjd" ] || [ "$("$pjd" --version 2>/dev/null)" != "pjdfstest $PJDFSTEST_VERSION" ]; then
+    say "cargo install pjdfstest $PJDFSTEST_VERSION"
+    cargo install pjdfstest --locked --version "$PJDFSTEST_VERSION" </dev/null
+    pjd=$(command -v pjdfstest) || die "pjdfstest not in PATH after cargo install"
+fi
+say "$("$pjd" --version) at $pjd"

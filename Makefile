@@ -1,0 +1,55 @@
+# Tessera: build, lint, test and run. `make test` is what CI runs (.ci/run).
+# Everything builds with --release, so one profile is compiled, not two.
+#
+#   make deps      install missing apt packages, rustfmt/clippy, pjdfstest (.ci/deps.sh)
+#   make build     cargo build --release
+#   make lint      cargo fmt --check; cargo clippy --all-targets -D warnings
+#   make unit      cargo test --release
+#   make fs-tests  fs-tests/run-all.sh against target/release/tessera (root: pjdfstest)
+#   make test      deps, lint, unit, fs-tests, in that order
+#   make run       build, init ./tessera-data/ds once, mount it on ./tessera-data/mnt
+#                  in the foreground (Ctrl-C or fusermount3 -u to stop)
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := build
+# the targets of `test` must run one after the other even under make -j
+.NOTPARALLEL:
+
+export PATH := $(or $(CARGO_HOME),$(HOME)/.cargo)/bin:$(PATH)
+
+CARGO       ?= cargo
+CARGO_FLAGS ?= --release --locked
+TARGET_DIR  ?= $(or $(CARGO_TARGET_DIR),target)
+TESSERA     ?= $(abspath $(TARGET_DIR))/release/tessera
+DATA        ?= $(CURDIR)/tessera-data
+
+.PHONY: deps build lint unit fs-tests test run
+
+deps:
+	.ci/deps.sh
+
+build:
+	$(CARGO) build $(CARGO_FLAGS)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets $(CARGO_FLAGS) -- -D warnings
+
+unit:
+	$(CARGO) test $(CARGO_FLAGS)
+
+fs-tests: build
+	TESSERA=$(TESSERA) fs-tests/run-all.sh
+
+test: deps lint unit fs-tests
+
+run: deps build
+	@if [ ! -d "$(DATA)/ds" ] || [ -z "$$(ls -A "$(DATA)/ds")" ]; then \
+		mkdir -p "$(DATA)"; \
+		echo "tessera init $(DATA)/ds"; \
+		"$(TESSERA)" init "$(DATA)/ds"; \
+	fi
+	@mkdir -p "$(DATA)/mnt"
+	@echo "mounting $(DATA)/ds on $(DATA)/mnt (Ctrl-C or 'fusermount3 -u $(DATA)/mnt' to stop)"
+	"$(TESSERA)" mount "$(DATA)/ds" "$(DATA)/mnt"

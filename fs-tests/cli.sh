@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# fs-tests/cli.sh: the README's user flow, end to end, on a real mount.
+#
+# Protects: init with defaults; mount; cp of a 64 MiB image into the mount;
+# `tessera clone` of a file and of a directory (--count, {n:03}) on a live
+# mount, clones equal to their source and independent of it (copy on write);
+# a plain cp inside the mount; `stats --json` on a mounted datastore (dedup
+# ratio > 1); one-line errors for a missing source, an existing destination, a
+# non-datastore; clean unmount + fsck; clone on an unmounted datastore; that
+# everything survives unmount/remount.
+set -euo pipefail
+. "$(dirname -- "$0")/lib.sh"
+command -v python3 >/dev/null || fail "python3 is required"
+
+make_tmp
+DS=$TEST_TMP/ds
+MNT=$TEST_TMP/mnt
+SRC=$TEST_TMP/golden.raw        # built outside the mount
+PATCH=$TEST_TMP/patch.bin
+EXPECT=$TEST_TMP/desk-001.expected
+MiB=$((1024 * 1024))
+PATCH_OFF=$((16 * MiB + 123))   # deliberately not block or chunk aligned
+
+# expect_nonzero CMD...: CMD must fail, without timing out.
+expect_nonzero() {
+    local rc=0
+    "$@" >/dev/null 2>&1 || rc=$?
+    [ "$rc" != 0 ] || fail "'$*' succeeded; expected it to be refused"
+    [ "$rc" != 124 ] && [ "$rc" != 137 ] || fail "'$*' timed out"
+    log "ok (refused, exit $rc): $*"
+}
+
+step "build a 64 MiB semi-compressible image outside the mount"
+python3 - "$SRC" "$PATCH" <<'PY'
+import random, sys
+rng = random.Random(20240601)
+words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(600)]
+B = 64 * 1024
+blocks = []
+with open(sys.argv[1], "wb") as f:
+    for i in range(1024):                      # 1024 x 64 KiB = 64 MiB
+        k = rng.random()
+        if k < 0.15:
+            b = bytes(B)                        # zeros (unallocated space in a disk image)
+        elif k < 0.45:
+            b = b" ".join(rng.choices(words, k=B // 5))[:B].ljust(B, b"\n")  # text: compresses
+        elif k < 0.55 and blocks:
+            b = rng.choice(blocks)              # a repeated block: dedups
+        else:
+            b = rng.randbytes(B)                # incompressible
+            blocks.append(b)
+        f.write(b)
+with open(sys.argv[2], "wb") as f:
+    f.write(random.Random(7).randbytes(1024 * 1024 + 17))
+PY
+GOLDEN_SHA=$(sha "$SRC")
+cp -- "$SRC" "$EXPECT"
+dd if="$PATCH" of="$EXPECT" bs=64K seek="$PATCH_OFF" oflag=seek_bytes conv=notrunc status=none
+EXPECT_SHA=$(sha "$EXPECT")
+log "golden sha256 $GOLDEN_SHA"
+
+step "tessera init (defaults) and mount"
+tessera init "$DS" || fail "tessera init $DS failed"
+expect_nonzero tessera init "$DS"      # must not re-initialise (or wipe) a datastore
+start_mount "$DS" "$MNT"
+mkdir "$MNT/templates" "$MNT/desktops"
+tmo cp -- "$SRC" "$MNT/templates/golden.raw" || fail "cp into the mount failed"
+[ "$(sha "$MNT/templates/golden.raw")" = "$GOLDEN_SHA" ] || fail "golden.raw differs from its source after cp"
+[ "$(stat -c %s "$MNT/templates/golden.raw")" = $((64 * MiB)) ] || fail "golden.raw has the wrong size"
+
+step "clone a file on the live mount"
+tessera clone "$MNT/templates/golden.raw" "$MNT/desktops/desk-001.raw" || fail "tessera clone (file) failed"
+[ "$(sha "$MNT/desktops/desk-001.raw")" = "$GOLDEN_SHA" ] || fail "clone differs from its source"
+
+step "write into the clone: the source must not change"
+tmo dd if="$PATCH" of="$MNT/desktops/desk-001.raw" bs=64K seek="$PATCH_OFF" oflag=seek_bytes \
+    conv=notrunc status=none || fail "dd into the clone failed"
+[ "$(sha "$MNT/desktops/desk-001.raw")" = "$EXPECT_SHA" ] || fail "clone content wrong after dd conv=notrunc"
+[ "$(sha "$MNT/templates/golden.raw")" = "$GOLDEN_SHA" ] || fail "writing to the clone changed the source"
+
+step "clone a directory ten times: vm-{n:03} --count 10"
+tessera clone "$MNT/templates" "$MNT/desktops/vm-{n:03}" --count 10 || fail "tessera clone --count 10 failed"
+for n in $(seq -f %03g 1 10); do
+    f=$MNT/desktops/vm-$n/golden.raw
+    [ -f "$f" ] || fail "missing $f"
+    [ "$(sha "$f")" = "$GOLDEN_SHA" ] || fail "$f differs from golden"
+done
+for n in 000 011; do [ ! -e "$MNT/desktops/vm-$n" ] || fail "unexpected vm-$n"; done
+[ "$(ls "$MNT/desktops" | wc -l)" = 11 ] || fail "desktops/ should hold desk-001.raw and vm-001..vm-010"
+
+step "plain cp inside the mount"
+tmo cp -- "$MNT/templates/golden.raw" "$MNT/copy.raw" || fail "cp inside the mount failed"
+[ "$(sha "$MNT/copy.raw")" = "$GOLDEN_SHA" ] || fail "copy.raw differs from golden"
+
+step "tessera stats --json on the mounted datastore"
+tessera stats "$DS" --json >"$TEST_TMP/stats.json" || fail "tessera stats --json failed while mounted"
+python3 - "$TEST_TMP/stats.json" <<'PY' || fail "stats --json: unparsable or dedup_ratio <= 1"
+import json, sys
+d = json.load(open(sys.argv[1]))
+def find(o):
+    if isinstance(o, dict):
+        if "dedup_ratio" in o:
+            return o["dedup_ratio"]
+        for v in o.values():
+            r = find(v)
+            if r is not None:
+                return r
+    return None
+r = find(d)
+print("stats: dedup_ratio=%s" % r, {k: v for k, v in d.items() if not isinstance(v, (dict, list))}, file=sys.stderr)
+sys.exit(0 if isinstance(r, (int, float)) and r > 1 else 1)
+PY
+
+step "error cases"
+expect_error 'does not exist' tessera clone "$MNT/templates/missing.raw" "$MNT/desktops/x.raw"
+[ ! -e "$MNT/desktops/x.raw" ] || fail "a failed clone left $MNT/desktops/x.raw behind"
+expect_error 'exists' tessera clone "$MNT/templates/golden.raw" "$MNT/desktops/desk-001.raw"
+[ "$(sha "$MNT/desktops/desk-001.raw")" = "$EXPECT_SHA" ] || fail "a refused clone changed its destination"
+expect_nonzero tessera fsck "$DS"      # the datastore is in use
+mkdir "$TEST_TMP/not-a-datastore"
+expect_error . tessera fsck "$TEST_TMP/not-a-datastore"
+[ -z "$(ls -A "$TEST_TMP/not-a-datastore")" ] || fail "fsck wrote into a directory that is not a datastore"
+expect_error . tessera fsck "$TEST_TMP/no-such-dir"
+
+step "clean unmount, fsck"
+stop_mount "$MNT"
+tessera fsck "$DS" || fail "tessera fsck after a clean unmount exited non-zero"
+
+step "clone on the unmounted datastore"
+tessera clone "$DS/templates/golden.raw" "$DS/desktops/offline.raw" || fail "offline tessera clone failed"
+
+step "remount: everything must still be there"
+start_mount "$DS" "$MNT"
+[ "$(sha "$MNT/desktops/offline.raw")" = "$GOLDEN_SHA" ] || fail "offline.raw differs from golden"
+[ "$(sha "$MNT/templates/golden.raw")" = "$GOLDEN_SHA" ] || fail "golden.raw changed across a remount"
+[ "$(sha "$MNT/desktops/desk-001.raw")" = "$EXPECT_SHA" ] || fail "desk-001.raw lost its change across a remount"
+[ "$(sha "$MNT/desktops/vm-010/golden.raw")" = "$GOLDEN_SHA" ] || fail "vm-010 changed across a remount"
+[ "$(sha "$MNT/copy.raw")" = "$GOLDEN_SHA" ] || fail "copy.raw changed across a remount"
+stop_mount "$MNT"
+tessera fsck "$DS" || fail "final tessera fsck exited non-zero"
+tessera stats "$DS" || fail "tessera stats failed"

@@ -1,0 +1,226 @@
+# shellcheck shell=bash
+# fs-tests/lib.sh: helpers shared by the fs-tests suites. Sourced, not executed.
+#
+# Protects the suites themselves: every wait is bounded, every mount a suite
+# starts is unmounted (or, if its daemon is wedged, killed and lazily unmounted)
+# when the suite exits, for whatever reason, and the scratch dir is removed.
+#
+# Env:
+#   TESSERA          the binary (default: <repo>/target/release/tessera)
+#   TESSERA_TEST_TMP parent of the scratch dirs (default /var/tmp: a real disk, not tmpfs)
+#   CMD_TIMEOUT      seconds allowed for one tessera CLI call or one file copy (default 300)
+#   KEEP_TMP=1       keep the scratch dir (datastore, logs) for a post-mortem
+
+FS_TESTS_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(dirname -- "$FS_TESTS_DIR")
+TESSERA=${TESSERA:-$REPO_ROOT/target/release/tessera}
+TESSERA_TEST_TMP=${TESSERA_TEST_TMP:-/var/tmp}
+CMD_TIMEOUT=${CMD_TIMEOUT:-300}
+SUITE=$(basename -- "$0" .sh)
+
+declare -A MOUNT_PID=()   # mount point -> pid of its `tessera mount` process
+MOUNT_SEQ=0
+TEST_TMP=
+
+log()  { printf '[%s] %s\n' "$SUITE" "$*" >&2; }
+step() { printf '\n[%s] --- %s\n' "$SUITE" "$*" >&2; }
+fail() { printf '[%s] FAIL: %s\n' "$SUITE" "$*" >&2; exit 1; }
+
+[ -x "$TESSERA" ] || fail "tessera binary not found at $TESSERA (run: make build, or set TESSERA)"
+[ -c /dev/fuse ] || fail "/dev/fuse is missing: FUSE is not available on this machine"
+command -v fusermount3 >/dev/null || fail "fusermount3 not found (apt-get install fuse3)"
+TESSERA=$(realpath -- "$TESSERA")
+
+# tessera ARGS...: the CLI, bounded by CMD_TIMEOUT (exit 124 = it hung).
+tessera() { timeout -k 10 "$CMD_TIMEOUT" "$TESSERA" "$@"; }
+# tmo CMD...: any other command that goes through the mount, bounded likewise.
+tmo() { timeout -k 10 "$CMD_TIMEOUT" "$@"; }
+
+# make_tmp: create the suite's scratch dir, print nothing, set TEST_TMP.
+make_tmp() {
+    TEST_TMP=$(mktemp -d "$TESSERA_TEST_TMP/tessera-test.XXXXXX")
+    TEST_TMP=$(realpath -- "$TEST_TMP")
+    mkdir -p "$TEST_TMP/logs"
+    log "scratch dir $TEST_TMP"
+}
+
+# abs PATH: absolute, normalised, without touching the filesystem (a stat()
+# of a hung or dead FUSE mount point blocks or fails).
+abs() { realpath -s -m -- "$1"; }
+
+# fstype_at DIR: the fstype mounted exactly at DIR, "" if none. Reads the mount
+# table instead of stat()ing DIR, which fails with ENOTCONN on a dead FUSE mount.
+fstype_at() { awk -v m="$1" '$2 == m { t = $3 } END { print t }' /proc/self/mounts; }
+is_mounted() { [ -n "$(fstype_at "$1")" ]; }
+
+# pid_running PID: true while PID exists and is not a zombie awaiting `wait`.
+pid_running() {
+    local st
+    st=$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+
+# wait_pid_exit PID SECONDS: true if PID ended within SECONDS.
+wait_pid_exit() {
+    local pid=$1 deadline=$((SECONDS + $2))
+    while pid_running "$pid"; do
+        [ $SECONDS -lt "$deadline" ] || return 1
+        sleep 0.1
+    done
+}
+
+# reap PID: collect an ended child; its exit status goes to REAPED (not via
+# $(...): a subshell cannot wait for its parent's children).
+REAPED=0
+reap() { REAPED=0; wait "$1" 2>/dev/null || REAPED=$?; }
+
+# wait_unmounted DIR SECONDS
+wait_unmounted() {
+    local deadline=$((SECONDS + $2))
+    while is_mounted "$1"; do
+        [ $SECONDS -lt "$deadline" ] || return 1
+        sleep 0.1
+    done
+}
+
+show_log() {
+    local f=$1 n=$2
+    [ -s "$f" ] || return 0
+    printf '[%s] ---- last %s lines of %s ----\n' "$SUITE" "$n" "$f" >&2
+    tail -n "$n" -- "$f" >&2
+}
+
+# start_mount DS MNT [EXTRA MOUNT ARGS...]: start `tessera mount` in the
+# background and wait (<= 20 s) until MNT is a FUSE mount point (fstype "fuse":
+# fuser mounts directly as root and does not record the "tessera" subtype).
+start_mount() {
+    local ds=$1 mnt=$2 pid logf deadline
+    shift 2
+    mkdir -p -- "$mnt"
+    mnt=$(abs "$mnt")
+    is_mounted "$mnt" && fail "start_mount: $mnt is already mounted"
+    MOUNT_SEQ=$((MOUNT_SEQ + 1))
+    logf=$TEST_TMP/logs/mount-$MOUNT_SEQ.log
+    "$TESSERA" mount "$ds" "$mnt" "$@" </dev/null >"$logf" 2>&1 &
+    pid=$!
+    MOUNT_PID[$mnt]=$pid
+    deadline=$((SECONDS + 20))
+    until [[ "$(fstype_at "$mnt")" == fuse* ]] && timeout 5 mountpoint -q -- "$mnt"; do
+        if ! pid_running "$pid"; then
+            reap "$pid"
+            unset "MOUNT_PID[$mnt]"
+            fail "tessera mount $ds $mnt exited with status $REAPED before mounting"
+        fi
+        if [ $SECONDS -ge "$deadline" ]; then
+            fail "tessera mount $ds $mnt: not mounted after 20 s (fstype now: '$(fstype_at "$mnt")')"
+        fi
+        sleep 0.1
+    done
+    log "mounted $ds on $mnt (pid $pid, log $logf)"
+}
+
+# stop_mount MNT: clean unmount; the daemon must exit (status 0) within 30 s.
+stop_mount() {
+    local mnt pid rc i
+    mnt=$(abs "$1")
+    pid=${MOUNT_PID[$mnt]:-}
+    [ -n "$pid" ] || fail "stop_mount: $mnt was not mounted by this suite"
+    for i in $(seq 1 20); do    # EBUSY right after a file was closed is transient
+        timeout 10 fusermount3 -u -- "$mnt" 2>/dev/null && break
+        is_mounted "$mnt" || break
+        [ "$i" = 20 ] && { timeout 10 fusermount3 -u -- "$mnt" || true; fail "stop_mount: cannot unmount $mnt (busy?)"; }
+        sleep 0.5
+    done
+    if ! wait_pid_exit "$pid" 30; then
+        fail "stop_mount: tessera mount (pid $pid) still running 30 s after unmounting $mnt"
+    fi
+    reap "$pid"
+    rc=$REAPED
+    unset "MOUNT_PID[$mnt]"
+    if [ "$rc" != 0 ]; then
+        fail "stop_mount: tessera mount exited with status $rc after a clean unmount of $mnt"
+    fi
+    log "unmounted $mnt"
+}
+
+# kill9_mount MNT: kill -9 the daemon (a crash), then remove the dead mount.
+kill9_mount() {
+    local mnt pid
+    mnt=$(abs "$1")
+    pid=${MOUNT_PID[$mnt]:-}
+    [ -n "$pid" ] || fail "kill9_mount: $mnt was not mounted by this suite"
+    disown "$pid" 2>/dev/null || true   # no "Killed" job notice from bash
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_pid_exit "$pid" 10 || fail "kill9_mount: pid $pid survived SIGKILL for 10 s"
+    reap "$pid"
+    unset "MOUNT_PID[$mnt]"
+    lazy_unmount "$mnt" || fail "kill9_mount: dead mount $mnt is still in the mount table"
+    log "killed -9 pid $pid and removed the dead mount $mnt"
+}
+
+# lazy_unmount DIR: detach DIR whatever state its daemon is in (<= 10 s).
+lazy_unmount() {
+    is_mounted "$1" || return 0
+    timeout 10 fusermount3 -u -z -- "$1" 2>/dev/null || timeout 10 umount -l -- "$1" 2>/dev/null || true
+    wait_unmounted "$1" 10
+}
+
+# Registered background helpers (e.g. a writer), killed on exit, and extra
+# paths (outside TEST_TMP) removed on exit.
+declare -a BG_PIDS=()
+declare -a CLEANUP_PATHS=()
+
+_lib_cleanup() {
+    local rc=$? mnt pid
+    set +e
+    trap - EXIT INT TERM
+    for pid in "${BG_PIDS[@]}"; do
+        pid_running "$pid" && kill -KILL "$pid" 2>/dev/null
+    done
+    for mnt in "${!MOUNT_PID[@]}"; do
+        pid=${MOUNT_PID[$mnt]}
+        pid_running "$pid" || is_mounted "$mnt" || continue
+        log "cleanup: unmounting $mnt (pid $pid)"
+        timeout 10 fusermount3 -u -- "$mnt" 2>/dev/null || { kill -TERM "$pid" 2>/dev/null; sleep 1; }
+        wait_pid_exit "$pid" 15 || kill -KILL "$pid" 2>/dev/null
+        wait_pid_exit "$pid" 5
+        lazy_unmount "$mnt" || log "cleanup: WARNING: $mnt is still mounted"
+    done
+    if [ "$rc" != 0 ] && [ -n "$TEST_TMP" ]; then   # the newest logs (daemon, writer)
+        for f in $(ls -t "$TEST_TMP"/logs/*.log 2>/dev/null | head -n 3); do show_log "$f" 40; done
+    fi
+    [ ${#CLEANUP_PATHS[@]} = 0 ] || rm -rf -- "${CLEANUP_PATHS[@]}"
+    if [ -n "$TEST_TMP" ] && [ -d "$TEST_TMP" ]; then
+        if [ "${KEEP_TMP:-0}" = 1 ]; then
+            log "KEEP_TMP=1: kept $TEST_TMP"
+        elif awk -v p="$TEST_TMP/" 'index($2, p) == 1 { found = 1 } END { exit !found }' /proc/self/mounts; then
+            log "cleanup: WARNING: something is still mounted under $TEST_TMP; not deleting it"
+        else
+            rm -rf -- "$TEST_TMP"
+        fi
+    fi
+    if [ "$rc" = 0 ]; then log "PASS"; else log "FAILED (exit $rc)"; fi
+    exit "$rc"
+}
+trap _lib_cleanup EXIT
+# A signal (e.g. from `timeout`) becomes an exit, so the EXIT trap cleans up.
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
+# expect_error PATTERN CMD...: CMD must fail (not time out) with exactly one
+# non-empty line on stderr, matching PATTERN (grep -Ei).
+expect_error() {
+    local pat=$1 rc=0 errf lines
+    shift
+    errf=$TEST_TMP/stderr.$$
+    "$@" >/dev/null 2>"$errf" || rc=$?
+    [ "$rc" != 0 ] || fail "'$*' succeeded; expected an error matching /$pat/"
+    [ "$rc" != 124 ] && [ "$rc" != 137 ] || fail "'$*' timed out"
+    lines=$(grep -c . "$errf" || true)
+    [ "$lines" = 1 ] || { cat "$errf" >&2; fail "'$*': expected a one-line error on stderr, got $lines lines"; }
+    grep -Eqi -- "$pat" "$errf" || { cat "$errf" >&2; fail "'$*': error does not match /$pat/"; }
+    log "ok (exit $rc): $*  ->  $(cat "$errf")"
+    rm -f -- "$errf"
+}
+
+sha() { tmo sha256sum -- "$1" | awk '{ print $1 }'; }
