@@ -42,7 +42,7 @@ use redb::{
     WriteTransaction,
 };
 
-use crate::schema::{self, *};
+use crate::schema::*;
 use crate::store::pack::{DirPackIo, PackIo};
 use crate::store::{ChunkTables, Store};
 pub use error::{FsError, FsResult};
@@ -155,6 +155,7 @@ impl<'txn> W<'txn> {
     }
 
     fn finish(mut self) -> FsResult<Vec<crate::store::chunk::ChunkId>> {
+        self.chunks.apply_decrefs()?;
         self.sup.insert(K_NEXT_NODE, self.next_node)?;
         Ok(std::mem::take(&mut self.chunks.released))
     }

@@ -250,6 +250,10 @@ pub struct ChunkTables<'txn> {
     counters: redb::Table<'txn, &'static str, u64>,
     /// Chunks whose last reference went away in this transaction.
     pub released: Vec<ChunkId>,
+    /// Reference drops not applied yet: they are applied at the end of the transaction, so a
+    /// chunk that one slot gives up and another slot takes in the same transaction (data moved
+    /// within a file, or between clones) never drops out of the index in between.
+    pending: Vec<ChunkId>,
 }
 
 fn bump(t: &mut redb::Table<'_, &'static str, u64>, k: &str, d: i64) -> Result<(), StoreError> {
@@ -265,6 +269,7 @@ impl<'txn> ChunkTables<'txn> {
             packs: txn.open_table(schema::PACKS)?,
             counters: txn.open_table(schema::COUNTERS)?,
             released: Vec::new(),
+            pending: Vec::new(),
         })
     }
 
@@ -313,9 +318,23 @@ impl<'txn> ChunkTables<'txn> {
         Ok(())
     }
 
-    /// Drop a reference; the chunk leaves the index when none are left and its record becomes
-    /// dead space in its pack.
+    /// Drop a reference (applied by [`ChunkTables::apply_decrefs`] at the end of the
+    /// transaction).
     pub fn decref(&mut self, id: &ChunkId) -> Result<(), StoreError> {
+        self.pending.push(*id);
+        Ok(())
+    }
+
+    /// Apply the deferred reference drops; a chunk leaves the index when none are left and its
+    /// record becomes dead space in its pack. Must run before the transaction commits.
+    pub fn apply_decrefs(&mut self) -> Result<(), StoreError> {
+        for id in std::mem::take(&mut self.pending) {
+            self.decref_now(&id)?;
+        }
+        Ok(())
+    }
+
+    fn decref_now(&mut self, id: &ChunkId) -> Result<(), StoreError> {
         let mut loc = self.get(id)?.ok_or(StoreError::Missing(*id))?;
         if loc.refs > 1 {
             loc.refs -= 1;
