@@ -64,7 +64,7 @@ pub fn datastore_arg(dir: &Path) -> Result<PathBuf> {
 
 /// Either this process owns the datastore, or another process serves it.
 pub enum Access {
-    Own(control::DatastoreLock, Engine),
+    Own(control::DatastoreLock, Box<Engine>),
     Served(PathBuf),
 }
 
@@ -74,7 +74,7 @@ pub fn access(dir: &Path) -> Result<Access> {
         Ok(lock) => {
             let engine = Engine::open(dir, Tuning::default())
                 .map_err(|e| anyhow!("cannot open datastore {}: {e}", dir.display()))?;
-            Ok(Access::Own(lock, engine))
+            Ok(Access::Own(lock, Box::new(engine)))
         }
         Err(LockError::Busy(pid)) => {
             match control::call(dir, &control::Request::Ping, Duration::from_secs(5)) {
@@ -273,7 +273,7 @@ mod tests {
         }
         for (name, c) in pages {
             let mut buf = Vec::new();
-            clap_mangen::Man::new(c.name(name.clone()))
+            clap_mangen::Man::new(c.name(&*Box::leak(name.clone().into_boxed_str())))
                 .render(&mut buf)
                 .unwrap();
             let path = dir.join(format!("{name}.1"));

@@ -132,7 +132,7 @@ impl Engine {
                 _ => {}
             }
         }
-        for (id, _) in &walk.node_refs {
+        for id in walk.node_refs.keys() {
             if refs_t.get(*id)?.is_none() {
                 r.problems.push(format!(
                     "node {id} is referenced but has no reference count"
@@ -334,7 +334,7 @@ impl Engine {
         }
         progress(total, total);
         r.chunks = count;
-        for (id, _) in &walk.chunk_refs {
+        for id in walk.chunk_refs.keys() {
             if chunks.get(&id.0)?.is_none() {
                 r.problems
                     .push(format!("chunk {} is referenced but not stored", id.short()));

@@ -53,10 +53,18 @@ impl Engine {
     /// datastore root), in one durable transaction. Returns the new inodes.
     pub fn clone_paths(&self, src: &[u8], dsts: &[Vec<u8>]) -> Result<Vec<InodeId>, CloneError> {
         let show = |p: &[u8]| format!("/{}", String::from_utf8_lossy(p).trim_start_matches('/'));
-        // The clone must see data written up to now.
-        let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
-        for ino in inos {
-            self.flush_ino(ino, false)?;
+        // The clone must see data written up to now: flush the source file, or every file with
+        // unflushed data when the source is a folder.
+        match self.resolve(src) {
+            Ok(ino) if self.getattr(ino).is_ok_and(|a| a.inode.kind != Kind::Dir) => {
+                self.flush_ino(ino, false)?
+            }
+            _ => {
+                let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
+                for ino in inos {
+                    self.flush_ino(ino, false)?;
+                }
+            }
         }
         self.txn(true, |w| {
             let s = match resolve_w(w, src) {
@@ -148,7 +156,7 @@ impl Engine {
                 .filter(|&e| e <= super::MAX_FILE_SIZE)
                 .ok_or(FsError::TooBig)?;
             let overlap = src == dst && off_in < off_out + total && off_out < off_in + total;
-            if off_in % c == 0 && off_out % c == 0 && !overlap {
+            if off_in.is_multiple_of(c) && off_out.is_multiple_of(c) && !overlap {
                 let new_end = off_out + total;
                 // The source's last chunk is zero past its EOF, so it can be shared when the
                 // destination ends there too.

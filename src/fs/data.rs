@@ -214,7 +214,7 @@ impl Engine {
             let idx = pos / c;
             let cs = idx * c;
             let ce = (cs + c).min(end);
-            if !g.dirty.contains_key(&idx) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = g.dirty.entry(idx) {
                 let buf = if pos == cs && ce == cs + c {
                     vec![0u8; c as usize]
                 } else {
@@ -234,7 +234,7 @@ impl Engine {
                         None => vec![0u8; c as usize],
                     }
                 };
-                g.dirty.insert(idx, buf.into_boxed_slice());
+                slot.insert(buf.into_boxed_slice());
                 self.dirty_bytes.fetch_add(c, Ordering::Relaxed);
             }
             let buf = g.dirty.get_mut(&idx).expect("inserted above");

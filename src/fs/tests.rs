@@ -324,7 +324,10 @@ fn clone_is_constant_time_in_file_size() {
 #[test]
 fn chunk_moving_within_one_flush_stays_stored() {
     let (e, _) = engine();
-    let i = e.mknod(InodeId::ROOT, b"m", Kind::File, 0o644, 0, Ctx::ROOT).unwrap().ino;
+    let i = e
+        .mknod(InodeId::ROOT, b"m", Kind::File, 0o644, 0, Ctx::ROOT)
+        .unwrap()
+        .ino;
     let (a, b) = (pattern(1, C as usize), pattern(2, C as usize));
     e.write(i, 0, &a).unwrap();
     e.sync_all().unwrap();

@@ -116,11 +116,14 @@ fn pack_header(pack: PackId) -> [u8; 16] {
     h
 }
 
+/// An open pack file and its current length (appends take the length's lock).
+type OpenPack = Arc<(File, Mutex<u64>)>;
+
 /// Pack files in a directory of the host filesystem.
 pub struct DirPackIo {
     dir: PathBuf,
     /// Open files; appends to one pack are serialised by the store, reads use `pread`.
-    files: Mutex<HashMap<PackId, Arc<(File, Mutex<u64>)>>>,
+    files: Mutex<HashMap<PackId, OpenPack>>,
 }
 
 impl DirPackIo {
@@ -136,7 +139,7 @@ impl DirPackIo {
         self.dir.join(format!("{:08x}.pack", pack.0))
     }
 
-    fn file(&self, pack: PackId) -> io::Result<Arc<(File, Mutex<u64>)>> {
+    fn file(&self, pack: PackId) -> io::Result<OpenPack> {
         let mut files = self.files.lock();
         if let Some(f) = files.get(&pack) {
             return Ok(f.clone());
@@ -178,11 +181,9 @@ impl PackIo for DirPackIo {
         let f = self.file(pack)?;
         let mut end = f.1.lock();
         let off = *end;
-        if let Err(e) = f.0.write_all_at(data, off) {
-            // A short write (full disk) leaves a torn record past `end`; the next append
-            // overwrites it, and nothing references it.
-            return Err(e);
-        }
+        // A short write (full disk) leaves a torn record past `end`; the next append
+        // overwrites it, and nothing references it.
+        f.0.write_all_at(data, off)?;
         *end = off + data.len() as u64;
         Ok(off)
     }
