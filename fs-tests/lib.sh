@@ -39,6 +39,8 @@ tmo() { timeout -k 10 "$CMD_TIMEOUT" "$@"; }
 # make_tmp: create the suite's scratch dir, print nothing, set TEST_TMP.
 make_tmp() {
     TEST_TMP=$(mktemp -d "$TESSERA_TEST_TMP/tessera-test.XXXXXX")
+    # Other users (pjdfstest switches to nobody/daemon) must be able to reach the mount.
+    chmod 0755 "$TEST_TMP"
     TEST_TMP=$(realpath -- "$TEST_TMP")
     mkdir -p "$TEST_TMP/logs"
     log "scratch dir $TEST_TMP"

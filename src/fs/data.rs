@@ -284,7 +284,20 @@ impl Engine {
 
     /// `fsync`/`fdatasync`: on return, everything written to `ino` survives a power loss.
     pub fn fsync(&self, ino: InodeId) -> FsResult<()> {
-        self.flush_ino(ino, true)
+        self.flush_ino(ino, false)?;
+        self.make_durable()
+    }
+
+    /// Make every commit completed so far durable, sharing one durable commit between callers
+    /// that arrive together (group commit): a caller whose commits were covered by a durable
+    /// commit that started after them returns without committing again.
+    pub fn make_durable(&self) -> FsResult<()> {
+        let mine = self.commits.load(Ordering::SeqCst);
+        let _one_at_a_time = self.durable_lock.lock();
+        if self.durable_upto.load(Ordering::SeqCst) >= mine {
+            return Ok(());
+        }
+        self.barrier()
     }
 
     /// A durable commit: makes every earlier commit (and the packs they reference) durable.
@@ -338,15 +351,17 @@ impl Engine {
                 }
             }
         }
-        let encoded: Vec<Encoded> = need
-            .par_iter()
-            .map(|(id, i)| Encoded::new(*id, &g.dirty[i], level))
-            .collect();
+        // Compress on all cores, 4 MiB at a time, so compressed copies never pile up in memory.
         let mut locs = HashMap::new();
-        for e in &encoded {
-            locs.insert(e.id, self.store.append(e)?);
+        for group in need.chunks(256) {
+            let encoded: Vec<Encoded> = group
+                .par_iter()
+                .map(|(id, i)| Encoded::new(*id, &g.dirty[i], level))
+                .collect();
+            for e in &encoded {
+                locs.insert(e.id, self.store.append(e)?);
+            }
         }
-        drop(encoded);
         let mut updates = hashed;
         updates.extend(
             holes

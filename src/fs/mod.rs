@@ -32,7 +32,7 @@ pub mod xattr;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -118,6 +118,12 @@ pub struct Engine {
     open_counts: Mutex<HashMap<InodeId, u32>>,
     dirty_bytes: AtomicU64,
     tuning: Tuning,
+    /// Write transactions committed so far (group commit bookkeeping).
+    commits: AtomicU64,
+    /// Every commit counted below this number is durable.
+    durable_upto: AtomicU64,
+    /// Serialises callers of `make_durable`, so late arrivals find their commit covered.
+    durable_lock: Mutex<()>,
 }
 
 /// The tables a metadata transaction works on, opened once per transaction.
@@ -293,6 +299,9 @@ impl Engine {
             open_counts: Mutex::new(HashMap::new()),
             dirty_bytes: AtomicU64::new(0),
             tuning,
+            commits: AtomicU64::new(0),
+            durable_upto: AtomicU64::new(0),
+            durable_lock: Mutex::new(()),
         };
         e.purge_orphans()?;
         Ok(e)
@@ -327,6 +336,8 @@ impl Engine {
         f: impl FnOnce(&mut W<'_>) -> FsResult<T>,
     ) -> FsResult<T> {
         let mut txn = self.db.begin_write()?;
+        // Commits completed before this transaction began; a durable commit covers them.
+        let covers = self.commits.load(Ordering::SeqCst);
         txn.set_durability(if durable {
             Durability::Immediate
         } else {
@@ -342,6 +353,10 @@ impl Engine {
             self.store.sync()?;
         }
         txn.commit()?;
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        if durable {
+            self.durable_upto.fetch_max(covers, Ordering::SeqCst);
+        }
         for id in released {
             self.store.forget(&id);
         }
