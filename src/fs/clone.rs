@@ -128,13 +128,24 @@ impl Engine {
     ) -> FsResult<u64> {
         let c = self.chunk_size;
         let (lo, hi) = if src <= dst { (src, dst) } else { (dst, src) };
-        let (st_lo, st_hi) = (self.state(lo), self.state(hi));
+        let (st_lo, st_hi) = (self.entry(lo), self.entry(hi));
+        // Lock order: flush locks (inode order), then state locks (inode order).
+        let _f_lo = st_lo.flush.lock();
+        let _f_hi = if lo != hi {
+            Some(st_hi.flush.lock())
+        } else {
+            None
+        };
         let mut shared = 0u64;
         let total;
         {
-            let mut g_lo = st_lo.write();
+            let mut g_lo = st_lo.state.write();
             self.flush_locked(lo, &mut g_lo, false, &[])?;
-            let mut g_hi = if lo != hi { Some(st_hi.write()) } else { None };
+            let mut g_hi = if lo != hi {
+                Some(st_hi.state.write())
+            } else {
+                None
+            };
             if let Some(g) = g_hi.as_deref_mut() {
                 self.flush_locked(hi, g, false, &[])?;
             }

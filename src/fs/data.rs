@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
 
 use super::inode::{Inode, InodeId, Kind, Time};
@@ -28,11 +28,27 @@ use crate::schema::{INODES, K_BARRIERS, NODES};
 use crate::store::chunk::{is_zero, ChunkId};
 use crate::store::Encoded;
 
+/// Chunk buffers by chunk index.
+pub(crate) type Chunks = BTreeMap<u64, Box<[u8]>>;
+
+/// One file's write-back state and the lock that serialises its flushes.
+///
+/// Lock order: `flush`, then `state`, then a write transaction. A flush holds `flush` for its
+/// whole length but `state` only to move dirty chunks to `inflight` and to clear it again, so
+/// writers and readers of the file go on while its chunks are hashed, compressed and committed.
+#[derive(Default)]
+pub struct FileEntry {
+    pub(crate) flush: Mutex<()>,
+    pub(crate) state: RwLock<FileState>,
+}
+
 /// Unflushed state of one file.
 #[derive(Default)]
 pub struct FileState {
-    /// Whole chunks by index, newer than what the chunk map holds.
-    pub(crate) dirty: BTreeMap<u64, Box<[u8]>>,
+    /// Whole chunks by index, newer than what the chunk map (and `inflight`) holds.
+    pub(crate) dirty: Chunks,
+    /// Chunks being committed by a flush: newer than the chunk map, older than `dirty`.
+    pub(crate) inflight: Option<Arc<Chunks>>,
     /// File size if changed since the last flush.
     pub(crate) size: Option<u64>,
     /// Modification time (and ctime) if changed since the last flush.
@@ -51,7 +67,26 @@ impl FileState {
     }
 
     fn is_clean(&self) -> bool {
-        self.dirty.is_empty() && self.size.is_none() && self.mtime.is_none()
+        self.dirty.is_empty()
+            && self.inflight.is_none()
+            && self.size.is_none()
+            && self.mtime.is_none()
+    }
+
+    /// The newest unflushed copy of chunk `idx`, if any.
+    pub(crate) fn chunk(&self, idx: u64) -> Option<&[u8]> {
+        self.dirty
+            .get(&idx)
+            .or_else(|| self.inflight.as_ref().and_then(|f| f.get(&idx)))
+            .map(|b| &b[..])
+    }
+
+    /// Chunks held in memory (dirty or in flight), counted once.
+    pub(crate) fn chunk_count(&self) -> usize {
+        let inflight = self.inflight.as_ref().map_or(0, |f| {
+            f.keys().filter(|k| !self.dirty.contains_key(k)).count()
+        });
+        self.dirty.len() + inflight
     }
 }
 
@@ -87,14 +122,15 @@ pub enum Falloc {
 }
 
 impl Engine {
-    pub(crate) fn state(&self, ino: InodeId) -> Arc<RwLock<FileState>> {
+    pub(crate) fn entry(&self, ino: InodeId) -> Arc<FileEntry> {
         self.files.entry(ino).or_default().clone()
     }
 
     /// Forget the unflushed state of a deleted inode.
     pub(crate) fn drop_state(&self, ino: InodeId) {
         if let Some((_, st)) = self.files.remove(&ino) {
-            let mut g = st.write();
+            let _f = st.flush.lock();
+            let mut g = st.state.write();
             let n = g.dirty.len() as u64 * self.chunk_size;
             g.dirty.clear();
             self.dirty_bytes.fetch_sub(n, Ordering::Relaxed);
@@ -109,7 +145,7 @@ impl Engine {
     /// Read up to `len` bytes at `offset` (short at end of file).
     pub fn read(&self, ino: InodeId, offset: u64, len: u32) -> FsResult<Vec<u8>> {
         let st = self.files.get(&ino).map(|s| s.clone());
-        let g = st.as_ref().map(|s| s.read());
+        let g = st.as_ref().map(|s| s.state.read());
         let rtx = self.read_txn()?;
         let inode = get_inode(&rtx.open_table(INODES)?, ino)?;
         match inode.kind {
@@ -131,25 +167,25 @@ impl Engine {
             out[(s - offset) as usize..(e - offset) as usize]
                 .copy_from_slice(&chunk[(s - idx * c) as usize..(e - idx * c) as usize]);
         };
-        let dirty = g.as_ref().map(|g| &g.dirty);
+        let mem = g.as_deref();
         let nodes = rtx.open_table(NODES)?;
         let stored: Vec<(u64, ChunkId)> = tree::collect(&nodes, inode.root, first, last + 1)?
             .into_iter()
-            .filter(|(i, _)| !dirty.is_some_and(|d| d.contains_key(i)))
+            .filter(|(i, _)| mem.is_none_or(|m| m.chunk(*i).is_none()))
             .collect();
-        if let Some(d) = dirty {
-            for (&idx, buf) in d.range(first..=last) {
+        if let Some(m) = mem {
+            if let Some(f) = &m.inflight {
+                for (&idx, buf) in f.range(first..=last) {
+                    copy(&mut out, idx, buf);
+                }
+            }
+            for (&idx, buf) in m.dirty.range(first..=last) {
                 copy(&mut out, idx, buf);
             }
         }
-        let fetch = |(idx, id): &(u64, ChunkId)| (*idx, self.store.read(&rtx, id));
-        // Large reads decode chunks on all cores; small ones stay on this thread.
-        let chunks: Vec<_> = if stored.len() > 4 {
-            stored.par_iter().map(fetch).collect()
-        } else {
-            stored.iter().map(fetch).collect()
-        };
-        for (idx, r) in chunks {
+        let ids: Vec<ChunkId> = stored.iter().map(|s| s.1).collect();
+        let chunks = self.store.read_many(&rtx, &ids);
+        for ((idx, _), r) in stored.iter().map(|s| (s.0, ())).zip(chunks) {
             match r {
                 Ok(data) => copy(&mut out, idx, &data),
                 Err(e) => {
@@ -171,9 +207,9 @@ impl Engine {
             .checked_add(data.len() as u64)
             .filter(|&e| e <= MAX_FILE_SIZE)
             .ok_or(FsError::TooBig)?;
-        let st = self.state(ino);
+        let st = self.entry(ino);
         {
-            let mut g = st.write();
+            let mut g = st.state.write();
             self.write_locked(ino, &mut g, offset, data)?;
         }
         self.relieve_pressure(ino)?;
@@ -214,9 +250,11 @@ impl Engine {
             let idx = pos / c;
             let cs = idx * c;
             let ce = (cs + c).min(end);
-            if let std::collections::btree_map::Entry::Vacant(slot) = g.dirty.entry(idx) {
+            if !g.dirty.contains_key(&idx) {
                 let buf = if pos == cs && ce == cs + c {
                     vec![0u8; c as usize]
+                } else if let Some(b) = g.inflight.as_ref().and_then(|f| f.get(&idx)) {
+                    b.to_vec()
                 } else {
                     load(&mut stored)?;
                     let (rtx, inode) = stored.as_ref().expect("loaded above");
@@ -234,7 +272,7 @@ impl Engine {
                         None => vec![0u8; c as usize],
                     }
                 };
-                slot.insert(buf.into_boxed_slice());
+                g.dirty.insert(idx, buf.into_boxed_slice());
                 self.dirty_bytes.fetch_add(c, Ordering::Relaxed);
             }
             let buf = g.dirty.get_mut(&idx).expect("inserted above");
@@ -252,9 +290,21 @@ impl Engine {
     }
 
     /// Flush files while the dirty total is over the limit.
+    ///
+    /// Past half the limit the background flusher (if running) is woken and writers go on, so
+    /// hashing and compressing overlap with new writes; past the limit, writers flush
+    /// themselves (back-pressure), which bounds memory.
     fn relieve_pressure(&self, ino: InodeId) -> FsResult<()> {
-        if self.dirty_bytes() <= self.tuning.dirty_limit {
+        let limit = self.tuning.dirty_limit;
+        if self.dirty_bytes() <= limit / 2 {
             return Ok(());
+        }
+        if self.flusher_running.load(Ordering::Relaxed) {
+            *self.pressure.0.lock() = true;
+            self.pressure.1.notify_one();
+            if self.dirty_bytes() <= limit {
+                return Ok(());
+            }
         }
         self.flush_ino(ino, false)?;
         if self.dirty_bytes() > self.tuning.dirty_limit {
@@ -271,15 +321,53 @@ impl Engine {
 
     /// Flush one file's unflushed data; durably (with everything committed before) if asked.
     pub fn flush_ino(&self, ino: InodeId, durable: bool) -> FsResult<()> {
-        let st = self.files.get(&ino).map(|s| s.clone());
-        match st {
-            Some(st) => {
-                let mut g = st.write();
-                self.flush_locked(ino, &mut g, durable, &[])
+        if let Some(st) = self.files.get(&ino).map(|s| s.clone()) {
+            let _one_flush = st.flush.lock();
+            let (batch, size, mtime) = {
+                let mut g = st.state.write();
+                if g.is_clean() {
+                    (None, None, None)
+                } else {
+                    let batch = Arc::new(std::mem::take(&mut g.dirty));
+                    g.inflight = Some(batch.clone());
+                    (Some(batch), g.size, g.mtime)
+                }
+            };
+            if let Some(batch) = batch {
+                // The heavy part runs without the state lock: writers and readers go on.
+                let r = self.commit_chunks(ino, &batch, size, mtime, &[], false);
+                let mut g = st.state.write();
+                g.inflight = None;
+                match r {
+                    Ok(()) => {
+                        if g.size == size {
+                            g.size = None;
+                        }
+                        if g.mtime == mtime {
+                            g.mtime = None;
+                        }
+                        self.dirty_bytes
+                            .fetch_sub(batch.len() as u64 * self.chunk_size, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        // Nothing was committed: the chunks are dirty again (unless rewritten).
+                        for (k, v) in batch.iter() {
+                            if !g.dirty.contains_key(k) {
+                                g.dirty.insert(*k, v.clone());
+                            } else {
+                                self.dirty_bytes
+                                    .fetch_sub(self.chunk_size, Ordering::Relaxed);
+                            }
+                        }
+                        return Err(e);
+                    }
+                }
             }
-            None if durable => self.barrier(),
-            None => Ok(()),
         }
+        if durable {
+            self.make_durable()?;
+        }
+        Ok(())
     }
 
     /// `fsync`/`fdatasync`: on return, everything written to `ino` survives a power loss.
@@ -316,13 +404,14 @@ impl Engine {
         }
         self.barrier()?;
         // Forget clean states nobody holds (only the map's reference left).
-        self.files
-            .retain(|_, s| Arc::strong_count(s) > 1 || s.try_read().is_none_or(|g| !g.is_clean()));
+        self.files.retain(|_, s| {
+            Arc::strong_count(s) > 1 || s.state.try_read().is_none_or(|g| !g.is_clean())
+        });
         Ok(())
     }
 
-    /// Commit the unflushed state of a file (the caller holds its lock), plus `holes`: chunk
-    /// indexes to turn into holes.
+    /// Commit the unflushed state of a file (the caller holds its `flush` and `state` locks,
+    /// so nothing is in flight), plus `holes`: chunk indexes to turn into holes.
     pub(crate) fn flush_locked(
         &self,
         ino: InodeId,
@@ -330,47 +419,71 @@ impl Engine {
         durable: bool,
         holes: &[u64],
     ) -> FsResult<()> {
+        debug_assert!(g.inflight.is_none());
         if g.is_clean() && holes.is_empty() {
             return if durable { self.barrier() } else { Ok(()) };
         }
+        self.commit_chunks(ino, &g.dirty, g.size, g.mtime, holes, durable)?;
+        let n = g.dirty.len() as u64;
+        *g = FileState::default();
+        self.dirty_bytes
+            .fetch_sub(n * self.chunk_size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Store `chunks` (hash, dedup, compress, append) and commit them, the size and mtime into
+    /// the file's chunk map and inode in one transaction.
+    fn commit_chunks(
+        &self,
+        ino: InodeId,
+        chunks: &Chunks,
+        size: Option<u64>,
+        mtime: Option<Time>,
+        holes: &[u64],
+        durable: bool,
+    ) -> FsResult<()> {
         let level = self.store.zstd_level();
-        let hashed: Vec<(u64, Option<ChunkId>)> = g
-            .dirty
+        let hashed: Vec<(u64, Option<ChunkId>)> = chunks
             .par_iter()
             .map(|(&i, b)| (i, (!is_zero(b)).then(|| ChunkId::of(b))))
             .collect();
         let mut need: Vec<(ChunkId, u64)> = Vec::new();
         {
-            let rtx = self.read_txn()?;
             let mut seen = HashSet::new();
-            for (i, id) in &hashed {
-                if let Some(id) = id {
-                    if seen.insert(*id) && !self.store.contains(&rtx, id)? {
-                        need.push((*id, *i));
-                    }
-                }
-            }
+            let distinct: Vec<(ChunkId, u64)> = hashed
+                .iter()
+                .filter_map(|(i, id)| id.filter(|id| seen.insert(*id)).map(|id| (id, *i)))
+                .collect();
+            let ids: Vec<ChunkId> = distinct.iter().map(|d| d.0).collect();
+            let stored = self.store.contains_many(&self.read_txn()?, &ids)?;
+            need.extend(
+                distinct
+                    .into_iter()
+                    .zip(stored)
+                    .filter(|(_, s)| !s)
+                    .map(|(d, _)| d),
+            );
         }
         // Compress on all cores, 4 MiB at a time, so compressed copies never pile up in memory.
         let mut locs = HashMap::new();
         for group in need.chunks(256) {
             let encoded: Vec<Encoded> = group
                 .par_iter()
-                .map(|(id, i)| Encoded::new(*id, &g.dirty[i], level))
+                .map(|(id, i)| Encoded::new(*id, &chunks[i], level))
                 .collect();
-            for e in &encoded {
-                locs.insert(e.id, self.store.append(e)?);
+            for (e, l) in encoded.iter().zip(self.store.append_many(&encoded)?) {
+                locs.insert(e.id, l);
             }
         }
         let mut updates = hashed;
         updates.extend(
             holes
                 .iter()
-                .filter(|h| !g.dirty.contains_key(h))
+                .filter(|h| !chunks.contains_key(h))
                 .map(|&h| (h, None)),
         );
         updates.sort_unstable_by_key(|u| u.0);
-        let (size, mtime, dirty) = (g.size, g.mtime, &g.dirty);
+        let dirty = chunks;
         self.txn(durable, |w| {
             let mut inode = match w.inode(ino) {
                 Ok(i) => i,
@@ -398,12 +511,7 @@ impl Engine {
                 inode.ctime = t;
             }
             w.put_inode(ino, &inode)
-        })?;
-        let n = g.dirty.len() as u64;
-        *g = FileState::default();
-        self.dirty_bytes
-            .fetch_sub(n * self.chunk_size, Ordering::Relaxed);
-        Ok(())
+        })
     }
 
     /// Change attributes (a size change truncates or extends with a hole).
@@ -413,10 +521,11 @@ impl Engine {
         }
         let st = match self.files.get(&ino).map(|x| x.clone()) {
             Some(st) => Some(st),
-            None if s.size.is_some() => Some(self.state(ino)),
+            None if s.size.is_some() => Some(self.entry(ino)),
             None => None,
         };
-        let mut g = st.as_ref().map(|s| s.write());
+        let _f = st.as_ref().map(|s| s.flush.lock());
+        let mut g = st.as_ref().map(|s| s.state.write());
         if let Some(g) = g.as_deref_mut() {
             self.flush_locked(ino, g, false, &[])?;
         }
@@ -523,8 +632,9 @@ impl Engine {
         if len == 0 {
             return Err(FsError::Invalid("fallocate of zero bytes"));
         }
-        let st = self.state(ino);
-        let mut g = st.write();
+        let st = self.entry(ino);
+        let _f = st.flush.lock();
+        let mut g = st.state.write();
         let inode = self.getattr_locked(ino, &g)?;
         if inode.kind != Kind::File {
             return Err(if inode.kind == Kind::Dir {
@@ -581,7 +691,7 @@ impl Engine {
     /// a hole; `None` (ENXIO) at or past the end of the file.
     pub fn seek(&self, ino: InodeId, offset: u64, data: bool) -> FsResult<Option<u64>> {
         let st = self.files.get(&ino).map(|s| s.clone());
-        let g = st.as_ref().map(|s| s.read());
+        let g = st.as_ref().map(|s| s.state.read());
         let rtx = self.read_txn()?;
         let mut inode = get_inode(&rtx.open_table(INODES)?, ino)?;
         if let Some(g) = g.as_deref() {
@@ -593,10 +703,15 @@ impl Engine {
         let nodes = rtx.open_table(NODES)?;
         let c = self.chunk_size;
         let dirty = g.as_ref().map(|g| &g.dirty);
+        let inflight = g.as_ref().and_then(|g| g.inflight.as_ref());
         let mut idx = offset / c;
         if data {
             let t = tree::seek(&nodes, inode.root, idx, true)?;
-            let d = dirty.and_then(|d| d.range(idx..).next().map(|(&k, _)| k));
+            let d = [dirty, inflight.map(|f| &**f)]
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d.range(idx..).next().map(|(&k, _)| k))
+                .min();
             let found = match (t, d) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -607,7 +722,9 @@ impl Engine {
         } else {
             loop {
                 let h = tree::seek(&nodes, inode.root, idx, false)?.unwrap_or(u64::MAX / c);
-                if dirty.is_some_and(|d| d.contains_key(&h)) {
+                if dirty.is_some_and(|d| d.contains_key(&h))
+                    || inflight.is_some_and(|f| f.contains_key(&h))
+                {
                     idx = h + 1;
                     continue;
                 }
@@ -618,17 +735,44 @@ impl Engine {
 
     /// Start the background flusher: every `interval`, flush all files durably. It stops
     /// when the engine is dropped.
+    /// It also runs when writers signal memory pressure, flushing (not durably) until the
+    /// dirty total is under a quarter of the limit.
     pub fn spawn_flusher(self: &Arc<Self>, interval: Duration) -> std::thread::JoinHandle<()> {
         let weak = Arc::downgrade(self);
+        let signal = self.pressure.clone();
+        self.flusher_running.store(true, Ordering::Relaxed);
         std::thread::Builder::new()
             .name("tessera-flush".into())
             .spawn(move || loop {
-                std::thread::sleep(interval);
+                let pressure = {
+                    let mut p = signal.0.lock();
+                    if !*p {
+                        signal.1.wait_for(&mut p, interval);
+                    }
+                    std::mem::take(&mut *p)
+                };
                 let Some(e) = weak.upgrade() else { return };
-                if let Err(err) = e.sync_all() {
+                let r = if pressure {
+                    e.flush_some(e.tuning.dirty_limit / 4)
+                } else {
+                    e.sync_all()
+                };
+                if let Err(err) = r {
                     tracing::error!("background flush failed (will retry): {err}");
                 }
             })
             .expect("spawn flusher thread")
+    }
+
+    /// Flush files (not durably) until at most `target` bytes are dirty.
+    fn flush_some(&self, target: u64) -> FsResult<()> {
+        let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
+        for ino in inos {
+            if self.dirty_bytes() <= target {
+                break;
+            }
+            self.flush_ino(ino, false)?;
+        }
+        Ok(())
     }
 }

@@ -305,7 +305,7 @@ impl Engine {
             Ok(i)
         })?;
         let st = self.files.get(&ino).map(|s| s.clone());
-        let g = st.as_ref().map(|s| s.read());
+        let g = st.as_ref().map(|s| s.state.read());
         Ok(self.attr_of(ino, inode, g.as_deref()))
     }
 

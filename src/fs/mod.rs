@@ -7,7 +7,8 @@
 //! # Concurrency
 //! Metadata lives in one redb database; redb serialises write transactions and gives readers
 //! snapshots. File data written but not yet flushed sits in a per-inode [`data::FileState`]
-//! behind a `RwLock`. Lock order: file-state locks (several: in inode order), then the write
+//! (see `data::FileEntry`). Lock order: file flush locks (inode order), file-state locks (inode
+//! order), then the write
 //! transaction. Nothing waits for a file-state lock while holding a write transaction.
 //!
 //! # Durability
@@ -32,11 +33,11 @@ pub mod xattr;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
     WriteTransaction,
@@ -113,7 +114,7 @@ pub struct Engine {
     store: Store,
     dir: Option<PathBuf>,
     chunk_size: u64,
-    files: DashMap<InodeId, Arc<RwLock<data::FileState>>>,
+    files: DashMap<InodeId, Arc<data::FileEntry>>,
     /// Open handles per inode (an unlinked inode lives until its last handle closes).
     open_counts: Mutex<HashMap<InodeId, u32>>,
     dirty_bytes: AtomicU64,
@@ -124,6 +125,10 @@ pub struct Engine {
     durable_upto: AtomicU64,
     /// Serialises callers of `make_durable`, so late arrivals find their commit covered.
     durable_lock: Mutex<()>,
+    /// Set by writers under memory pressure to wake the background flusher. Shared with the
+    /// flusher thread, which holds no strong reference to the engine while it waits.
+    pressure: Arc<(Mutex<bool>, parking_lot::Condvar)>,
+    flusher_running: AtomicBool,
 }
 
 /// The tables a metadata transaction works on, opened once per transaction.
@@ -302,6 +307,8 @@ impl Engine {
             commits: AtomicU64::new(0),
             durable_upto: AtomicU64::new(0),
             durable_lock: Mutex::new(()),
+            pressure: Arc::new((Mutex::new(false), parking_lot::Condvar::new())),
+            flusher_running: AtomicBool::new(false),
         };
         e.purge_orphans()?;
         Ok(e)
@@ -370,7 +377,7 @@ impl Engine {
     /// Attributes of `ino`, including data written but not yet flushed.
     pub fn getattr(&self, ino: InodeId) -> FsResult<Attr> {
         let st = self.files.get(&ino).map(|s| s.clone());
-        let guard = st.as_ref().map(|s| s.read());
+        let guard = st.as_ref().map(|s| s.state.read());
         let rtx = self.read_txn()?;
         let inode = get_inode(&rtx.open_table(INODES)?, ino)?;
         Ok(self.attr_of(ino, inode, guard.as_deref()))
@@ -385,7 +392,7 @@ impl Engine {
         let mut allocated = inode.aux * self.chunk_size;
         if let Some(st) = st {
             st.overlay(&mut inode);
-            allocated += st.dirty.len() as u64 * self.chunk_size;
+            allocated += st.chunk_count() as u64 * self.chunk_size;
         }
         let allocated = match inode.kind {
             // Chunks are whole, the file's tail is not: never report more than the size.

@@ -55,8 +55,8 @@ impl Engine {
         let mut sizes = std::collections::HashMap::new();
         let mut dirty = 0;
         for e in self.files.iter() {
-            if let Some(g) = e.value().try_read() {
-                dirty += g.dirty.len() as u64 * self.chunk_size;
+            if let Some(g) = e.value().state.try_read() {
+                dirty += g.chunk_count() as u64 * self.chunk_size;
                 if let Some(s) = g.size {
                     sizes.insert(e.key().0, s);
                 }

@@ -20,6 +20,7 @@ use std::io;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use rayon::prelude::*;
 use redb::{ReadTransaction, ReadableTable, WriteTransaction};
 
 use crate::schema::{self, ChunkLoc};
@@ -29,6 +30,8 @@ use pack::{PackId, PackIo, RECORD_HEADER_LEN};
 /// A pack is closed and a new one started once it reaches this size (bytes). 256 MiB keeps
 /// compaction units small while keeping the number of open files low (4 per GiB stored).
 pub const PACK_TARGET_BYTES: u64 = 256 << 20;
+/// Largest single read when fetching records that sit back to back in a pack (bytes).
+pub const MAX_COALESCED_READ: u64 = 4 << 20;
 
 /// Errors of the chunk store.
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +124,18 @@ impl Store {
 
     /// Append an encoded chunk to the active pack; returns its location with `refs == 0`.
     pub fn append(&self, e: &Encoded) -> Result<ChunkLoc, StoreError> {
-        let rec = pack::encode_record(&e.id, e.codec, e.raw_len, &e.payload);
+        Ok(self.append_many(std::slice::from_ref(e))?[0])
+    }
+
+    /// Append several chunks with one write; returns their locations (`refs == 0`) in order.
+    pub fn append_many(&self, es: &[Encoded]) -> Result<Vec<ChunkLoc>, StoreError> {
+        let mut buf =
+            Vec::with_capacity(es.iter().map(|e| RECORD_HEADER_LEN + e.payload.len()).sum());
+        let mut rel = Vec::with_capacity(es.len());
+        for e in es {
+            rel.push(buf.len() as u64);
+            pack::write_record(&mut buf, &e.id, e.codec, e.raw_len, &e.payload);
+        }
         let mut guard = self.active.lock();
         let a = match &mut *guard {
             Some(a) if a.len < PACK_TARGET_BYTES => a,
@@ -139,17 +153,21 @@ impl Store {
                 })
             }
         };
-        let offset = self.io.append(a.pack, &rec)?;
-        a.len = offset + rec.len() as u64;
+        let offset = self.io.append(a.pack, &buf)?;
+        a.len = offset + buf.len() as u64;
         self.unsynced.lock().insert(a.pack);
-        Ok(ChunkLoc {
-            pack: a.pack,
-            offset,
-            stored_len: e.payload.len() as u32,
-            raw_len: e.raw_len,
-            codec: e.codec,
-            refs: 0,
-        })
+        Ok(es
+            .iter()
+            .zip(rel)
+            .map(|(e, r)| ChunkLoc {
+                pack: a.pack,
+                offset: offset + r,
+                stored_len: e.payload.len() as u32,
+                raw_len: e.raw_len,
+                codec: e.codec,
+                refs: 0,
+            })
+            .collect())
     }
 
     /// Make every append so far durable. Called before every durable metadata commit.
@@ -167,38 +185,135 @@ impl Store {
         Ok(())
     }
 
-    /// Is this chunk already stored? (A hint for dedup before compressing; the answer is
-    /// re-checked inside the committing transaction.)
-    pub fn contains(&self, rtx: &ReadTransaction, id: &ChunkId) -> Result<bool, StoreError> {
-        if self.cache.get(id).is_some() {
-            return Ok(true);
-        }
+    /// Which of these chunks are already stored? (A hint for dedup before compressing; the
+    /// answer is re-checked inside the committing transaction.)
+    pub fn contains_many(
+        &self,
+        rtx: &ReadTransaction,
+        ids: &[ChunkId],
+    ) -> Result<Vec<bool>, StoreError> {
         let t = rtx.open_table(schema::CHUNKS)?;
-        Ok(t.get(&id.0)?.is_some())
+        ids.iter()
+            .map(|id| Ok(self.cache.get(id).is_some() || t.get(&id.0)?.is_some()))
+            .collect()
     }
 
     /// Read a chunk, verified against its id. Damage is reported as [`StoreError::Corrupt`],
     /// never as wrong bytes.
     pub fn read(&self, rtx: &ReadTransaction, id: &ChunkId) -> Result<Arc<Vec<u8>>, StoreError> {
-        if let Some(c) = self.cache.get(id) {
-            return Ok(c);
-        }
-        let t = rtx.open_table(schema::CHUNKS)?;
-        let loc = match t.get(&id.0)? {
-            Some(v) => ChunkLoc::decode(v.value()).ok_or_else(|| StoreError::Corrupt {
-                id: *id,
-                detail: "bad index entry".into(),
-            })?,
-            None => return Err(StoreError::Missing(*id)),
+        self.read_many(rtx, std::slice::from_ref(id))
+            .pop()
+            .expect("one result per id")
+    }
+
+    /// Read several chunks (results in the order of `ids`). Records that sit back to back in a
+    /// pack are fetched with one read of up to [`MAX_COALESCED_READ`] bytes; decompression and
+    /// verification run on all cores.
+    pub fn read_many(
+        &self,
+        rtx: &ReadTransaction,
+        ids: &[ChunkId],
+    ) -> Vec<Result<Arc<Vec<u8>>, StoreError>> {
+        let mut out: Vec<Option<ChunkResult>> =
+            ids.iter().map(|id| self.cache.get(id).map(Ok)).collect();
+        let t = match rtx.open_table(schema::CHUNKS) {
+            Ok(t) => t,
+            Err(e) => {
+                let msg = e.to_string();
+                return ids
+                    .iter()
+                    .map(|_| Err(StoreError::Io(io::Error::other(msg.clone()))))
+                    .collect();
+            }
         };
-        let data = Arc::new(self.read_loc(id, &loc)?);
-        self.cache.insert(*id, data.clone());
-        Ok(data)
+        // (position in ids, location) of every miss, in pack order.
+        let mut todo = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            if out[i].is_some() {
+                continue;
+            }
+            match t.get(&id.0) {
+                Ok(Some(v)) => match ChunkLoc::decode(v.value()) {
+                    Some(loc) => todo.push((i, loc)),
+                    None => {
+                        out[i] = Some(Err(StoreError::Corrupt {
+                            id: *id,
+                            detail: "bad index entry".into(),
+                        }))
+                    }
+                },
+                Ok(None) => out[i] = Some(Err(StoreError::Missing(*id))),
+                Err(e) => out[i] = Some(Err(e.into())),
+            }
+        }
+        todo.sort_by_key(|(_, l)| (l.pack, l.offset));
+        // Runs of adjacent records.
+        let mut runs: Vec<&[(usize, ChunkLoc)]> = Vec::new();
+        let mut start = 0;
+        for k in 1..=todo.len() {
+            let end_of_run = k == todo.len() || {
+                let (p, n) = (&todo[k - 1].1, &todo[k].1);
+                let p_end = p.offset + (RECORD_HEADER_LEN + p.stored_len as usize) as u64;
+                n.pack != p.pack
+                    || n.offset != p_end
+                    || n.offset + u64::from(n.stored_len) - todo[start].1.offset
+                        > MAX_COALESCED_READ
+            };
+            if end_of_run {
+                runs.push(&todo[start..k]);
+                start = k;
+            }
+        }
+        // One read per run, then verification and decompression per record on all cores.
+        let fetched: Vec<io::Result<Vec<u8>>> = runs
+            .par_iter()
+            .map(|run| {
+                let (first, last) = (run[0].1, run[run.len() - 1].1);
+                let len = (last.offset - first.offset) as usize
+                    + RECORD_HEADER_LEN
+                    + last.stored_len as usize;
+                self.io.read_at(first.pack, first.offset, len)
+            })
+            .collect();
+        let records: Vec<(usize, &ChunkLoc, Option<&[u8]>)> = runs
+            .iter()
+            .zip(&fetched)
+            .flat_map(|(run, bytes)| {
+                let first = run[0].1.offset;
+                run.iter().map(move |(i, loc)| {
+                    let rec = bytes.as_ref().ok().map(|b| {
+                        let s = (loc.offset - first) as usize;
+                        &b[s..s + RECORD_HEADER_LEN + loc.stored_len as usize]
+                    });
+                    (*i, loc, rec)
+                })
+            })
+            .collect();
+        let decoded: Vec<(usize, ChunkResult)> = records
+            .par_iter()
+            .map(|(i, loc, rec)| {
+                let r = match rec {
+                    Some(rec) => self.verify(&ids[*i], loc, rec),
+                    // The run could not be read whole: read this record alone to tell exactly
+                    // which one is damaged.
+                    None => self.read_loc(&ids[*i], loc),
+                };
+                (*i, r.map(Arc::new))
+            })
+            .collect();
+        for (i, r) in decoded {
+            if let Ok(d) = &r {
+                self.cache.insert(ids[i], d.clone());
+            }
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .map(|r| r.expect("every id answered"))
+            .collect()
     }
 
     /// Read and verify the record at `loc`, bypassing the cache (used by fsck and scrub).
     pub fn read_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
-        let corrupt = |detail: String| StoreError::Corrupt { id: *id, detail };
         let rec = self
             .io
             .read_at(
@@ -207,13 +322,19 @@ impl Store {
                 RECORD_HEADER_LEN + loc.stored_len as usize,
             )
             .map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound => corrupt(format!(
-                    "pack {:08x} is missing or truncated: {e}",
-                    loc.pack.0
-                )),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound => StoreError::Corrupt {
+                    id: *id,
+                    detail: format!("pack {:08x} is missing or truncated: {e}", loc.pack.0),
+                },
                 _ => StoreError::Io(e),
             })?;
-        let h = pack::decode_header(&rec).ok_or_else(|| {
+        self.verify(id, loc, &rec)
+    }
+
+    /// Check a record (header + payload) against the index entry and the chunk id; decode it.
+    fn verify(&self, id: &ChunkId, loc: &ChunkLoc, rec: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let corrupt = |detail: String| StoreError::Corrupt { id: *id, detail };
+        let h = pack::decode_header(rec).ok_or_else(|| {
             corrupt(format!(
                 "bad record header in pack {:08x} at {}",
                 loc.pack.0, loc.offset
@@ -222,7 +343,7 @@ impl Store {
         let payload = &rec[RECORD_HEADER_LEN..];
         if h.id != *id
             || h.stored_len != loc.stored_len
-            || !pack::record_crc_ok(&rec, payload, h.crc)
+            || !pack::record_crc_ok(rec, payload, h.crc)
         {
             return Err(corrupt(format!(
                 "checksum mismatch in pack {:08x} at {}",
@@ -242,6 +363,9 @@ impl Store {
         self.cache.remove(id);
     }
 }
+
+/// A verified chunk, or why it could not be read.
+pub type ChunkResult = Result<Arc<Vec<u8>>, StoreError>;
 
 /// The store's tables opened in one write transaction: reference counting of chunks.
 pub struct ChunkTables<'txn> {

@@ -53,6 +53,13 @@ pub struct RecordHeader {
 /// Serialise a record (header + payload) ready to append.
 pub fn encode_record(id: &ChunkId, codec: Codec, raw_len: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(RECORD_HEADER_LEN + payload.len());
+    write_record(&mut out, id, codec, raw_len, payload);
+    out
+}
+
+/// Append a record (header + payload) to `out`.
+pub fn write_record(out: &mut Vec<u8>, id: &ChunkId, codec: Codec, raw_len: u32, payload: &[u8]) {
+    let start = out.len();
     out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
     out.push(codec as u8);
     out.extend_from_slice(&[0, 0, 0]);
@@ -60,11 +67,10 @@ pub fn encode_record(id: &ChunkId, codec: Codec, raw_len: u32, payload: &[u8]) -
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&id.0);
     let mut h = crc32fast::Hasher::new();
-    h.update(&out);
+    h.update(&out[start..]);
     h.update(payload);
     out.extend_from_slice(&h.finalize().to_le_bytes());
     out.extend_from_slice(payload);
-    out
 }
 
 /// Parse a record header; `None` if the magic or codec is wrong.
