@@ -24,7 +24,7 @@ TARGET_DIR  ?= $(or $(CARGO_TARGET_DIR),target)
 TESSERA     ?= $(abspath $(TARGET_DIR))/release/tessera
 DATA        ?= $(CURDIR)/tessera-data
 
-.PHONY: deps build lint unit fs-tests test run
+.PHONY: deps build lint unit fs-tests test run bench
 
 deps:
 	.ci/deps.sh
@@ -44,7 +44,9 @@ fs-tests: build
 
 test: deps lint unit fs-tests
 
-run: deps build
+run:
+	RUNTIME_ONLY=1 .ci/deps.sh
+	$(CARGO) build $(CARGO_FLAGS)
 	@if [ ! -d "$(DATA)/ds" ] || [ -z "$$(ls -A "$(DATA)/ds")" ]; then \
 		mkdir -p "$(DATA)"; \
 		echo "tessera init $(DATA)/ds"; \
@@ -53,3 +55,10 @@ run: deps build
 	@mkdir -p "$(DATA)/mnt"
 	@echo "mounting $(DATA)/ds on $(DATA)/mnt (Ctrl-C or 'fusermount3 -u $(DATA)/mnt' to stop)"
 	"$(TESSERA)" mount "$(DATA)/ds" "$(DATA)/mnt"
+
+# Benchmarks (root; need ../shared/tools/peers, fio, jq, bindfs, btrfs-progs): see benches/README.md.
+bench: build
+	BENCH_MB=1024 $(CARGO) bench $(CARGO_FLAGS) --bench engine
+	benches/clone.sh
+	benches/fio.sh
+	benches/rss.sh

@@ -74,6 +74,7 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
     });
+    raise_readahead(mnt.clone());
     tracing::info!("serving {} on {}", dir.display(), mnt.display());
     let r = session.run();
     let _ = std::fs::remove_file(&sock);
@@ -83,4 +84,25 @@ pub fn run(a: Args) -> Result<()> {
     r.context("FUSE session failed")?;
     tracing::info!("unmounted {}; all data flushed", mnt.display());
     Ok(())
+}
+
+/// Kernel readahead for the mount (KiB). FUSE starts at 128 KiB; sequential reads of VM images
+/// go about 1.5x faster with 1 MiB requests (fewer round trips, bigger coalesced pack reads).
+const READAHEAD_KB: u32 = 1024;
+
+/// Raise the mount's readahead through its backing-device entry in sysfs (best effort: needs
+/// root). Runs on its own thread because `stat` of the mount point waits for the session.
+fn raise_readahead(mnt: PathBuf) {
+    std::thread::spawn(move || {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(dev) = std::fs::metadata(&mnt).map(|m| m.dev()) else {
+            return;
+        };
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+        let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+        let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+        if let Err(e) = std::fs::write(&path, READAHEAD_KB.to_string()) {
+            tracing::debug!("could not raise readahead ({path}): {e}");
+        }
+    });
 }
