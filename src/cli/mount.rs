@@ -25,7 +25,17 @@ pub struct Args {
     pub flush_interval: u64,
 }
 
+/// glibc malloc arenas for the daemon. The default (8 per core) lets freed chunk buffers of
+/// many FUSE and rayon threads pile up in separate arenas, adding resident memory under
+/// random-write load; 4 arenas keep contention low and memory bounded.
+const MALLOC_ARENAS: i32 = 4;
+
 pub fn run(a: Args) -> Result<()> {
+    // SAFETY: mallopt only changes allocator tuning; it is called before this process starts
+    // any other thread, and M_ARENA_MAX accepts any positive value.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
     let dir = super::datastore_arg(&a.dir)?;
     let mnt = std::fs::canonicalize(&a.mountpoint).with_context(|| {
         format!(

@@ -23,14 +23,7 @@ fn split_parent(path: &[u8]) -> FsResult<(&[u8], &[u8])> {
 }
 
 fn resolve_w(w: &W<'_>, path: &[u8]) -> FsResult<InodeId> {
-    let mut cur = InodeId::ROOT;
-    for comp in path
-        .split(|&b| b == b'/')
-        .filter(|c| !c.is_empty() && *c != b".")
-    {
-        cur = lookup_in(w, cur, comp)?.ok_or(FsError::NotFound)?.0;
-    }
-    Ok(cur)
+    super::dir::resolve_in(&w.dirents, path)
 }
 
 /// Why a clone request failed, naming the path it is about.
@@ -87,31 +80,13 @@ impl Engine {
                 if lookup_in(w, parent, name)?.is_some() {
                     return Ok(Err(CloneError::DstExists(show(dst))));
                 }
-                if w.inode(s)?.kind == Kind::Dir && Self::is_within_pub(w, parent, s)? {
+                if w.inode(s)?.kind == Kind::Dir && Self::is_within(w, parent, s)? {
                     return Ok(Err(CloneError::IntoItself(show(src))));
                 }
                 out.push(clone_tree(w, s, parent, name)?);
             }
             Ok(Ok(out))
         })?
-    }
-
-    pub(crate) fn is_within_pub(w: &W<'_>, dir: InodeId, ancestor: InodeId) -> FsResult<bool> {
-        let mut cur = dir;
-        for _ in 0..4096 {
-            if cur == ancestor {
-                return Ok(true);
-            }
-            if cur == InodeId::ROOT {
-                return Ok(false);
-            }
-            cur = lookup_in(w, cur, b"..")?
-                .map(|(p, _)| p)
-                .ok_or(FsError::NotFound)?;
-        }
-        Err(FsError::BadMeta(
-            "directory parent chain too deep or looping".into(),
-        ))
     }
 
     /// Copy `len` bytes from `src` at `off_in` to `dst` at `off_out`, sharing whole chunks

@@ -142,6 +142,23 @@ pub(crate) fn purge(w: &mut W<'_>, ino: InodeId) -> FsResult<()> {
     Ok(())
 }
 
+/// The inode at `path` (relative to the root, `/`-separated, symlinks not followed), looked up
+/// in a read or write transaction's `dirents` table.
+pub(crate) fn resolve_in<T: ReadableTable<(u64, &'static [u8]), (u64, u64)>>(
+    dirents: &T,
+    path: &[u8],
+) -> FsResult<InodeId> {
+    let mut cur = InodeId::ROOT;
+    for comp in path
+        .split(|&b| b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+    {
+        let v = dirents.get((cur.0, comp))?.ok_or(FsError::NotFound)?;
+        cur = InodeId(v.value().0);
+    }
+    Ok(cur)
+}
+
 fn has_entries(w: &W<'_>, dir: InodeId) -> FsResult<bool> {
     Ok(w.cookies
         .range((dir.0, 0)..(dir.0 + 1, 0))?
@@ -348,7 +365,7 @@ impl Engine {
     }
 
     /// Is `dir` equal to `ancestor` or inside it?
-    fn is_within(w: &W<'_>, mut dir: InodeId, ancestor: InodeId) -> FsResult<bool> {
+    pub(crate) fn is_within(w: &W<'_>, mut dir: InodeId, ancestor: InodeId) -> FsResult<bool> {
         for _ in 0..4096 {
             if dir == ancestor {
                 return Ok(true);
@@ -510,17 +527,7 @@ impl Engine {
     /// The inode at `path` (components separated by `/`, relative to the root; symlinks are
     /// not followed).
     pub fn resolve(&self, path: &[u8]) -> FsResult<InodeId> {
-        let rtx = self.read_txn()?;
-        let dirents = rtx.open_table(DIRENTS)?;
-        let mut cur = InodeId::ROOT;
-        for comp in path
-            .split(|&b| b == b'/')
-            .filter(|c| !c.is_empty() && *c != b".")
-        {
-            let v = dirents.get((cur.0, comp))?.ok_or(FsError::NotFound)?;
-            cur = InodeId(v.value().0);
-        }
-        Ok(cur)
+        resolve_in(&self.read_txn()?.open_table(DIRENTS)?, path)
     }
 
     /// A path of `ino` for messages (first name found; slow, for error reports only).

@@ -88,10 +88,12 @@ pub struct Tuning {
 
 impl Default for Tuning {
     fn default() -> Self {
+        // With the FUSE buffers (4 threads x 1 MiB) and allocator slack, these keep the daemon
+        // under 512 MiB resident whatever is written (benches/rss.sh, benches/fio.sh).
         Tuning {
-            dirty_limit: 128 << 20,
-            cache_bytes: 64 << 20,
-            meta_cache_bytes: 64 << 20,
+            dirty_limit: 96 << 20,
+            cache_bytes: 48 << 20,
+            meta_cache_bytes: 48 << 20,
         }
     }
 }
