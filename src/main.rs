@@ -10,9 +10,11 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                // fuser logs unimplemented requests and a harmless second unmount at WARN.
+                .unwrap_or_else(|_| "info,fuser=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();

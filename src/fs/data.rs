@@ -207,12 +207,12 @@ impl Engine {
             .checked_add(data.len() as u64)
             .filter(|&e| e <= MAX_FILE_SIZE)
             .ok_or(FsError::TooBig)?;
-        let st = self.entry(ino);
-        {
-            let mut g = st.state.write();
-            self.write_locked(ino, &mut g, offset, data)?;
-        }
+        // Make room first: if the buffer is full and cannot be flushed (full disk), the write
+        // fails with nothing buffered, instead of being buffered and reported as failed.
         self.relieve_pressure(ino)?;
+        let st = self.entry(ino);
+        let mut g = st.state.write();
+        self.write_locked(ino, &mut g, offset, data)?;
         Ok(data.len())
     }
 
