@@ -89,8 +89,27 @@ for n in 000 011; do [ ! -e "$MNT/desktops/vm-$n" ] || fail "unexpected vm-$n"; 
 [ "$(ls "$MNT/desktops" | wc -l)" = 11 ] || fail "desktops/ should hold desk-001.raw and vm-001..vm-010"
 
 step "plain cp inside the mount"
+unique() { tessera stats "$DS" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["unique_bytes"])'; }
+before=$(unique)
 tmo cp -- "$MNT/templates/golden.raw" "$MNT/copy.raw" || fail "cp inside the mount failed"
 [ "$(sha "$MNT/copy.raw")" = "$GOLDEN_SHA" ] || fail "copy.raw differs from golden"
+# copy_file_range inside the mount shares chunks: the copy stores no new data.
+after=$(unique)
+[ "$before" = "$after" ] || fail "cp inside the mount stored new data ($before -> $after unique bytes)"
+log "cp inside the mount shared every chunk ($after unique bytes before and after)"
+# Holes: a sparse file reads as zeros, takes no space, and SEEK_DATA finds its data.
+tmo truncate -s 1G "$MNT/sparse.raw" || fail "truncate of sparse.raw failed"
+printf 'data' | tmo dd of="$MNT/sparse.raw" bs=1 seek=$((512 << 20)) conv=notrunc status=none || fail "write into sparse.raw failed"
+python3 - "$MNT/sparse.raw" <<'PY' || fail "SEEK_DATA/SEEK_HOLE or allocated size wrong on sparse.raw"
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+data = os.lseek(fd, 0, os.SEEK_DATA)
+hole = os.lseek(fd, data, os.SEEK_HOLE)
+assert data == 512 << 20, data
+assert hole == (512 << 20) + 16384, hole
+assert os.pread(fd, 8, data) == b"data\0\0\0\0"
+assert os.fstat(fd).st_blocks * 512 <= 64 << 10, os.fstat(fd).st_blocks
+PY
 
 step "tessera stats --json on the mounted datastore"
 tessera stats "$DS" --json >"$TEST_TMP/stats.json" || fail "tessera stats --json failed while mounted"
