@@ -121,6 +121,15 @@ pub enum Falloc {
     ZeroRange { keep_size: bool },
 }
 
+/// File data operations apply to regular files only.
+fn require_file(kind: Kind) -> FsResult<()> {
+    match kind {
+        Kind::File => Ok(()),
+        Kind::Dir => Err(FsError::IsDir),
+        _ => Err(FsError::Invalid("not a regular file")),
+    }
+}
+
 impl Engine {
     pub(crate) fn entry(&self, ino: InodeId) -> Arc<FileEntry> {
         self.files.entry(ino).or_default().clone()
@@ -148,11 +157,7 @@ impl Engine {
         let g = st.as_ref().map(|s| s.state.read());
         let rtx = self.read_txn()?;
         let inode = get_inode(&rtx.open_table(INODES)?, ino)?;
-        match inode.kind {
-            Kind::File => {}
-            Kind::Dir => return Err(FsError::IsDir),
-            _ => return Err(FsError::Invalid("not a regular file")),
-        }
+        require_file(inode.kind)?;
         let size = g.as_ref().and_then(|g| g.size).unwrap_or(inode.size);
         if offset >= size || len == 0 {
             return Ok(Vec::new());
@@ -236,13 +241,8 @@ impl Engine {
         };
         if g.size.is_none() {
             load(&mut stored)?;
-            let k = stored.as_ref().map(|s| s.1.kind);
-            if k != Some(Kind::File) {
-                return Err(if k == Some(Kind::Dir) {
-                    FsError::IsDir
-                } else {
-                    FsError::Invalid("not a regular file")
-                });
+            if let Some((_, inode)) = &stored {
+                require_file(inode.kind)?;
             }
         }
         let mut pos = offset;
@@ -535,11 +535,7 @@ impl Engine {
         if let Some(sz) = s.size {
             let rtx = self.read_txn()?;
             let inode = get_inode(&rtx.open_table(INODES)?, ino)?;
-            match inode.kind {
-                Kind::File => {}
-                Kind::Dir => return Err(FsError::IsDir),
-                _ => return Err(FsError::Invalid("not a regular file")),
-            }
+            require_file(inode.kind)?;
             if sz < inode.size && sz % c != 0 {
                 let idx = sz / c;
                 if let Some(id) = tree::get(&rtx.open_table(NODES)?, inode.root, idx)? {
@@ -636,13 +632,7 @@ impl Engine {
         let _f = st.flush.lock();
         let mut g = st.state.write();
         let inode = self.getattr_locked(ino, &g)?;
-        if inode.kind != Kind::File {
-            return Err(if inode.kind == Kind::Dir {
-                FsError::IsDir
-            } else {
-                FsError::Invalid("not a regular file")
-            });
-        }
+        require_file(inode.kind)?;
         let (keep_size, zero) = match mode {
             Falloc::Allocate { keep_size } => (keep_size, false),
             Falloc::PunchHole => (true, true),
