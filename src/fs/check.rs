@@ -42,7 +42,7 @@ impl Walk<'_> {
     /// Count one reference to `id` and, the first time, walk it; returns its chunk total.
     fn visit(&mut self, id: u64, height: u8, owner: InodeId) -> u64 {
         *self.node_refs.entry(id).or_insert(0) += 1;
-        let node = match tree::load(self.nodes, id) {
+        let node = match tree::load(self.nodes, tree::NodeId(id)) {
             Ok(n) => n,
             Err(e) => {
                 self.problems.push(format!("inode {}: {e}", owner.0));
@@ -70,8 +70,8 @@ impl Walk<'_> {
                 }
                 if first && height > 0 {
                     for (slot, (child, total)) in s.iter().enumerate() {
-                        if *child != 0 {
-                            let t = self.visit(*child, height - 1, owner);
+                        if !child.is_none() {
+                            let t = self.visit(child.0, height - 1, owner);
                             if t != *total {
                                 self.problems.push(format!(
                                     "node {id} slot {slot}: records {total} chunks under child {child}, found {t}"
@@ -102,8 +102,8 @@ impl Engine {
             problems: Vec::new(),
         };
         for (ino, i) in &inodes {
-            if i.kind == Kind::File && i.root.node != 0 {
-                let t = walk.visit(i.root.node, i.root.height, *ino);
+            if i.kind == Kind::File && !i.root.node.is_none() {
+                let t = walk.visit(i.root.node.0, i.root.height, *ino);
                 if t != i.aux {
                     walk.problems.push(format!(
                         "inode {}: records {} chunks, its map has {t}",

@@ -156,7 +156,7 @@ impl Engine {
                         if off_in == 0
                             && off_out == 0
                             && shared == si.size
-                            && di.root.node == 0
+                            && di.root.node.is_none()
                             && src != dst
                         {
                             w.tree().incref_node(si.root.node)?;

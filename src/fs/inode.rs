@@ -103,7 +103,7 @@ impl Time {
 /// A chunk-map tree root: node id (0 = empty file) and height (0 = the root is a leaf).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Root {
-    pub node: u64,
+    pub node: super::tree::NodeId,
     pub height: u8,
 }
 
@@ -184,7 +184,7 @@ impl Inode {
             put(&t.nsecs.to_le_bytes());
         }
         put(&self.generation.0.to_le_bytes());
-        put(&self.root.node.to_le_bytes());
+        put(&self.root.node.0.to_le_bytes());
         put(&[self.root.height]);
         put(&self.aux.to_le_bytes());
         b
@@ -229,7 +229,10 @@ impl Inode {
             mtime: times[1],
             ctime: times[2],
             generation,
-            root: Root { node, height },
+            root: Root {
+                node: super::tree::NodeId(node),
+                height,
+            },
             aux,
         })
     }
@@ -244,7 +247,7 @@ mod tests {
         let mut i = Inode::new(Kind::File, 0o4755, 1000, 100, Generation(42));
         i.size = 1 << 40;
         i.root = Root {
-            node: 77,
+            node: crate::fs::tree::NodeId(77),
             height: 2,
         };
         i.aux = 5;

@@ -31,6 +31,25 @@ use crate::store::ChunkTables;
 pub const FANOUT_BITS: u32 = 8;
 pub const FANOUT: usize = 1 << FANOUT_BITS;
 
+/// Identifies a chunk-map tree node (key of the `nodes` and `noderefs` tables). 0 is "none":
+/// an empty subtree, or the root of an empty file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u64);
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl NodeId {
+    pub const NONE: NodeId = NodeId(0);
+
+    pub fn is_none(self) -> bool {
+        self == NodeId::NONE
+    }
+}
+
 /// Number of chunk slots a node at `height` covers.
 fn coverage(height: u8) -> u128 {
     1u128 << (FANOUT_BITS * (u32::from(height) + 1))
@@ -45,7 +64,7 @@ fn child_span(height: u8) -> u64 {
 pub enum Node {
     Leaf(Box<[Option<ChunkId>; FANOUT]>),
     /// (child node id or 0, chunks present under it)
-    Interior(u8, Box<[(u64, u64); FANOUT]>),
+    Interior(u8, Box<[(NodeId, u64); FANOUT]>),
 }
 
 impl Node {
@@ -53,7 +72,7 @@ impl Node {
         if height == 0 {
             Node::Leaf(Box::new([None; FANOUT]))
         } else {
-            Node::Interior(height, Box::new([(0, 0); FANOUT]))
+            Node::Interior(height, Box::new([(NodeId::NONE, 0); FANOUT]))
         }
     }
 
@@ -68,7 +87,7 @@ impl Node {
     fn is_empty(&self) -> bool {
         match self {
             Node::Leaf(s) => s.iter().all(|c| c.is_none()),
-            Node::Interior(_, s) => s.iter().all(|c| c.0 == 0),
+            Node::Interior(_, s) => s.iter().all(|c| c.0.is_none()),
         }
     }
 
@@ -88,12 +107,12 @@ impl Node {
             }
             Node::Interior(h, s) => {
                 out.push(*h);
-                let n = s.iter().filter(|c| c.0 != 0).count() as u16;
+                let n = s.iter().filter(|c| !c.0.is_none()).count() as u16;
                 out.extend_from_slice(&n.to_le_bytes());
                 for (i, c) in s.iter().enumerate() {
-                    if c.0 != 0 {
+                    if !c.0.is_none() {
                         out.push(i as u8);
-                        out.extend_from_slice(&c.0.to_le_bytes());
+                        out.extend_from_slice(&c.0 .0.to_le_bytes());
                         out.extend_from_slice(&c.1.to_le_bytes());
                     }
                 }
@@ -118,7 +137,7 @@ impl Node {
                 Node::Interior(_, s) => {
                     let id = u64::from_le_bytes(b.get(p..p + 8)?.try_into().ok()?);
                     let t = u64::from_le_bytes(b.get(p + 8..p + 16)?.try_into().ok()?);
-                    s[slot] = (id, t);
+                    s[slot] = (NodeId(id), t);
                     p += 16;
                 }
             }
@@ -127,13 +146,13 @@ impl Node {
     }
 }
 
-fn bad(id: u64) -> FsError {
+fn bad(id: NodeId) -> FsError {
     FsError::BadMeta(format!("chunk-map node {id} is missing or damaged"))
 }
 
 /// Load a node through any readable table (read or write transaction).
-pub fn load<T: ReadableTable<u64, &'static [u8]>>(nodes: &T, id: u64) -> FsResult<Node> {
-    let v = nodes.get(id)?.ok_or_else(|| bad(id))?;
+pub fn load<T: ReadableTable<u64, &'static [u8]>>(nodes: &T, id: NodeId) -> FsResult<Node> {
+    let v = nodes.get(id.0)?.ok_or_else(|| bad(id))?;
     Node::decode(v.value()).ok_or_else(|| bad(id))
 }
 
@@ -143,7 +162,7 @@ pub fn get<T: ReadableTable<u64, &'static [u8]>>(
     root: Root,
     idx: u64,
 ) -> FsResult<Option<ChunkId>> {
-    if root.node == 0 || u128::from(idx) >= coverage(root.height) {
+    if root.node.is_none() || u128::from(idx) >= coverage(root.height) {
         return Ok(None);
     }
     let (mut id, mut h) = (root.node, root.height);
@@ -152,7 +171,7 @@ pub fn get<T: ReadableTable<u64, &'static [u8]>>(
             Node::Leaf(s) => return Ok(s[(idx as usize) & (FANOUT - 1)]),
             Node::Interior(_, s) => {
                 let slot = ((idx >> (FANOUT_BITS * u32::from(h))) as usize) & (FANOUT - 1);
-                if s[slot].0 == 0 {
+                if s[slot].0.is_none() {
                     return Ok(None);
                 }
                 id = s[slot].0;
@@ -170,7 +189,7 @@ pub fn collect<T: ReadableTable<u64, &'static [u8]>>(
     to: u64,
 ) -> FsResult<Vec<(u64, ChunkId)>> {
     let mut out = Vec::new();
-    if root.node != 0 && from < to {
+    if !root.node.is_none() && from < to {
         collect_in(nodes, root.node, root.height, 0, from, to, &mut out)?;
     }
     Ok(out)
@@ -178,7 +197,7 @@ pub fn collect<T: ReadableTable<u64, &'static [u8]>>(
 
 fn collect_in<T: ReadableTable<u64, &'static [u8]>>(
     nodes: &T,
-    id: u64,
+    id: NodeId,
     height: u8,
     base: u64,
     from: u64,
@@ -198,7 +217,7 @@ fn collect_in<T: ReadableTable<u64, &'static [u8]>>(
             let span = child_span(height);
             for (i, c) in s.iter().enumerate() {
                 let cb = base + i as u64 * span;
-                if c.0 != 0 && cb < to && cb.saturating_add(span) > from {
+                if !c.0.is_none() && cb < to && cb.saturating_add(span) > from {
                     collect_in(nodes, c.0, height - 1, cb, from, to, out)?;
                 }
             }
@@ -215,7 +234,7 @@ pub fn seek<T: ReadableTable<u64, &'static [u8]>>(
     from: u64,
     want_data: bool,
 ) -> FsResult<Option<u64>> {
-    if root.node == 0 || u128::from(from) >= coverage(root.height) {
+    if root.node.is_none() || u128::from(from) >= coverage(root.height) {
         return Ok(if want_data { None } else { Some(from) });
     }
     let r = seek_in(nodes, root.node, root.height, 0, from, want_data)?;
@@ -227,7 +246,7 @@ pub fn seek<T: ReadableTable<u64, &'static [u8]>>(
 
 fn seek_in<T: ReadableTable<u64, &'static [u8]>>(
     nodes: &T,
-    id: u64,
+    id: NodeId,
     height: u8,
     base: u64,
     from: u64,
@@ -250,7 +269,7 @@ fn seek_in<T: ReadableTable<u64, &'static [u8]>>(
                     continue;
                 }
                 let start = from.max(cb);
-                if c.0 == 0 {
+                if c.0.is_none() {
                     if !want_data {
                         return Ok(Some(start));
                     }
@@ -278,46 +297,46 @@ pub struct TreeTx<'a, 'txn> {
 }
 
 impl TreeTx<'_, '_> {
-    fn refcount(&self, id: u64) -> FsResult<u64> {
-        Ok(self.refs.get(id)?.map_or(0, |v| v.value()))
+    fn refcount(&self, id: NodeId) -> FsResult<u64> {
+        Ok(self.refs.get(id.0)?.map_or(0, |v| v.value()))
     }
 
-    fn put(&mut self, id: u64, node: &Node) -> FsResult<()> {
-        self.nodes.insert(id, node.encode().as_slice())?;
+    fn put(&mut self, id: NodeId, node: &Node) -> FsResult<()> {
+        self.nodes.insert(id.0, node.encode().as_slice())?;
         Ok(())
     }
 
-    fn alloc(&mut self) -> u64 {
-        let id = *self.next_node;
+    fn alloc(&mut self) -> NodeId {
+        let id = NodeId(*self.next_node);
         *self.next_node += 1;
         id
     }
 
     /// One more reference to a node (a clone of a file shares its root).
-    pub fn incref_node(&mut self, id: u64) -> FsResult<()> {
-        if id != 0 {
+    pub fn incref_node(&mut self, id: NodeId) -> FsResult<()> {
+        if !id.is_none() {
             let r = self.refcount(id)?;
             if r == 0 {
                 return Err(bad(id));
             }
-            self.refs.insert(id, r + 1)?;
+            self.refs.insert(id.0, r + 1)?;
         }
         Ok(())
     }
 
     /// One reference fewer; a node nobody references releases its children and is deleted.
-    pub fn decref_node(&mut self, id: u64) -> FsResult<()> {
-        if id == 0 {
+    pub fn decref_node(&mut self, id: NodeId) -> FsResult<()> {
+        if id.is_none() {
             return Ok(());
         }
         let r = self.refcount(id)?;
         if r > 1 {
-            self.refs.insert(id, r - 1)?;
+            self.refs.insert(id.0, r - 1)?;
             return Ok(());
         }
         let node = load(&*self.nodes, id)?;
-        self.refs.remove(id)?;
-        self.nodes.remove(id)?;
+        self.refs.remove(id.0)?;
+        self.nodes.remove(id.0)?;
         match node {
             Node::Leaf(s) => {
                 for c in s.iter().flatten() {
@@ -335,7 +354,7 @@ impl TreeTx<'_, '_> {
 
     /// Load a node for modification: a shared node is copied first (its children gain a
     /// reference, it loses one). Returns the id to write the modified node under.
-    fn own(&mut self, id: u64) -> FsResult<(u64, Node)> {
+    fn own(&mut self, id: NodeId) -> FsResult<(NodeId, Node)> {
         let node = load(&*self.nodes, id)?;
         let r = self.refcount(id)?;
         if r <= 1 {
@@ -353,16 +372,16 @@ impl TreeTx<'_, '_> {
                 }
             }
         }
-        self.refs.insert(id, r - 1)?;
+        self.refs.insert(id.0, r - 1)?;
         let new = self.alloc();
-        self.refs.insert(new, 1)?;
+        self.refs.insert(new.0, 1)?;
         Ok((new, node))
     }
 
     /// Delete a private node that became empty.
-    fn free(&mut self, id: u64) -> FsResult<()> {
-        self.nodes.remove(id)?;
-        self.refs.remove(id)?;
+    fn free(&mut self, id: NodeId) -> FsResult<()> {
+        self.nodes.remove(id.0)?;
+        self.refs.remove(id.0)?;
         Ok(())
     }
 
@@ -386,7 +405,7 @@ impl TreeTx<'_, '_> {
             return self.set_bounded(root, &ups, locs);
         };
         while u128::from(max) >= coverage(root.height) {
-            if root.node != 0 {
+            if !root.node.is_none() {
                 let mut n = Node::empty(root.height + 1);
                 let total = load(&*self.nodes, root.node)?.total();
                 if let Node::Interior(_, s) = &mut n {
@@ -394,7 +413,7 @@ impl TreeTx<'_, '_> {
                 }
                 let id = self.alloc();
                 self.put(id, &n)?;
-                self.refs.insert(id, 1)?;
+                self.refs.insert(id.0, 1)?;
                 root.node = id;
             }
             root.height += 1;
@@ -414,7 +433,7 @@ impl TreeTx<'_, '_> {
         locs: &HashMap<ChunkId, ChunkLoc>,
     ) -> FsResult<(Root, u64)> {
         if ups.is_empty() {
-            let total = if root.node == 0 {
+            let total = if root.node.is_none() {
                 0
             } else {
                 load(&*self.nodes, root.node)?.total()
@@ -425,7 +444,7 @@ impl TreeTx<'_, '_> {
         Ok((
             Root {
                 node: id,
-                height: if id == 0 { 0 } else { root.height },
+                height: if id.is_none() { 0 } else { root.height },
             },
             total,
         ))
@@ -433,18 +452,18 @@ impl TreeTx<'_, '_> {
 
     fn set_in(
         &mut self,
-        id: u64,
+        id: NodeId,
         height: u8,
         base: u64,
         ups: &[(u64, Option<ChunkId>)],
         locs: &HashMap<ChunkId, ChunkLoc>,
-    ) -> FsResult<(u64, u64)> {
-        let (id, mut node) = if id == 0 {
+    ) -> FsResult<(NodeId, u64)> {
+        let (id, mut node) = if id.is_none() {
             if ups.iter().all(|u| u.1.is_none()) {
-                return Ok((0, 0));
+                return Ok((NodeId::NONE, 0));
             }
             let id = self.alloc();
-            self.refs.insert(id, 1)?;
+            self.refs.insert(id.0, 1)?;
             (id, Node::empty(height))
         } else {
             self.own(id)?
@@ -486,7 +505,7 @@ impl TreeTx<'_, '_> {
         }
         if node.is_empty() {
             self.free(id)?;
-            return Ok((0, 0));
+            return Ok((NodeId::NONE, 0));
         }
         self.put(id, &node)?;
         Ok((id, node.total()))
@@ -494,23 +513,29 @@ impl TreeTx<'_, '_> {
 
     /// Drop every slot `>= keep` (truncate). Returns the new root and chunks present.
     pub fn truncate(&mut self, root: Root, keep: u64) -> FsResult<(Root, u64)> {
-        if root.node == 0 {
+        if root.node.is_none() {
             return Ok((Root::default(), 0));
         }
         let (id, total) = self.trunc_in(root.node, root.height, 0, keep)?;
         Ok((
             Root {
                 node: id,
-                height: if id == 0 { 0 } else { root.height },
+                height: if id.is_none() { 0 } else { root.height },
             },
             total,
         ))
     }
 
-    fn trunc_in(&mut self, id: u64, height: u8, base: u64, keep: u64) -> FsResult<(u64, u64)> {
+    fn trunc_in(
+        &mut self,
+        id: NodeId,
+        height: u8,
+        base: u64,
+        keep: u64,
+    ) -> FsResult<(NodeId, u64)> {
         if base >= keep {
             self.decref_node(id)?;
-            return Ok((0, 0));
+            return Ok((NodeId::NONE, 0));
         }
         if u128::from(base) + coverage(height) <= u128::from(keep) {
             return Ok((id, load(&*self.nodes, id)?.total()));
@@ -527,7 +552,7 @@ impl TreeTx<'_, '_> {
             Node::Interior(_, s) => {
                 let span = child_span(height);
                 for (i, c) in s.iter_mut().enumerate() {
-                    if c.0 != 0 {
+                    if !c.0.is_none() {
                         *c = self.trunc_in(c.0, height - 1, base + i as u64 * span, keep)?;
                     }
                 }
@@ -535,7 +560,7 @@ impl TreeTx<'_, '_> {
         }
         if node.is_empty() {
             self.free(id)?;
-            return Ok((0, 0));
+            return Ok((NodeId::NONE, 0));
         }
         self.put(id, &node)?;
         Ok((id, node.total()))
@@ -557,7 +582,7 @@ mod tests {
         assert_eq!(n.total(), 2);
         let mut i = Node::empty(2);
         if let Node::Interior(_, s) = &mut i {
-            s[1] = (44, 10);
+            s[1] = (NodeId(44), 10);
         }
         assert_eq!(Node::decode(&i.encode()), Some(i));
         assert_eq!(Node::decode(&[0, 1, 0]), None);
