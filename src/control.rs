@@ -75,6 +75,10 @@ pub enum Request {
         dsts: Vec<String>,
     },
     Stats,
+    /// Compact packs whose live share is below `min_live`.
+    Gc {
+        min_live: f64,
+    },
 }
 
 /// The answer: `ok` with a result, or an error with a kind the CLI can act on.
@@ -103,6 +107,10 @@ fn handle(engine: &Engine, req: Request) -> Response {
         Request::Stats => match engine.stats() {
             Ok(s) => ok(serde_json::to_value(s).unwrap_or_default()),
             Err(e) => err(e.to_string()),
+        },
+        Request::Gc { min_live } => match engine.gc(min_live, &|_, _| {}) {
+            Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),
+            Err(e) => err(format!("gc failed: {e}")),
         },
         Request::Clone { src, dsts } => {
             let dsts: Vec<Vec<u8>> = dsts.into_iter().map(String::into_bytes).collect();

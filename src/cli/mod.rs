@@ -3,6 +3,7 @@
 
 pub mod clone;
 pub mod fsck;
+pub mod gc;
 pub mod init;
 pub mod mount;
 pub mod stats;
@@ -31,6 +32,7 @@ pub enum Cmd {
     Clone(clone::Args),
     Stats(stats::Args),
     Fsck(fsck::Args),
+    Gc(gc::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -40,6 +42,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Clone(a) => clone::run(a),
         Cmd::Stats(a) => stats::run(a),
         Cmd::Fsck(a) => fsck::run(a),
+        Cmd::Gc(a) => gc::run(a),
     }
 }
 

@@ -221,8 +221,8 @@ impl Engine {
         Ok(data.len())
     }
 
-    pub(crate) fn write_locked(
-        &self,
+    pub(crate) fn write_locked<'e>(
+        &'e self,
         ino: InodeId,
         g: &mut FileState,
         offset: u64,
@@ -230,8 +230,8 @@ impl Engine {
     ) -> FsResult<()> {
         let c = self.chunk_size;
         let end = offset + data.len() as u64;
-        let mut stored: Option<(redb::ReadTransaction, Inode)> = None;
-        let load = |stored: &mut Option<(redb::ReadTransaction, Inode)>| -> FsResult<()> {
+        let mut stored: Option<(super::Snapshot<'e>, Inode)> = None;
+        let load = |stored: &mut Option<(super::Snapshot<'e>, Inode)>| -> FsResult<()> {
             if stored.is_none() {
                 let rtx = self.read_txn()?;
                 let inode = get_inode(&rtx.open_table(INODES)?, ino)?;
@@ -455,7 +455,7 @@ impl Engine {
                 .filter_map(|(i, id)| id.filter(|id| seen.insert(*id)).map(|id| (id, *i)))
                 .collect();
             let ids: Vec<ChunkId> = distinct.iter().map(|d| d.0).collect();
-            let stored = self.store.contains_many(&self.read_txn()?, &ids)?;
+            let stored = self.store.contains_many(&*self.read_txn()?, &ids)?;
             need.extend(
                 distinct
                     .into_iter()

@@ -24,6 +24,7 @@ pub mod clone;
 pub mod data;
 pub mod dir;
 pub mod error;
+pub mod gc;
 pub mod inode;
 pub mod stats;
 #[cfg(test)]
@@ -131,6 +132,20 @@ pub struct Engine {
     /// flusher thread, which holds no strong reference to the engine while it waits.
     pressure: Arc<(Mutex<bool>, parking_lot::Condvar)>,
     flusher_running: AtomicBool,
+}
+
+/// A read transaction that also keeps the packs it may read from being deleted by compaction
+/// until it ends (compaction deletes a pack only once no snapshot older than its commit lives).
+pub(crate) struct Snapshot<'a> {
+    txn: redb::ReadTransaction,
+    _gate: parking_lot::RwLockReadGuard<'a, ()>,
+}
+
+impl std::ops::Deref for Snapshot<'_> {
+    type Target = redb::ReadTransaction;
+    fn deref(&self) -> &redb::ReadTransaction {
+        &self.txn
+    }
 }
 
 /// The tables a metadata transaction works on, opened once per transaction.
@@ -372,8 +387,12 @@ impl Engine {
         Ok(out)
     }
 
-    pub(crate) fn read_txn(&self) -> FsResult<redb::ReadTransaction> {
-        Ok(self.db.begin_read()?)
+    pub(crate) fn read_txn(&self) -> FsResult<Snapshot<'_>> {
+        let gate = self.store.read_gate();
+        Ok(Snapshot {
+            txn: self.db.begin_read()?,
+            _gate: gate,
+        })
     }
 
     /// Attributes of `ino`, including data written but not yet flushed.

@@ -74,6 +74,9 @@ pub struct Store {
     active: Mutex<Option<Active>>,
     /// Packs appended to since their last sync.
     unsynced: Mutex<BTreeSet<PackId>>,
+    /// Readers hold it shared while they may read packs; compaction holds it exclusively to
+    /// delete a pack, so no read that looked up an old location is still running.
+    gate: parking_lot::RwLock<()>,
     /// Decompressed, verified chunks, most recently used first.
     cache: quick_cache::sync::Cache<ChunkId, Arc<Vec<u8>>>,
     zstd_level: i32,
@@ -110,6 +113,7 @@ impl Store {
         Ok(Store {
             io,
             active: Mutex::new(None),
+            gate: parking_lot::RwLock::new(()),
             unsynced: Mutex::new(BTreeSet::new()),
             cache: quick_cache::sync::Cache::new(cache_items.max(16)),
             zstd_level,
@@ -170,6 +174,56 @@ impl Store {
                 refs: 0,
             })
             .collect())
+    }
+
+    /// Shared hold on the pack-deletion gate (recursive: a reader may nest snapshots).
+    pub fn read_gate(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.gate.read_recursive()
+    }
+
+    /// Delete a pack once no reader can still be reading it.
+    pub fn retire_pack(&self, pack: PackId) -> Result<(), StoreError> {
+        let _no_readers = self.gate.write();
+        self.io.remove(pack)?;
+        Ok(())
+    }
+
+    /// Close the active pack (synced); the next append starts a new one. Lets compaction
+    /// work on the pack that was being appended to.
+    pub fn seal_active(&self) -> Result<(), StoreError> {
+        let mut a = self.active.lock();
+        if let Some(act) = a.take() {
+            self.io.sync(act.pack)?;
+            self.unsynced.lock().remove(&act.pack);
+        }
+        Ok(())
+    }
+
+    /// The pack appends go to now, if any.
+    pub fn active_pack(&self) -> Option<PackId> {
+        self.active.lock().as_ref().map(|a| a.pack)
+    }
+
+    /// Read and verify a record, returning it re-appendable as is (no recompression).
+    pub fn read_record(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Encoded, StoreError> {
+        let rec = self
+            .io
+            .read_at(
+                loc.pack,
+                loc.offset,
+                RECORD_HEADER_LEN + loc.stored_len as usize,
+            )
+            .map_err(|e| StoreError::Corrupt {
+                id: *id,
+                detail: format!("pack {:08x} unreadable: {e}", loc.pack.0),
+            })?;
+        self.verify(id, loc, &rec)?;
+        Ok(Encoded {
+            id: *id,
+            payload: rec[RECORD_HEADER_LEN..].to_vec(),
+            codec: loc.codec,
+            raw_len: loc.raw_len,
+        })
     }
 
     /// Make every append so far durable. Called before every durable metadata commit.
@@ -422,6 +476,37 @@ impl<'txn> ChunkTables<'txn> {
         let mut loc = self.get(id)?.ok_or(StoreError::Missing(*id))?;
         loc.refs += 1;
         self.chunks.insert(&id.0, loc.encode().as_slice())?;
+        Ok(())
+    }
+
+    /// Point a chunk at a new copy of its record (compaction); its old record becomes dead.
+    pub fn relocate(&mut self, id: &ChunkId, new: &ChunkLoc) -> Result<(), StoreError> {
+        let old = self.get(id)?.ok_or(StoreError::Missing(*id))?;
+        let mut l = *new;
+        l.refs = old.refs;
+        self.chunks.insert(&id.0, l.encode().as_slice())?;
+        let rec = |l: &ChunkLoc| RECORD_HEADER_LEN as u64 + u64::from(l.stored_len);
+        let (live, dead) = self.packs.get(old.pack.0)?.map_or((0, 0), |v| v.value());
+        self.packs.insert(
+            old.pack.0,
+            (live.saturating_sub(rec(&old)), dead + rec(&old)),
+        )?;
+        let (live, dead) = self.packs.get(l.pack.0)?.map_or((0, 0), |v| v.value());
+        self.packs.insert(l.pack.0, (live + rec(&l), dead))?;
+        Ok(())
+    }
+
+    /// Count a record nothing references (a copy made by compaction that lost a race).
+    pub fn add_dead(&mut self, loc: &ChunkLoc) -> Result<(), StoreError> {
+        let rec = RECORD_HEADER_LEN as u64 + u64::from(loc.stored_len);
+        let (live, dead) = self.packs.get(loc.pack.0)?.map_or((0, 0), |v| v.value());
+        self.packs.insert(loc.pack.0, (live, dead + rec))?;
+        Ok(())
+    }
+
+    /// Forget a pack's accounting (it is about to be deleted).
+    pub fn forget_pack(&mut self, pack: PackId) -> Result<(), StoreError> {
+        self.packs.remove(pack.0)?;
         Ok(())
     }
 

@@ -1,0 +1,68 @@
+//! `tessera gc`: give the space of deleted data back by compacting packs (mounted or not).
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Result};
+
+use tessera::control::Request;
+use tessera::fs::gc::GcReport;
+
+/// Compact packs whose live share fell below a threshold; frees disk space of deleted data.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The datastore folder.
+    pub dir: PathBuf,
+    /// Compact packs with less than this share of live data (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.5)]
+    pub min_live: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if !(0.0..=1.0).contains(&a.min_live) {
+        bail!(
+            "--min-live must be between 0.0 and 1.0 (got {})",
+            a.min_live
+        );
+    }
+    let dir = super::datastore_arg(&a.dir)?;
+    let r: GcReport = match super::access(&dir)? {
+        super::Access::Served(d) => serde_json::from_value(super::ask(
+            &d,
+            &Request::Gc {
+                min_live: a.min_live,
+            },
+        )?)?,
+        super::Access::Own(_lock, engine) => {
+            let pb = super::progress_bar(0, "compacting packs");
+            let r = engine
+                .gc(a.min_live, &|done, total| {
+                    pb.set_length(total);
+                    pb.set_position(done);
+                })
+                .map_err(|e| anyhow!("gc failed: {e}"))?;
+            pb.finish_and_clear();
+            r
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "compacted {} pack(s): moved {} chunks ({} MiB), freed {} MiB",
+            r.packs_compacted,
+            r.chunks_moved,
+            r.bytes_moved >> 20,
+            r.bytes_freed >> 20
+        );
+        if r.packs_skipped_damaged > 0 {
+            println!(
+                "{} pack(s) with damaged records were left alone: run tessera fsck",
+                r.packs_skipped_damaged
+            );
+        }
+    }
+    Ok(())
+}
