@@ -56,6 +56,14 @@ for r in $(seq 1 "$ROUNDS"); do
         </dev/null >"$wlog" 2>&1 &
     wpid=$!
     BG_PIDS+=("$wpid")
+    # Every other round, compaction runs in the serving process while the writer writes, so
+    # some kills land in the middle of a gc (copy, switch, delete) as well.
+    gcpid=
+    if [ $((r % 2)) = 0 ]; then
+        (while tessera gc "$DS" --min-live 1.0 >/dev/null 2>&1; do sleep 0.2; done) &
+        gcpid=$!
+        BG_PIDS+=("$gcpid")
+    fi
     ms=$((MIN_MS + RANDOM % (MAX_MS - MIN_MS + 1)))
     sleep "$((ms / 1000)).$(printf %03d $((ms % 1000)))"
     if ! pid_running "$wpid"; then
@@ -65,6 +73,15 @@ for r in $(seq 1 "$ROUNDS"); do
     fi
 
     kill9_mount "$MNT"            # the crash, after ${ms} ms of writing
+    if [ -n "$gcpid" ]; then
+        # Stop the gc loop. A `tessera gc` that found the daemon dead runs on the datastore
+        # itself: kill it too (one more crash in the middle of a compaction).
+        kill "$gcpid" 2>/dev/null || true
+        pkill -KILL -f "tessera gc $DS" 2>/dev/null || true
+        wait_pid_exit "$gcpid" 10 || kill -KILL "$gcpid" 2>/dev/null || true
+        reap "$gcpid"
+        for _ in $(seq 50); do pgrep -f "tessera gc $DS" >/dev/null || break; sleep 0.1; done
+    fi
     # the writer now gets ENOTCONN and stops by itself
     if ! wait_pid_exit "$wpid" 15; then
         log "writer still running 15 s after the crash; killing it"
