@@ -206,17 +206,7 @@ impl Store {
 
     /// Read and verify a record, returning it re-appendable as is (no recompression).
     pub fn read_record(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Encoded, StoreError> {
-        let rec = self
-            .io
-            .read_at(
-                loc.pack,
-                loc.offset,
-                RECORD_HEADER_LEN + loc.stored_len as usize,
-            )
-            .map_err(|e| StoreError::Corrupt {
-                id: *id,
-                detail: format!("pack {:08x} unreadable: {e}", loc.pack.0),
-            })?;
+        let rec = self.fetch_record(id, loc)?;
         self.verify(id, loc, &rec)?;
         Ok(Encoded {
             id: *id,
@@ -376,8 +366,14 @@ impl Store {
 
     /// Read and verify the record at `loc`, bypassing the cache (used by fsck and scrub).
     pub fn read_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
-        let rec = self
-            .io
+        let rec = self.fetch_record(id, loc)?;
+        self.verify(id, loc, &rec)
+    }
+
+    /// The raw bytes (header + payload) of the record at `loc`. A missing or short pack is
+    /// damage (`Corrupt`); other I/O errors stay I/O errors.
+    fn fetch_record(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
+        self.io
             .read_at(
                 loc.pack,
                 loc.offset,
@@ -389,8 +385,7 @@ impl Store {
                     detail: format!("pack {:08x} is missing or truncated: {e}", loc.pack.0),
                 },
                 _ => StoreError::Io(e),
-            })?;
-        self.verify(id, loc, &rec)
+            })
     }
 
     /// Check a record (header + payload) against the index entry and the chunk id; decode it.
