@@ -69,6 +69,8 @@ pub fn lock(dir: &Path) -> Result<DatastoreLock, LockError> {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Ping,
+    /// Verify every chunk.
+    Scrub,
     /// Clone `src` to every path in `dsts` (paths inside the datastore).
     Clone {
         src: String,
@@ -107,6 +109,10 @@ fn handle(engine: &Engine, req: Request) -> Response {
         Request::Stats => match engine.stats() {
             Ok(s) => ok(serde_json::to_value(s).unwrap_or_default()),
             Err(e) => err(e.to_string()),
+        },
+        Request::Scrub => match engine.scrub(&|_, _| {}) {
+            Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),
+            Err(e) => err(format!("scrub failed: {e}")),
         },
         Request::Gc { min_live } => match engine.gc(min_live, &|_, _| {}) {
             Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),

@@ -6,6 +6,7 @@ pub mod fsck;
 pub mod gc;
 pub mod init;
 pub mod mount;
+pub mod scrub;
 pub mod stats;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ pub enum Cmd {
     Stats(stats::Args),
     Fsck(fsck::Args),
     Gc(gc::Args),
+    Scrub(scrub::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -43,6 +45,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Stats(a) => stats::run(a),
         Cmd::Fsck(a) => fsck::run(a),
         Cmd::Gc(a) => gc::run(a),
+        Cmd::Scrub(a) => scrub::run(a),
     }
 }
 

@@ -26,6 +26,7 @@ pub mod dir;
 pub mod error;
 pub mod gc;
 pub mod inode;
+pub mod scrub;
 pub mod stats;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,56 @@
+//! `tessera scrub`: verify every stored chunk, mounted or not; exit 1 if anything is damaged.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Result};
+
+use tessera::control::Request;
+use tessera::fs::scrub::ScrubReport;
+
+/// Read every stored chunk and check it against its id; name damaged files and offsets.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The datastore folder.
+    pub dir: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let dir = super::datastore_arg(&a.dir)?;
+    let r: ScrubReport = match super::access(&dir)? {
+        super::Access::Served(d) => serde_json::from_value(super::ask(&d, &Request::Scrub)?)?,
+        super::Access::Own(_lock, engine) => {
+            let pb = super::progress_bar(0, "verifying chunks");
+            let r = engine
+                .scrub(&|done, total| {
+                    pb.set_length(total);
+                    pb.set_position(done);
+                })
+                .map_err(|e| anyhow!("scrub failed: {e}"))?;
+            pb.finish_and_clear();
+            r
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "checked {} chunks ({} MiB)",
+            r.chunks_checked,
+            r.bytes_checked >> 20
+        );
+        for d in &r.damaged {
+            println!("damaged: {} at offset {}", d.path, d.offset);
+        }
+    }
+    if !r.damaged_chunks.is_empty() {
+        bail!(
+            "{} damaged chunk(s) in {} place(s); restore the named files from a copy, or delete them",
+            r.damaged_chunks.len(),
+            r.damaged.len()
+        );
+    }
+    Ok(())
+}
