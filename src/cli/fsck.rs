@@ -30,14 +30,8 @@ pub fn run(a: Args) -> Result<()> {
     })?;
     let engine = Engine::open(&dir, Tuning::default())
         .map_err(|e| anyhow!("cannot open datastore {}: {e}", dir.display()))?;
-    let pb = super::progress_bar(0, "verifying chunks");
-    let report = engine
-        .fsck(&|done, total| {
-            pb.set_length(total);
-            pb.set_position(done);
-        })
+    let report = super::with_progress("verifying chunks", |p| engine.fsck(p))
         .map_err(|e| anyhow!("fsck could not read the datastore: {e}"))?;
-    pb.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -36,15 +36,8 @@ pub fn run(a: Args) -> Result<()> {
             },
         )?)?,
         super::Access::Own(_lock, engine) => {
-            let pb = super::progress_bar(0, "compacting packs");
-            let r = engine
-                .gc(a.min_live, &|done, total| {
-                    pb.set_length(total);
-                    pb.set_position(done);
-                })
-                .map_err(|e| anyhow!("gc failed: {e}"))?;
-            pb.finish_and_clear();
-            r
+            super::with_progress("compacting packs", |p| engine.gc(a.min_live, p))
+                .map_err(|e| anyhow!("gc failed: {e}"))?
         }
     };
     if a.json {

@@ -227,6 +227,21 @@ pub fn parse_size(s: &str) -> Result<u32, String> {
     u32::try_from(n * mult).map_err(|_| format!("{s:?} is too large"))
 }
 
+/// Run a long engine operation with a progress bar on a terminal (nothing otherwise); the
+/// operation reports `(done, total)`.
+pub fn with_progress<T, E>(
+    what: &str,
+    op: impl FnOnce(&dyn Fn(u64, u64)) -> Result<T, E>,
+) -> Result<T, E> {
+    let pb = progress_bar(0, what);
+    let r = op(&|done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    });
+    pb.finish_and_clear();
+    r
+}
+
 /// A progress bar on a terminal, nothing otherwise.
 pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     use std::io::IsTerminal;

@@ -22,15 +22,8 @@ pub fn run(a: Args) -> Result<()> {
     let r: ScrubReport = match super::access(&dir)? {
         super::Access::Served(d) => serde_json::from_value(super::ask(&d, &Request::Scrub)?)?,
         super::Access::Own(_lock, engine) => {
-            let pb = super::progress_bar(0, "verifying chunks");
-            let r = engine
-                .scrub(&|done, total| {
-                    pb.set_length(total);
-                    pb.set_position(done);
-                })
-                .map_err(|e| anyhow!("scrub failed: {e}"))?;
-            pb.finish_and_clear();
-            r
+            super::with_progress("verifying chunks", |p| engine.scrub(p))
+                .map_err(|e| anyhow!("scrub failed: {e}"))?
         }
     };
     if a.json {
