@@ -3,7 +3,8 @@
 # Idempotent and quick when everything is there (no apt-get update, no cargo
 # install). Runs non-interactively; needs root (or passwordless sudo) only
 # when an apt package is missing.
-#   apt:   fuse3 (fusermount3), fio, libnfs-utils, qemu-utils, python3, make,
+#   apt:   fuse3 (fusermount3), fio, libnfs-utils, qemu-utils + qemu-block-extra (qemu's
+#          nfs:// driver; both of one version), python3, make,
 #          gcc + libc6-dev (linker, zstd-sys), util-linux (mountpoint), ca-certificates
 #   rustup components rustfmt and clippy (for `make lint`)
 #   cargo: pjdfstest 0.2.2 (fs-tests/pjdfstest.sh)
@@ -23,6 +24,14 @@ if command -v dpkg-query >/dev/null; then
     for p in "${APT_PACKAGES[@]}"; do
         [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null)" = "ii " ] || missing+=("$p")
     done
+    # qemu's nfs:// driver is a module in qemu-block-extra that loads only into a qemu-img of
+    # exactly its version: a qemu-utils from elsewhere (backports) is replaced by the one
+    # that matches the module from the release's own archive.
+    if [ -z "${RUNTIME_ONLY:-}" ]; then
+        qv=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+        bv=$(dpkg-query -W -f='${db:Status-Abbrev}${Version}' qemu-block-extra 2>/dev/null || true)
+        [ "$bv" = "ii $qv" ] || missing+=(qemu-block-extra)
+    fi
     if [ ${#missing[@]} -gt 0 ]; then
         say "installing: ${missing[*]}"
         if [ "$(id -u)" = 0 ]; then sudo=(); elif command -v sudo >/dev/null; then sudo=(sudo -n); else
@@ -30,7 +39,14 @@ if command -v dpkg-query >/dev/null; then
         fi
         export DEBIAN_FRONTEND=noninteractive
         "${sudo[@]}" apt-get update -q </dev/null
-        "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+        if [[ " ${missing[*]} " == *" qemu-block-extra "* ]]; then
+            v=$(apt-cache policy qemu-block-extra | awk '/Candidate:/ {print $2}')
+            [ -n "$v" ] && [ "$v" != "(none)" ] || die "no qemu-block-extra package in the apt sources"
+            missing=("${missing[@]/qemu-block-extra/}")
+            missing=("${missing[@]/qemu-utils/}")
+            missing+=("qemu-utils=$v" "qemu-block-extra=$v")
+        fi
+        "${sudo[@]}" apt-get install -y -q --no-install-recommends --allow-downgrades ${missing[*]} </dev/null
     else
         say "apt packages present"
     fi

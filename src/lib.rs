@@ -1,7 +1,7 @@
 //! Tessera: a deduplicating filesystem for VDI datastores.
 //!
 //! # Code map
-//! Layers depend one way only: `store` <- `fs` <- (`fuse`, `control`, `cli`).
+//! Layers depend one way only: `store` <- `fs` <- (`fuse`, `nfs`, `control`, `cli`).
 //!
 //! - [`store`]: chunks (blake3 ids, zstd), append-only pack files behind the [`store::pack::PackIo`]
 //!   seam, the chunk index and reference counts. Knows nothing of inodes.
@@ -11,6 +11,8 @@
 //!   clap**; front ends translate their requests into engine calls and engine errors into
 //!   their own (one exhaustive `match` each).
 //! - [`fuse`]: the FUSE adapter (fuser).
+//! - [`nfs`]: the NFSv3 adapter (nfs3_server, vendored with patches), the portmapper and the
+//!   client allow-list.
 //! - [`control`]: the Unix-socket protocol by which the CLI asks a serving process to clone or
 //!   report stats, and the datastore lock.
 //! - `cli` (in the binary): one file per subcommand.
@@ -18,5 +20,6 @@
 pub mod control;
 pub mod fs;
 pub mod fuse;
+pub mod nfs;
 pub mod schema;
 pub mod store;

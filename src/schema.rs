@@ -44,6 +44,9 @@ pub const K_ZSTD_LEVEL: &str = "zstd_level";
 pub const K_NEXT_INODE: &str = "next_inode";
 pub const K_NEXT_NODE: &str = "next_node";
 pub const K_NEXT_GENERATION: &str = "next_generation";
+/// A random id given to the datastore when it is created (NFS file handles carry it, so
+/// handles of another datastore, or of one re-created at the same path, read as stale).
+pub const K_DATASTORE_ID: &str = "datastore_id";
 /// Bumped by every durable barrier commit, so the commit is never empty.
 pub const K_BARRIERS: &str = "barriers";
 /// Number of distinct chunks stored.

@@ -7,6 +7,7 @@ pub mod gc;
 pub mod init;
 pub mod mount;
 pub mod scrub;
+pub mod serve;
 pub mod stats;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ pub struct Cli {
 pub enum Cmd {
     Init(init::Args),
     Mount(mount::Args),
+    Serve(serve::Args),
     Clone(clone::Args),
     Stats(stats::Args),
     Fsck(fsck::Args),
@@ -41,6 +43,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Init(a) => init::run(a),
         Cmd::Mount(a) => mount::run(a),
+        Cmd::Serve(a) => serve::run(a),
         Cmd::Clone(a) => clone::run(a),
         Cmd::Stats(a) => stats::run(a),
         Cmd::Fsck(a) => fsck::run(a),

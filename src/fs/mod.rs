@@ -118,6 +118,8 @@ pub struct Engine {
     store: Store,
     dir: Option<PathBuf>,
     chunk_size: u64,
+    /// See `K_DATASTORE_ID`.
+    id: u64,
     files: DashMap<InodeId, Arc<data::FileEntry>>,
     /// Open handles per inode (an unlinked inode lives until its last handle closes).
     open_counts: Mutex<HashMap<InodeId, u32>>,
@@ -223,6 +225,27 @@ pub(crate) fn get_inode<T: ReadableTable<u64, &'static [u8]>>(
         .ok_or_else(|| FsError::BadMeta(format!("inode {} does not decode", ino.0)))
 }
 
+/// A new datastore id: the creation time in nanoseconds, so a datastore re-created in the same
+/// place gets a larger id and NFS handles of the old one answer "stale".
+fn new_datastore_id() -> u64 {
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    ns.max(1)
+}
+
+/// The datastore's id; datastores made before ids existed get one now.
+fn datastore_id(db: &Database) -> FsResult<u64> {
+    if let Some(id) = db.begin_read()?.open_table(SUPER)?.get(K_DATASTORE_ID)? {
+        return Ok(id.value());
+    }
+    let id = new_datastore_id();
+    let txn = db.begin_write()?;
+    txn.open_table(SUPER)?.insert(K_DATASTORE_ID, id)?;
+    txn.commit()?;
+    Ok(id)
+}
+
 fn read_format(db: &Database) -> FsResult<Format> {
     let rtx = db.begin_read()?;
     let sup = rtx
@@ -278,6 +301,7 @@ impl Engine {
             w.sup.insert(K_ZSTD_LEVEL, format.zstd_level as u64)?;
             w.sup.insert(K_NEXT_INODE, 2)?;
             w.sup.insert(K_NEXT_GENERATION, 2)?;
+            w.sup.insert(K_DATASTORE_ID, new_datastore_id())?;
             let mut root = Inode::new(Kind::Dir, 0o755, 0, 0, Generation(1));
             root.nlink = 2;
             w.put_inode(InodeId::ROOT, &root)?;
@@ -313,11 +337,13 @@ impl Engine {
         let format = read_format(&db)?;
         let cache_items = (tuning.cache_bytes / u64::from(format.chunk_size)) as usize;
         let store = Store::open(io, format.zstd_level, cache_items)?;
+        let id = datastore_id(&db)?;
         let e = Engine {
             db,
             store,
             dir: None,
             chunk_size: u64::from(format.chunk_size),
+            id,
             files: DashMap::new(),
             open_counts: Mutex::new(HashMap::new()),
             dirty_bytes: AtomicU64::new(0),
@@ -344,6 +370,11 @@ impl Engine {
     pub fn into_parts(self) -> (Database, Arc<dyn PackIo>) {
         let io = self.store.io().clone();
         (self.db, io)
+    }
+
+    /// The datastore's id, fixed at creation (see `K_DATASTORE_ID`).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn chunk_size(&self) -> u64 {

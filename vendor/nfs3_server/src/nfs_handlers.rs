@@ -10,7 +10,6 @@ use crate::context::RPCContext;
 use crate::nfs_ext::{BoundedEntryPlusList, CookieVerfExt};
 use crate::rpcwire::handle;
 use crate::rpcwire::messages::{HandleResult, IncomingRpcMessage};
-use crate::units::{GIBIBYTE, TEBIBYTE};
 use crate::vfs::{NextResult, NfsFileSystem, VFSCapabilities};
 
 #[allow(clippy::enum_glob_use)]
@@ -225,7 +224,8 @@ where
     let res = PATHCONF3resok {
         obj_attributes: obj_attr,
         linkmax: 0,
-        name_max: 32768,
+        // Tessera patch: the real limit of a name (upstream said 32768)
+        name_max: context.vfs.name_max(),
         no_trunc: true,
         chown_restricted: true,
         case_insensitive: false,
@@ -243,15 +243,22 @@ where
     let handle = args.fsroot;
     let id = fh_to_id!(context, &handle);
     let obj_attr = nfs_option_from_result(context.vfs.getattr(&id).await);
+    let st = match context.vfs.fsstat(&id).await {
+        Ok(st) => st,
+        Err(stat) => {
+            return FSSTAT3res::Err((stat, FSSTAT3resfail { obj_attributes: obj_attr }));
+        }
+    };
     let fsstat = FSSTAT3resok {
         obj_attributes: obj_attr,
-        tbytes: TEBIBYTE,
-        fbytes: TEBIBYTE,
-        abytes: TEBIBYTE,
-        tfiles: GIBIBYTE,
-        ffiles: GIBIBYTE,
-        afiles: GIBIBYTE,
-        invarsec: u32::MAX,
+        tbytes: st.tbytes,
+        fbytes: st.fbytes,
+        abytes: st.abytes,
+        tfiles: st.tfiles,
+        ffiles: st.ffiles,
+        afiles: st.afiles,
+        // the answer changes with every write: clients must not cache it
+        invarsec: 0,
     };
 
     debug!("fsstat success {xid} --> {fsstat:?}");
@@ -421,21 +428,17 @@ where
     let dir_attributes = dir_attr_maybe.map_or(post_op_attr::None, post_op_attr::Some);
     let cookieverf = cookieverf3::from_attr(&dir_attributes);
 
+    // Tessera patch: cookies of the file system stay valid while the
+    // directory changes (as READDIRPLUS above already assumes), so a listing
+    // that spans a CREATE or REMOVE goes on instead of failing with
+    // NFS3ERR_BAD_COOKIE whenever the directory's mtime moved.
     if readdir3args.cookieverf.is_none() {
-        if readdir3args.cookie != 0 {
-            warn!(
-                " -- Invalid cookie. Expected 0, got {}",
-                readdir3args.cookie
-            );
-            return READDIR3res::Err((nfsstat3::NFS3ERR_BAD_COOKIE, READDIR3resfail::default()));
-        }
-        debug!(" -- Start of readdir");
+        debug!(" -- Start of readdir at cookie {}", readdir3args.cookie);
     } else if readdir3args.cookieverf != cookieverf {
-        warn!(
-            " -- Dir version mismatch. Received {:?}, Expected: {cookieverf:?}",
+        debug!(
+            " -- Dir changed since the listing began. Received {:?}, now: {cookieverf:?}",
             readdir3args.cookieverf,
         );
-        return READDIR3res::Err((nfsstat3::NFS3ERR_BAD_COOKIE, READDIR3resfail::default()));
     } else {
         debug!(" -- Resuming readdir. Cookie {}", readdir3args.cookie);
     }

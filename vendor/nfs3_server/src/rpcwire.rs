@@ -73,6 +73,18 @@ where
         }
     }
 
+    let caller = unix.then(|| context.auth.clone());
+    crate::vfs::with_caller(caller, dispatch(context, message, prog)).await
+}
+
+async fn dispatch<T>(
+    context: RPCContext<T>,
+    message: IncomingRpcMessage,
+    prog: u32,
+) -> anyhow::Result<HandleResult>
+where
+    T: NfsFileSystem,
+{
     match prog {
         portmap::PROGRAM => portmap_handlers::handle_portmap(context, message).await,
         nfs3_types::mount::PROGRAM => mount_handlers::handle_mount(context, message).await,

@@ -26,7 +26,12 @@ pub struct NFSTcpListener<T: NfsFileSystem + 'static> {
     transaction_tracker: Arc<TransactionTracker>,
     file_handle_converter: crate::vfs::handle::FileHandleConverter,
     stop_notify: Arc<tokio::sync::Notify>,
+    // Tessera patch: which peers may connect (None: all)
+    client_filter: Option<ClientFilter>,
 }
+
+/// Tessera patch: decides from the peer address whether a connection is served.
+pub type ClientFilter = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
 
 impl<T: NfsFileSystem + 'static> Drop for NFSTcpListener<T> {
     fn drop(&mut self) {
@@ -72,7 +77,12 @@ where
                         return Ok(());
                     }
                     Ok(n) => {
-                        let _ = socksend.write_all(&buf[..n]).await;
+                        // Tessera patch: when the message loop has ended (a
+                        // malformed or oversized record), close the connection
+                        // instead of reading into a pipe nobody drains.
+                        if socksend.write_all(&buf[..n]).await.is_err() {
+                            return Err(anyhow::anyhow!("message loop ended"));
+                        }
                     }
                     Err(ref e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => {
@@ -226,6 +236,7 @@ impl<T: NfsFileSystem + 'static> NFSTcpListener<T> {
             transaction_tracker: Self::new_transaction_tracker(),
             stop_notify: Arc::new(tokio::sync::Notify::new()),
             file_handle_converter,
+            client_filter: None,
         })
     }
 
@@ -239,6 +250,12 @@ impl<T: NfsFileSystem + 'static> NFSTcpListener<T> {
             MAX_ACTIVE_TRANSACTIONS,
             TRANSACTION_TRIM_THRESHOLD,
         ))
+    }
+
+    /// Tessera patch: serve only connections whose peer address passes
+    /// `filter`; others are closed at once, before any RPC is read.
+    pub fn with_client_filter(&mut self, filter: ClientFilter) {
+        self.client_filter = Some(filter);
     }
 
     /// Sets an optional NFS export name.
@@ -293,13 +310,26 @@ impl<T: NfsFileSystem + 'static> NFSTcp for NFSTcpListener<T> {
         tokio::spawn(cleaner_future);
 
         loop {
-            let (socket, _) = self.listener.accept().await?;
+            // Tessera patch: an accept error (EMFILE, ECONNABORTED...) must not
+            // end the server; upstream returned it and stopped serving.
+            let (socket, peer) = match self.listener.accept().await {
+                Ok(ok) => ok,
+                Err(e) => {
+                    error!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if let Some(filter) = &self.client_filter {
+                if !filter(peer.ip()) {
+                    tracing::warn!("refusing a connection from {peer}: not in the allowed clients");
+                    drop(socket);
+                    continue;
+                }
+            }
             let context = RPCContext {
                 local_port: self.port,
-                client_addr: socket
-                    .peer_addr()
-                    .expect("failed to get peer address")
-                    .to_string(),
+                client_addr: peer.to_string(),
                 auth: nfs3_types::rpc::auth_unix::default(),
                 vfs: self.arcfs.clone(),
                 mount_signal: self.mount_signal.clone(),

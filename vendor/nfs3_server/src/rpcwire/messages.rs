@@ -33,6 +33,10 @@ impl PackedRpcMessage {
     }
 }
 
+/// Tessera patch: the largest RPC record accepted: a 1 MiB WRITE (wtmax) plus
+/// generous room for headers and credentials.
+pub const MAX_RECORD_BYTES: usize = 1024 * 1024 + 64 * 1024;
+
 /// Contains collected RPC message fragments without their headers.
 #[derive(Default, Debug)]
 pub struct IncompleteRpcMessage(Vec<u8>);
@@ -44,6 +48,15 @@ impl IncompleteRpcMessage {
         let header: fragment_header = header_buf.into();
         let prev_length = self.0.len();
         let fragment_length = header.fragment_length() as usize;
+        // Tessera patch: bound a record before allocating it. Upstream resized
+        // to whatever the header claimed (up to 2 GiB per fragment, fragments
+        // without limit), so a few bytes from any peer could exhaust memory.
+        if prev_length + fragment_length > MAX_RECORD_BYTES {
+            bail!(
+                "RPC record of {} bytes is over the limit of {MAX_RECORD_BYTES}",
+                prev_length + fragment_length
+            );
+        }
         self.0.resize(prev_length + fragment_length, 0);
         input.read_exact(&mut self.0[prev_length..]).await?;
 

@@ -98,6 +98,12 @@ impl PartialEq<u64> for FileHandleU64 {
 pub struct FileHandleConverter {
     generation_number: u64,
     generation_number_le: [u8; 8],
+    // Tessera patch: the write verifier changes at every start of the server
+    // (RFC 1813: "unique between instances of the server where uncommitted
+    // data may be lost") even when the handle generation is fixed so that
+    // handles survive restarts. Upstream used the generation for both, so a
+    // fixed generation made lost UNSTABLE writes undetectable by clients.
+    write_verifier: [u8; 8],
 }
 
 impl FileHandleConverter {
@@ -117,10 +123,11 @@ impl FileHandleConverter {
     /// generation number so that file handles remain valid across all
     /// instances (e.g. behind a load balancer).
     #[must_use]
-    pub const fn with_generation_number(generation_number: u64) -> Self {
+    pub fn with_generation_number(generation_number: u64) -> Self {
         Self {
             generation_number,
             generation_number_le: generation_number.to_le_bytes(),
+            write_verifier: boot_verifier(),
         }
     }
 
@@ -169,8 +176,19 @@ impl FileHandleConverter {
     /// unique between instances of the NFS version 3 protocol
     /// server where uncommitted data may be lost.
     pub const fn verf(&self) -> writeverf3 {
-        writeverf3(self.generation_number_le)
+        writeverf3(self.write_verifier)
     }
+}
+
+/// A write verifier for this instance of the server: the start time in
+/// nanoseconds mixed with the process id, so two starts within one clock tick
+/// still differ.
+#[allow(clippy::cast_possible_truncation)] // the low 64 bits of the nanoseconds are enough
+fn boot_verifier() -> [u8; 8] {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos ^ (u64::from(std::process::id()) << 48)).to_le_bytes()
 }
 
 #[cfg(test)]
@@ -269,8 +287,11 @@ mod tests {
 
     #[test]
     fn test_with_generation_number_verf() {
-        let converter = FileHandleConverter::with_generation_number(12345);
-        assert_eq!(converter.verf().0, 12345u64.to_le_bytes());
+        // Tessera patch: the verifier is per instance, not the generation.
+        let a = FileHandleConverter::with_generation_number(12345);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let b = FileHandleConverter::with_generation_number(12345);
+        assert_ne!(a.verf().0, b.verf().0);
     }
 
     #[test]

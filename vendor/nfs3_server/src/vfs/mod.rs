@@ -36,6 +36,33 @@ use crate::nfs3_types::rpc::auth_unix;
 use crate::units::{GIBIBYTE, MEBIBYTE};
 use crate::vfs::adapters::ReadDirPlusToReadDir;
 
+tokio::task_local! {
+    static CALLER: Option<auth_unix>;
+}
+
+/// Tessera patch: the `AUTH_UNIX` credential of the call being served (`None`
+/// for other flavors or outside a call), so a file system can give new files
+/// their owner. Set for the whole handling of each call.
+#[must_use]
+pub fn caller() -> Option<auth_unix> {
+    CALLER.try_with(Clone::clone).ok().flatten()
+}
+
+pub(crate) async fn with_caller<F: Future>(auth: Option<auth_unix>, f: F) -> F::Output {
+    CALLER.scope(auth, f).await
+}
+
+/// Tessera patch: the answer of [`NfsReadFileSystem::fsstat`], in bytes and files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsStat {
+    pub tbytes: u64,
+    pub fbytes: u64,
+    pub abytes: u64,
+    pub tfiles: u64,
+    pub ffiles: u64,
+    pub afiles: u64,
+}
+
 /// What capabilities are supported
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VFSCapabilities {
@@ -144,6 +171,31 @@ pub trait NfsReadFileSystem: Send + Sync {
         &self,
         id: &Self::Handle,
     ) -> impl Future<Output = Result<nfspath3<'_>, nfsstat3>> + Send;
+
+    /// Tessera patch: the longest file name in bytes (PATHCONF).
+    fn name_max(&self) -> u32 {
+        255
+    }
+
+    /// Tessera patch: dynamic file system statistics for FSSTAT (bytes and
+    /// file slots: total, free, available to the caller). Upstream always
+    /// answered 1 TiB free; a hypervisor places disks by this answer.
+    fn fsstat(
+        &self,
+        root_fileid: &Self::Handle,
+    ) -> impl Future<Output = Result<FsStat, nfsstat3>> + Send {
+        let _ = root_fileid;
+        async move {
+            Ok(FsStat {
+                tbytes: 1024 * GIBIBYTE,
+                fbytes: 1024 * GIBIBYTE,
+                abytes: 1024 * GIBIBYTE,
+                tfiles: GIBIBYTE,
+                ffiles: GIBIBYTE,
+                afiles: GIBIBYTE,
+            })
+        }
+    }
 
     /// Get static file system Information
     fn fsinfo(

@@ -42,6 +42,17 @@ where
         self.0.root_dir()
     }
 
+    async fn fsstat(&self, root: &Self::Handle) -> Result<super::FsStat, nfsstat3> {
+        self.0.fsstat(root).await
+    }
+
+    async fn fsinfo(
+        &self,
+        root: &Self::Handle,
+    ) -> Result<nfs3_types::nfs3::FSINFO3resok, nfsstat3> {
+        self.0.fsinfo(root).await
+    }
+
     async fn lookup(
         &self,
         dirid: &Self::Handle,

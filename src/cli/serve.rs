@@ -1,0 +1,236 @@
+//! `tessera serve`: one process owns a datastore and serves it over NFSv3 (with a
+//! portmapper), on a FUSE mount point, or both at once, in the foreground. `tessera mount`
+//! is `serve` with a mount point only.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use nfs3_server::tcp::{NFSTcp, NFSTcpListener};
+use tessera::control::{self, LockError};
+use tessera::fs::{Engine, Tuning};
+use tessera::fuse::{config, TesseraFuse};
+use tessera::nfs::allow::{AllowList, Net};
+use tessera::nfs::portmap::{self, Services};
+use tessera::nfs::TesseraNfs;
+
+/// Serve a datastore over NFSv3 and/or FUSE until interrupted (Ctrl-C, SIGTERM).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The datastore folder.
+    pub dir: PathBuf,
+    /// Export over NFSv3 on this address (default 127.0.0.1:2049: loopback only, so a
+    /// datastore is never exposed by accident).
+    #[arg(long, value_name = "ADDR:PORT", num_args = 0..=1, default_missing_value = "127.0.0.1:2049")]
+    pub nfs: Option<SocketAddr>,
+    /// Also mount the datastore with FUSE on this folder.
+    #[arg(long, value_name = "DIR")]
+    pub mount: Option<PathBuf>,
+    /// NFS export path clients mount (default: / and the datastore folder's name).
+    #[arg(long, value_name = "PATH")]
+    pub export: Option<String>,
+    /// Export read-only: writes, creates and removes answer NFS3ERR_ROFS.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Serve only these clients (address or network, e.g. 10.0.0.0/8; repeatable).
+    /// Default: every client that can reach the NFS address.
+    #[arg(long, value_name = "NET")]
+    pub allow: Vec<Net>,
+    /// Portmapper port on the NFS address, TCP and UDP (0: none). Clients that take
+    /// nfs://HOST/path URLs (qemu, libnfs, ESXi) ask it where NFS is.
+    #[arg(long, default_value_t = 111, value_name = "PORT")]
+    pub portmap: u16,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Seconds between background flushes of written data (durable commits).
+    #[arg(long, default_value_t = 5)]
+    pub flush_interval: u64,
+}
+
+/// glibc malloc arenas for the daemon. The default (8 per core) lets freed chunk buffers of
+/// many FUSE and rayon threads pile up in separate arenas, adding resident memory under
+/// random-write load; 4 arenas keep contention low and memory bounded.
+const MALLOC_ARENAS: i32 = 4;
+
+/// The export path for `--export` (or the datastore folder's name).
+fn export_name(a: &Args, dir: &std::path::Path) -> String {
+    let raw = match &a.export {
+        Some(e) => e.clone(),
+        None => dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    format!("/{}", raw.trim_matches('/'))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.nfs.is_none() && a.mount.is_none() {
+        bail!("nothing to serve: give --nfs [ADDR:PORT], --mount DIR, or both");
+    }
+    // SAFETY: mallopt only changes allocator tuning; it is called before this process starts
+    // any other thread, and M_ARENA_MAX accepts any positive value.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
+    let dir = super::datastore_arg(&a.dir)?;
+    let mnt = match &a.mount {
+        Some(m) => {
+            let mnt = std::fs::canonicalize(m).with_context(|| {
+                format!(
+                    "mount point {} does not exist; create it first",
+                    m.display()
+                )
+            })?;
+            if !mnt.is_dir() {
+                bail!("mount point {} is not a folder", mnt.display());
+            }
+            Some(mnt)
+        }
+        None => None,
+    };
+    let _lock = control::lock(&dir).map_err(|e| match e {
+        LockError::Busy(pid) => anyhow!(
+            "datastore {} is already in use by process {pid}",
+            dir.display()
+        ),
+        e => anyhow!("{e}"),
+    })?;
+    let engine = Arc::new(
+        Engine::open(&dir, Tuning::default())
+            .map_err(|e| anyhow!("cannot open datastore {}: {e}", dir.display()))?,
+    );
+    let _flusher = engine.spawn_flusher(Duration::from_secs(a.flush_interval.max(1)));
+    let sock =
+        control::serve(engine.clone(), &dir).context("cannot listen on the control socket")?;
+
+    // NFS runs on its own runtime; engine calls block, so workers hand off with
+    // block_in_place and the blocking pool grows as calls wait on disk.
+    let runtime = match a.nfs {
+        Some(addr) => Some(start_nfs(&a, addr, &dir, engine.clone())?),
+        None => None,
+    };
+
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    let mut session = match &mnt {
+        Some(mnt) => Some(
+            fuser::Session::new(
+                TesseraFuse::new(engine.clone()),
+                mnt,
+                &config(&dir, a.threads),
+            )
+            .with_context(|| {
+                format!(
+                    "cannot mount on {} (is fuse3 installed and /dev/fuse usable?)",
+                    mnt.display()
+                )
+            })?,
+        ),
+        None => None,
+    };
+    let mut unmounter = session.as_mut().map(|s| s.unmount_callable());
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            tracing::info!("signal received: stopping");
+            if let Some(u) = unmounter.as_mut() {
+                if let Err(e) = u.unmount() {
+                    tracing::error!("unmount failed: {e}");
+                }
+            }
+            let _ = stop_tx.send(());
+        }
+    });
+    let fuse_result = match (session, &mnt) {
+        (Some(session), Some(mnt)) => {
+            super::mount::raise_readahead(mnt.clone());
+            tracing::info!("serving {} on {}", dir.display(), mnt.display());
+            // Returns when unmounted, by a signal or by fusermount3 -u; NFS stops with it.
+            session.run()
+        }
+        _ => {
+            let _ = stop_rx.recv();
+            Ok(())
+        }
+    };
+    if let Some(rt) = runtime {
+        // In-flight calls finish or are dropped; nothing acknowledged as stable depends on
+        // them, and UNSTABLE data is flushed below before the verifier changes.
+        rt.shutdown_timeout(Duration::from_secs(5));
+    }
+    let _ = std::fs::remove_file(&sock);
+    engine
+        .sync_all()
+        .map_err(|e| anyhow!("final flush failed: {e}"))?;
+    fuse_result.context("FUSE session failed")?;
+    tracing::info!("stopped serving {}; all data flushed", dir.display());
+    Ok(())
+}
+
+fn start_nfs(
+    a: &Args,
+    addr: SocketAddr,
+    dir: &std::path::Path,
+    engine: Arc<Engine>,
+) -> Result<tokio::runtime::Runtime> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .thread_name("nfs")
+        .enable_all()
+        .build()
+        .context("cannot start the NFS runtime")?;
+    let export = export_name(a, dir);
+    let allow = AllowList(a.allow.clone());
+    if allow.0.is_empty() && !addr.ip().is_loopback() {
+        tracing::warn!("exporting to every host that can reach {addr}; restrict with --allow NET");
+    }
+    let fs = TesseraNfs::new(engine.clone(), a.read_only);
+    let mut listener = rt
+        .block_on(NFSTcpListener::bind_with_generation(
+            &addr.to_string(),
+            fs,
+            engine.id(),
+        ))
+        .with_context(|| format!("cannot listen for NFS on {addr}"))?;
+    listener.with_export_name(&export);
+    let filter = allow.clone();
+    listener.with_client_filter(Arc::new(move |ip: IpAddr| filter.allows(ip)));
+    let nfs_port = listener.get_listen_port();
+    if a.portmap != 0 {
+        let pm = SocketAddr::new(addr.ip(), a.portmap);
+        let svc = Services {
+            nfs_port,
+            pmap_port: a.portmap,
+        };
+        match rt.block_on(portmap::serve(pm, svc)) {
+            Ok(()) => tracing::info!("portmapper on {pm} (tcp, udp)"),
+            Err(e) => tracing::warn!(
+                "no portmapper on {pm}: {e}; clients must be given port {nfs_port} \
+                 (is rpcbind running? stop it or pass --portmap 0)"
+            ),
+        }
+    }
+    let shown = if addr.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
+        "all addresses".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    tracing::info!(
+        "exporting {} as {export} over NFSv3 on {shown} port {nfs_port}{}",
+        dir.display(),
+        if a.read_only { " (read-only)" } else { "" }
+    );
+    rt.spawn(async move {
+        if let Err(e) = listener.handle_forever().await {
+            tracing::error!("NFS listener stopped: {e}");
+        }
+    });
+    Ok(rt)
+}
