@@ -226,3 +226,78 @@ expect_error() {
 }
 
 sha() { tmo sha256sum -- "$1" | awk '{ print $1 }'; }
+
+# ---- tessera serve (NFS, optionally with a FUSE mount)
+NFS_HOST=127.0.0.1
+SERVE_PID=
+SERVE_MNT=
+NFS_CLIENT=$FS_TESTS_DIR/nfs_client.py
+
+# port_busy PORT: something listens on TCP PORT of 127.0.0.1.
+port_busy() { (exec 3<>"/dev/tcp/$NFS_HOST/$1") 2>/dev/null; }
+
+# start_serve DS [--mount MNT] [SERVE ARGS...]: start `tessera serve DS --nfs`
+# on 127.0.0.1:2049 (portmapper on 111) in the background; wait (<= 20 s) until
+# NFS answers and, with --mount, until MNT is mounted.
+start_serve() {
+    local ds=$1 pid logf deadline
+    shift
+    SERVE_MNT=
+    [ "${1:-}" = --mount ] && SERVE_MNT=$(abs "$2") && mkdir -p -- "$SERVE_MNT"
+    [ -z "$SERVE_PID" ] || fail "start_serve: a server (pid $SERVE_PID) is already running"
+    for p in 2049 111; do
+        port_busy "$p" && fail "start_serve: port $p on $NFS_HOST is in use (another NFS server or rpcbind?)"
+    done
+    MOUNT_SEQ=$((MOUNT_SEQ + 1))
+    logf=$TEST_TMP/logs/serve-$MOUNT_SEQ.log
+    "$TESSERA" serve "$ds" --nfs "$NFS_HOST:2049" "$@" </dev/null >"$logf" 2>&1 &
+    pid=$!
+    SERVE_PID=$pid
+    [ -z "$SERVE_MNT" ] || MOUNT_PID[$SERVE_MNT]=$pid
+    BG_PIDS+=("$pid")
+    deadline=$((SECONDS + 20))
+    until port_busy 2049 && { [ -z "$SERVE_MNT" ] || { [[ "$(fstype_at "$SERVE_MNT")" == fuse* ]] && timeout 5 mountpoint -q -- "$SERVE_MNT"; }; }; do
+        if ! pid_running "$pid"; then
+            reap "$pid"
+            SERVE_PID=
+            [ -z "$SERVE_MNT" ] || unset "MOUNT_PID[$SERVE_MNT]"
+            show_log "$logf" 20
+            fail "tessera serve $ds exited with status $REAPED before serving"
+        fi
+        [ $SECONDS -lt "$deadline" ] || fail "tessera serve $ds: not serving after 20 s"
+        sleep 0.1
+    done
+    log "serving $ds over NFS on $NFS_HOST:2049${SERVE_MNT:+ and on $SERVE_MNT} (pid $pid, log $logf)"
+}
+
+# stop_serve: SIGTERM; the server must unmount, flush and exit 0 within 30 s.
+stop_serve() {
+    local pid=$SERVE_PID
+    [ -n "$pid" ] || fail "stop_serve: no server running"
+    kill -TERM "$pid"
+    wait_pid_exit "$pid" 30 || fail "stop_serve: tessera serve (pid $pid) still running 30 s after SIGTERM"
+    reap "$pid"
+    SERVE_PID=
+    [ -z "$SERVE_MNT" ] || { unset "MOUNT_PID[$SERVE_MNT]"; wait_unmounted "$SERVE_MNT" 10 || fail "stop_serve: $SERVE_MNT still mounted"; }
+    [ "$REAPED" = 0 ] || fail "stop_serve: tessera serve exited with status $REAPED after SIGTERM"
+    log "server stopped (SIGTERM, exit 0)"
+}
+
+# kill9_serve: kill -9 the server (a crash) and remove its dead mount, if any.
+kill9_serve() {
+    local pid=$SERVE_PID
+    [ -n "$pid" ] || fail "kill9_serve: no server running"
+    disown "$pid" 2>/dev/null || true
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_pid_exit "$pid" 10 || fail "kill9_serve: pid $pid survived SIGKILL for 10 s"
+    reap "$pid"
+    SERVE_PID=
+    if [ -n "$SERVE_MNT" ]; then
+        unset "MOUNT_PID[$SERVE_MNT]"
+        lazy_unmount "$SERVE_MNT" || fail "kill9_serve: dead mount $SERVE_MNT is still mounted"
+    fi
+    log "killed -9 the server (pid $pid)"
+}
+
+# nfsc ARGS...: the raw NFS client (fs-tests/nfs_client.py), bounded in time.
+nfsc() { tmo python3 "$NFS_CLIENT" "$@"; }

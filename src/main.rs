@@ -13,8 +13,13 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
-                // fuser logs unimplemented requests and a harmless second unmount at WARN.
-                .unwrap_or_else(|_| "info,fuser=error".into()),
+                // fuser logs unimplemented requests and a harmless second unmount at WARN;
+                // nfs3_server logs every client-side error (a NOENT, a bad handle) at ERROR
+                // and each connection at INFO. Tessera logs what an admin must see itself;
+                // refused peers (nfs3_server::tcp) stay visible.
+                .unwrap_or_else(|_| {
+                    "info,fuser=error,nfs3_server=off,nfs3_server::tcp=warn".into()
+                }),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -11,11 +11,30 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use nfs3_server::tcp::{NFSTcp, NFSTcpListener};
 use tessera::control::{self, LockError};
+use tessera::fs::InodeId;
 use tessera::fs::{Engine, Tuning};
 use tessera::fuse::{config, TesseraFuse};
 use tessera::nfs::allow::{AllowList, Net};
 use tessera::nfs::portmap::{self, Services};
-use tessera::nfs::TesseraNfs;
+use tessera::nfs::{PeerCaches, TesseraNfs};
+
+/// The FUSE mount's kernel caches, told about changes made over NFS. Errors are ignored:
+/// the kernel answers ENOENT for what it has not cached.
+struct FuseCaches(fuser::Notifier);
+
+impl PeerCaches for FuseCaches {
+    fn inode(&self, ino: InodeId) {
+        // offset 0, length 0: attributes and all cached data of the inode
+        let _ = self.0.inval_inode(fuser::INodeNo(ino.0), 0, 0);
+    }
+
+    fn entry(&self, parent: InodeId, name: &[u8]) {
+        use std::os::unix::ffi::OsStrExt;
+        let _ = self
+            .0
+            .inval_entry(fuser::INodeNo(parent.0), std::ffi::OsStr::from_bytes(name));
+    }
+}
 
 /// Serve a datastore over NFSv3 and/or FUSE until interrupted (Ctrl-C, SIGTERM).
 #[derive(clap::Args, Debug)]
@@ -108,13 +127,6 @@ pub fn run(a: Args) -> Result<()> {
     let sock =
         control::serve(engine.clone(), &dir).context("cannot listen on the control socket")?;
 
-    // NFS runs on its own runtime; engine calls block, so workers hand off with
-    // block_in_place and the blocking pool grows as calls wait on disk.
-    let runtime = match a.nfs {
-        Some(addr) => Some(start_nfs(&a, addr, &dir, engine.clone())?),
-        None => None,
-    };
-
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -137,6 +149,15 @@ pub fn run(a: Args) -> Result<()> {
         None => None,
     };
     let mut unmounter = session.as_mut().map(|s| s.unmount_callable());
+    // NFS runs on its own runtime; engine calls block, so workers hand off with
+    // block_in_place and the blocking pool grows as calls wait on disk.
+    let peer = session
+        .as_ref()
+        .map(|s| Arc::new(FuseCaches(s.notifier())) as Arc<dyn PeerCaches>);
+    let runtime = match a.nfs {
+        Some(addr) => Some(start_nfs(&a, addr, &dir, engine.clone(), peer)?),
+        None => None,
+    };
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             tracing::info!("signal received: stopping");
@@ -179,6 +200,7 @@ fn start_nfs(
     addr: SocketAddr,
     dir: &std::path::Path,
     engine: Arc<Engine>,
+    peer: Option<Arc<dyn PeerCaches>>,
 ) -> Result<tokio::runtime::Runtime> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -191,7 +213,10 @@ fn start_nfs(
     if allow.0.is_empty() && !addr.ip().is_loopback() {
         tracing::warn!("exporting to every host that can reach {addr}; restrict with --allow NET");
     }
-    let fs = TesseraNfs::new(engine.clone(), a.read_only);
+    let mut fs = TesseraNfs::new(engine.clone(), a.read_only);
+    if let Some(peer) = peer {
+        fs = fs.with_peer(peer);
+    }
     let mut listener = rt
         .block_on(NFSTcpListener::bind_with_generation(
             &addr.to_string(),
@@ -209,7 +234,7 @@ fn start_nfs(
             nfs_port,
             pmap_port: a.portmap,
         };
-        match rt.block_on(portmap::serve(pm, svc)) {
+        match rt.block_on(portmap::serve(pm, svc, allow)) {
             Ok(()) => tracing::info!("portmapper on {pm} (tcp, udp)"),
             Err(e) => tracing::warn!(
                 "no portmapper on {pm}: {e}; clients must be given port {nfs_port} \

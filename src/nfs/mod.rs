@@ -115,15 +115,48 @@ impl From<FsError> for Fail {
     }
 }
 
+/// Kernel caches of another front end of the same process (the FUSE mount) that must drop
+/// what an NFS call changed, so a change made over NFS is seen through the mount at once.
+pub trait PeerCaches: Send + Sync {
+    /// Attributes and data of `ino` changed.
+    fn inode(&self, ino: InodeId);
+    /// The entry `name` of directory `parent` changed (removed, renamed, replaced).
+    fn entry(&self, parent: InodeId, name: &[u8]);
+}
+
 /// The NFS file system: a thin adapter over a shared engine.
 pub struct TesseraNfs {
     engine: Arc<Engine>,
     read_only: bool,
+    peer: Option<Arc<dyn PeerCaches>>,
 }
 
 impl TesseraNfs {
     pub fn new(engine: Arc<Engine>, read_only: bool) -> TesseraNfs {
-        TesseraNfs { engine, read_only }
+        TesseraNfs {
+            engine,
+            read_only,
+            peer: None,
+        }
+    }
+
+    /// Tell `peer` about every change made over NFS.
+    pub fn with_peer(mut self, peer: Arc<dyn PeerCaches>) -> TesseraNfs {
+        self.peer = Some(peer);
+        self
+    }
+
+    fn changed(&self, ino: InodeId) {
+        if let Some(p) = &self.peer {
+            p.inode(ino);
+        }
+    }
+
+    fn entry_changed(&self, parent: InodeId, name: &[u8]) {
+        if let Some(p) = &self.peer {
+            p.entry(parent, name);
+            p.inode(parent);
+        }
     }
 
     /// Run one engine operation. Engine calls block (disk I/O, fsync), so they run with the
@@ -415,6 +448,7 @@ impl NfsFileSystem for TesseraNfs {
             }
             Ok(e.setattr(h.ino(), &set)?)
         })?;
+        self.changed(h.ino());
         Ok(self.fattr(&a))
     }
 
@@ -444,6 +478,7 @@ impl NfsFileSystem for TesseraNfs {
             };
             Ok((e.getattr(h.ino())?, committed))
         })?;
+        self.changed(h.ino());
         Ok((self.fattr(&a), committed))
     }
 
@@ -477,6 +512,8 @@ impl NfsFileSystem for TesseraNfs {
                 Ok(e.setattr(a.ino, &set)?)
             }
         })?;
+        self.entry_changed(dir.ino(), name(n));
+        self.changed(a.ino);
         Ok((NfsHandle::of(&a), self.fattr(&a)))
     }
 
@@ -489,6 +526,7 @@ impl NfsFileSystem for TesseraNfs {
         self.writable()?;
         let ctx = caller();
         let (atime, mtime) = verf_times(&verf);
+        self.entry_changed(dir.ino(), name(n));
         self.run("create", |e| {
             live(e, dir)?;
             match e.mknod(dir.ino(), name(n), Kind::File, 0o644, 0, ctx) {
@@ -527,21 +565,26 @@ impl NfsFileSystem for TesseraNfs {
             live(e, dir)?;
             Ok(e.mkdir(dir.ino(), name(n), 0o755, ctx)?)
         })?;
+        self.entry_changed(dir.ino(), name(n));
         Ok((NfsHandle::of(&a), self.fattr(&a)))
     }
 
     async fn remove(&self, dir: &NfsHandle, n: &filename3<'_>) -> Result<(), nfsstat3> {
         self.writable()?;
         // REMOVE and RMDIR both land here: the kind of the entry decides.
-        self.run("remove", |e| {
+        let child = self.run("remove", |e| {
             live(e, dir)?;
             let a = e.lookup(dir.ino(), name(n))?;
             if a.inode.kind == Kind::Dir {
-                Ok(e.rmdir(dir.ino(), name(n))?)
+                e.rmdir(dir.ino(), name(n))?;
             } else {
-                Ok(e.unlink(dir.ino(), name(n))?)
+                e.unlink(dir.ino(), name(n))?;
             }
-        })
+            Ok(a.ino)
+        })?;
+        self.entry_changed(dir.ino(), name(n));
+        self.changed(child);
+        Ok(())
     }
 
     async fn rename<'a>(
@@ -562,7 +605,10 @@ impl NfsFileSystem for TesseraNfs {
                 name(to_name),
                 RenameFlags::default(),
             )?)
-        })
+        })?;
+        self.entry_changed(from.ino(), name(from_name));
+        self.entry_changed(to.ino(), name(to_name));
+        Ok(())
     }
 
     async fn symlink<'a>(
@@ -578,6 +624,7 @@ impl NfsFileSystem for TesseraNfs {
             live(e, dir)?;
             Ok(e.symlink(dir.ino(), name(n), &target.0, ctx)?)
         })?;
+        self.entry_changed(dir.ino(), name(n));
         Ok((NfsHandle::of(&a), self.fattr(&a)))
     }
 

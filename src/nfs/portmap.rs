@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+use super::allow::AllowList;
+
 pub const PMAP_PROG: u32 = 100_000;
 pub const PMAP_VERS: u32 = 2;
 pub const NFS_PROG: u32 = 100_003;
@@ -129,19 +131,22 @@ pub fn answer(call: &[u8], svc: &Services) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Serve the portmapper on `addr` over TCP and UDP until the runtime stops.
-pub async fn serve(addr: SocketAddr, svc: Services) -> std::io::Result<()> {
+/// Serve the portmapper on `addr` over TCP and UDP until the runtime stops, to the clients
+/// the export allows.
+pub async fn serve(addr: SocketAddr, svc: Services, allow: AllowList) -> std::io::Result<()> {
     let tcp = TcpListener::bind(addr).await?;
     let udp = UdpSocket::bind(addr).await?;
+    let allow_udp = allow.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             match udp.recv_from(&mut buf).await {
-                Ok((n, peer)) => {
+                Ok((n, peer)) if allow_udp.allows(peer.ip()) => {
                     if let Some(reply) = answer(&buf[..n], &svc) {
                         let _ = udp.send_to(&reply, peer).await;
                     }
                 }
+                Ok(_) => {}
                 Err(e) => tracing::debug!("portmap udp: {e}"),
             }
         }
@@ -149,6 +154,7 @@ pub async fn serve(addr: SocketAddr, svc: Services) -> std::io::Result<()> {
     tokio::spawn(async move {
         loop {
             match tcp.accept().await {
+                Ok((_, peer)) if !allow.allows(peer.ip()) => {}
                 Ok((s, _)) => {
                     tokio::spawn(async move {
                         let _ = tokio::time::timeout(IDLE * 4, serve_tcp(s, svc)).await;

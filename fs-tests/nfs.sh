@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# fs-tests/nfs.sh: the NFSv3 export, driven by real clients (libnfs-utils, qemu-img, qemu-io)
+# and by fs-tests/nfs_client.py where a client must keep handles or send raw calls.
+#
+# Protects: `tessera serve --nfs --mount` serving one datastore to NFS and FUSE at once;
+# nfs-cp both ways of 0 B, 1 B, 1 MiB + 1 B and a 3 GiB sparse file, byte for byte, and
+# NFS <-> FUSE visibility at once; qemu-img create (raw, qcow2), convert of a real ext4
+# image onto the export and back, info, check, compare; qemu-io pattern writes and verified
+# reads at random offsets; `tessera clone` through the serving process, visible over NFS
+# at once; READDIRPLUS of 10 000 entries, paged, stable while entries are created;
+# rename, symlink, SETATTR size/mtime, CREATE EXCLUSIVE; FSSTAT = the backing disk,
+# FSINFO maxfilesize >= 16 TiB; handles that survive SIGTERM and kill -9 restarts with
+# every stable or committed write intact and a new write verifier; STALE for deleted files;
+# hostile RPC input; read-only export; the client allow-list; fsck clean at the end.
+set -euo pipefail
+. "$(dirname -- "$0")/lib.sh"
+for c in nfs-ls nfs-cp nfs-cat qemu-img qemu-io python3 mkfs.ext4; do
+    command -v "$c" >/dev/null || fail "$c is required (make deps)"
+done
+
+make_tmp
+DS=$TEST_TMP/ds
+MNT=$TEST_TMP/mnt
+W=$TEST_TMP/work
+mkdir -p "$W"
+URL=nfs://$NFS_HOST/ds
+MiB=$((1024 * 1024))
+
+tessera init "$DS" >/dev/null
+start_serve "$DS" --mount "$MNT"
+
+step "nfs-cp both ways: 0 B, 1 B, 1 MiB + 1 B, 3 GiB sparse"
+: >"$W/zero.bin"
+printf 'x' >"$W/one.bin"
+head -c $((MiB + 1)) /dev/urandom >"$W/mib1.bin"
+truncate -s 3G "$W/sparse.bin"
+for off in 0 $((700 * MiB + 5)) $((3 * 1024 * MiB - 4096)); do
+    head -c 4096 /dev/urandom | dd of="$W/sparse.bin" bs=1 seek="$off" conv=notrunc status=none
+done
+for f in zero one mib1 sparse; do
+    tmo nfs-cp "$W/$f.bin" "$URL/$f.bin" >/dev/null
+    [ "$(sha "$W/$f.bin")" = "$(sha "$MNT/$f.bin")" ] || fail "$f.bin written over NFS reads differently through FUSE"
+    if [ "$f" = sparse ]; then
+        # back through nfs-cat to a pipe: no 3 GiB scratch file
+        [ "$(tmo nfs-cat "$URL/$f.bin" | sha256sum | awk '{print $1}')" = "$(sha "$W/$f.bin")" ] ||
+            fail "$f.bin reads back differently over NFS"
+    else
+        tmo nfs-cp "$URL/$f.bin" "$W/$f.back" >/dev/null
+        cmp "$W/$f.bin" "$W/$f.back" || fail "$f.bin reads back differently over NFS"
+    fi
+    log "ok: $f.bin ($(stat -c %s "$W/$f.bin") bytes) NFS -> FUSE and back over NFS"
+done
+[ "$(tmo nfs-cat "$URL/one.bin")" = x ] || fail "nfs-cat one.bin"
+alloc=$(stat -c %b "$MNT/sparse.bin")
+[ "$alloc" -lt $((64 * 1024 * 2)) ] || fail "3 GiB sparse file allocates $alloc sectors: holes were not kept"
+tmo nfs-ls "$URL/" | grep -q ' mib1.bin$' || fail "nfs-ls does not list mib1.bin"
+
+step "FUSE -> NFS at once"
+head -c $((3 * MiB + 7)) /dev/urandom >"$MNT/fuse-written.bin"
+[ "$(tmo nfs-cat "$URL/fuse-written.bin" | sha256sum | awk '{print $1}')" = "$(sha "$MNT/fuse-written.bin")" ] ||
+    fail "a file written through FUSE reads differently over NFS"
+log "ok: written through FUSE, identical over NFS at once"
+
+step "qemu-img: create, convert a real ext4 image onto the export and back, info, check, compare"
+mkdir -p "$W/tree"
+cp -r /usr/share/doc/. "$W/tree/" 2>/dev/null || true
+cp -r /usr/lib/python3* "$W/tree/" 2>/dev/null || true
+tmo mkfs.ext4 -q -F -d "$W/tree" "$W/real.raw" 512M
+rm -rf "$W/tree"
+tmo qemu-img create -f raw "$URL/blank.raw" 64M >/dev/null
+tmo qemu-img create -f qcow2 "$URL/blank.qcow2" 1G >/dev/null
+tmo qemu-img info "$URL/blank.qcow2" | grep -q 'virtual size: 1 GiB' || fail "qemu-img info of the new qcow2"
+[ "$(stat -c %s "$MNT/blank.raw")" = $((64 * MiB)) ] || fail "raw image created over NFS has the wrong size"
+tmo qemu-img convert -O qcow2 "$W/real.raw" "$URL/real.qcow2"
+tmo qemu-img convert -O raw "$W/real.raw" "$URL/real.raw"
+tmo qemu-img check "$URL/real.qcow2" >/dev/null || fail "qemu-img check of the converted qcow2"
+tmo qemu-img compare "$W/real.raw" "$URL/real.qcow2" >/dev/null || fail "qcow2 on the export differs from the source"
+tmo qemu-img compare "$W/real.raw" "$URL/real.raw" >/dev/null || fail "raw on the export differs from the source"
+tmo qemu-img convert -O raw "$URL/real.qcow2" "$W/real.back"
+cmp "$W/real.raw" "$W/real.back" || fail "image converted back from the export differs"
+rm -f "$W/real.back"
+tmo qemu-img info "$URL/real.qcow2" | grep -q 'file format: qcow2' || fail "qemu-img info of real.qcow2"
+log "ok: real.raw (ext4, $(du -m "$W/real.raw" | cut -f1) MiB used) onto the export as qcow2 and raw and back, identical"
+
+step "qemu-io: pattern writes at random offsets, verified reads in a new process"
+tmo qemu-img create -f qcow2 "$URL/io.qcow2" 2G >/dev/null
+writes=() reads=()
+for i in $(seq 1 24); do
+    len=$(( (RANDOM % 64 + 1) * 4096 ))
+    pat=$(( (i * 37) % 255 + 1 ))
+    # a random offset in the i-th 80 MiB stripe: patterns never overlap
+    off=$(( i * 80 * MiB + (RANDOM % 1024) * 512 ))
+    writes+=(-c "write -P $pat $off $len")
+    reads+=(-c "read -P $pat $off $len")
+done
+tmo qemu-io -f qcow2 "${writes[@]}" "$URL/io.qcow2" >"$W/qemu-io.w" || fail "qemu-io writes"
+tmo qemu-io -f qcow2 "${reads[@]}" "$URL/io.qcow2" >"$W/qemu-io.r" || fail "qemu-io reads"
+! grep -qi 'pattern verification failed\|error' "$W/qemu-io.r" || { cat "$W/qemu-io.r" >&2; fail "qemu-io read back wrong data"; }
+[ "$(grep -c '^read ' "$W/qemu-io.r")" = 24 ] || fail "qemu-io did not verify all 24 reads"
+tmo qemu-img check "$URL/io.qcow2" >/dev/null || fail "qemu-img check after qemu-io"
+log "ok: 24 pattern writes verified by a second qemu-io"
+
+step "tessera clone through the serving process: visible over NFS at once"
+tessera clone "$DS/real.raw" "$DS/clone-of-real.raw" >/dev/null
+tmo qemu-img compare "$W/real.raw" "$URL/clone-of-real.raw" >/dev/null || fail "clone seen over NFS differs"
+log "ok: clone made by the CLI reads identically over NFS"
+
+step "READDIRPLUS: 10 000 entries, paged, stable while entries are created"
+mkdir "$MNT/big"
+python3 -c "
+import os, sys
+d = sys.argv[1]
+for i in range(10000):
+    open(os.path.join(d, 'e%05d' % i), 'w').close()
+" "$MNT/big"
+root=$(nfsc lookup "$NFS_HOST" /ds "")
+big=$(nfsc lookup "$NFS_HOST" /ds big)
+tmo nfs-ls "$URL/big" | grep -c ' e[0-9]*$' >"$W/count"
+[ "$(cat "$W/count")" = 10000 ] || fail "nfs-ls lists $(cat "$W/count") of 10000 entries"
+# a paged listing (4 KiB pages) that stops after 5 pages while 2000 entries are created
+PAUSE_AT=5 nfsc listdir "$NFS_HOST" "$big" 4096 "$W/list" >"$W/list.pages" &
+lister=$!
+deadline=$((SECONDS + 60))
+until [ -e "$W/list.paused" ]; do [ $SECONDS -lt $deadline ] || fail "lister did not pause"; sleep 0.05; done
+python3 -c "
+import os, sys
+for i in range(2000):
+    open(os.path.join(sys.argv[1], 'n%05d' % i), 'w').close()
+" "$MNT/big"
+touch "$W/list.go"
+wait "$lister" || fail "paged READDIRPLUS failed"
+orig=$(grep -c '^e' "$W/list")
+dups=$(sort "$W/list" | uniq -d | wc -l)
+[ "$orig" = 10000 ] || fail "paged listing saw $orig of the 10000 entries that existed throughout"
+[ "$dups" = 0 ] || fail "paged listing repeated $dups names"
+log "ok: $(cat "$W/list.pages"); all 10000 old entries once, no repeats, $(grep -c '^n' "$W/list") of 2000 new ones seen"
+
+step "rename, symlink, SETATTR size/mtime, CREATE EXCLUSIVE"
+f=$(nfsc lookup "$NFS_HOST" /ds mib1.bin)
+nfsc rename "$NFS_HOST" "$root" mib1.bin "$big" moved.bin
+[ -f "$MNT/big/moved.bin" ] && [ ! -e "$MNT/mib1.bin" ] || fail "rename over NFS not seen through FUSE"
+cmp "$W/mib1.bin" "$MNT/big/moved.bin" || fail "renamed file changed"
+[ "$(nfsc getattr "$NFS_HOST" "$f")" = "size $((MiB + 1))" ] || fail "handle not valid after rename"
+[ "$(nfsc symlink "$NFS_HOST" "$root" link.raw big/moved.bin)" = big/moved.bin ] || fail "READLINK"
+[ "$(readlink "$MNT/link.raw")" = big/moved.bin ] || fail "symlink over NFS not seen through FUSE"
+nfsc setattr "$NFS_HOST" "$f" 4096 1234567890
+[ "$(stat -c '%s %Y' "$MNT/big/moved.bin")" = "4096 1234567890" ] || fail "SETATTR size/mtime: $(stat -c '%s %Y' "$MNT/big/moved.bin")"
+cmp -n 4096 "$W/mib1.bin" "$MNT/big/moved.bin" || fail "truncate over NFS damaged the head"
+e1=$(nfsc excl "$NFS_HOST" "$root" excl.bin 0102030405060708)
+e2=$(nfsc excl "$NFS_HOST" "$root" excl.bin 0102030405060708)
+[ "$e1" = "$e2" ] || fail "a retransmitted CREATE EXCLUSIVE did not find its file"
+[ "$(nfsc excl "$NFS_HOST" "$root" excl.bin 0807060504030201)" = NFS3ERR_EXIST ] || fail "CREATE EXCLUSIVE with another verifier must be EXIST"
+log "ok"
+
+step "FSSTAT is the backing disk, FSINFO allows >= 16 TiB files"
+read -r tb fb ab <<<"$(nfsc fsstat "$NFS_HOST" "$root")"
+read -r dtot davail <<<"$(df -B1 --output=size,avail "$DS" | tail -n 1)"
+[ "$tb" = "$dtot" ] || fail "FSSTAT total $tb != disk $dtot"
+diff=$(( ab > davail ? ab - davail : davail - ab ))
+[ "$diff" -lt $((256 * MiB)) ] || fail "FSSTAT available $ab far from the disk's $davail"
+read -r rtmax wtmax maxfs <<<"$(nfsc fsinfo "$NFS_HOST" "$root")"
+[ "$rtmax" = $MiB ] && [ "$wtmax" = $MiB ] || fail "rtmax/wtmax $rtmax/$wtmax, want 1 MiB"
+[ "$maxfs" -ge $((16 << 40)) ] || fail "maxfilesize $maxfs < 16 TiB"
+log "ok: total $tb, available $ab (df: $davail), maxfilesize $maxfs"
+
+step "restarts: handles survive SIGTERM and kill -9; stable and committed writes survive; verifier changes"
+rf=$(nfsc create "$NFS_HOST" "$root" restart.bin)
+head -c $((2 * MiB)) /dev/urandom >"$W/A"
+head -c $((MiB + 3)) /dev/urandom >"$W/B"
+head -c $((MiB)) /dev/urandom >"$W/C"
+read -r how1 v1 <<<"$(nfsc write "$NFS_HOST" "$rf" 0 "$W/A" unstable)"
+[ "$(nfsc commit "$NFS_HOST" "$rf")" = "$v1" ] || fail "COMMIT verifier differs from WRITE's without a restart"
+read -r how2 v2 <<<"$(nfsc write "$NFS_HOST" "$rf" $((4 * MiB)) "$W/B" file_sync)"
+[ "$how2" = file_sync ] || fail "FILE_SYNC write answered $how2"
+read -r how3 v3 <<<"$(nfsc write "$NFS_HOST" "$rf" $((8 * MiB)) "$W/C" unstable)"
+[ "$how3" = unstable ] || fail "an UNSTABLE write claimed $how3 (the engine buffers it)"
+kill9_serve
+start_serve "$DS" --mount "$MNT"
+[ "$(nfsc getattr "$NFS_HOST" "$rf")" != NFS3ERR_STALE ] || fail "handle went stale across kill -9"
+v4=$(nfsc commit "$NFS_HOST" "$rf")
+[ "$v4" != "$v1" ] || fail "write verifier unchanged after a crash: clients could not resend lost UNSTABLE data"
+nfsc read "$NFS_HOST" "$rf" 0 $((2 * MiB)) "$W/A.back"
+cmp "$W/A" "$W/A.back" || fail "committed data lost or changed by kill -9"
+nfsc read "$NFS_HOST" "$rf" $((4 * MiB)) $((MiB + 3)) "$W/B.back"
+cmp "$W/B" "$W/B.back" || fail "FILE_SYNC data lost or changed by kill -9"
+log "ok: after kill -9 the old handle works, committed and FILE_SYNC data intact, verifier changed"
+# SIGTERM: everything, UNSTABLE included, is flushed on the way down
+nfsc write "$NFS_HOST" "$rf" $((8 * MiB)) "$W/C" unstable >/dev/null
+stop_serve
+start_serve "$DS" --mount "$MNT"
+nfsc read "$NFS_HOST" "$rf" $((8 * MiB)) "$MiB" "$W/C.back"
+cmp "$W/C" "$W/C.back" || fail "data written before SIGTERM lost"
+[ "$(nfsc getattr "$NFS_HOST" "$big")" != NFS3ERR_STALE ] || fail "directory handle stale after SIGTERM restart"
+tmo qemu-img compare "$W/real.raw" "$URL/real.qcow2" >/dev/null || fail "image changed across restarts"
+log "ok: after SIGTERM the old handles work and everything written is there"
+
+step "STALE for a deleted file, also after its inode number could be reused"
+sf=$(nfsc create "$NFS_HOST" "$root" doomed.bin)
+nfsc remove "$NFS_HOST" "$root" doomed.bin
+for i in 1 2 3; do nfsc create "$NFS_HOST" "$root" "reborn$i.bin" >/dev/null; done
+[ "$(nfsc getattr "$NFS_HOST" "$sf")" = NFS3ERR_STALE ] || fail "handle of a deleted file is not STALE"
+log "ok"
+
+step "hostile input: malformed records, huge lengths, unknown procedures, garbage handles"
+before=$(sha "$MNT/big/moved.bin")
+nfsc hostile "$NFS_HOST" /ds >"$W/hostile.out" || { cat "$W/hostile.out" >&2; fail "hostile input"; }
+tail -n 1 "$W/hostile.out" >&2
+pid_running "$SERVE_PID" || fail "the server died on hostile input"
+[ "$(sha "$MNT/big/moved.bin")" = "$before" ] || fail "hostile input changed a file"
+tmo qemu-img compare "$W/real.raw" "$URL/real.qcow2" >/dev/null || fail "hostile input changed an image"
+stop_serve
+
+step "read-only export"
+start_serve "$DS" --read-only
+tmo nfs-cat "$URL/one.bin" >/dev/null || fail "read-only export cannot be read"
+! timeout 20 nfs-cp "$W/one.bin" "$URL/ro-attempt.bin" >/dev/null 2>&1 || fail "read-only export accepted a new file"
+[ "$(nfsc remove "$NFS_HOST" "$root" one.bin)" = NFS3ERR_ROFS ] || fail "read-only export: REMOVE not ROFS"
+stop_serve
+
+step "client allow-list"
+start_serve "$DS" --allow 127.0.0.2/32
+[ "$(NFS_SRC=127.0.0.2 nfsc getattr "$NFS_HOST" "$rf")" = "size $((9 * MiB))" ] || fail "allowed client refused"
+! timeout 20 nfs-ls "$URL/" >/dev/null 2>&1 || fail "a client outside the allow-list (127.0.0.1) was served"
+! NFS_SRC=127.0.0.1 nfsc getattr "$NFS_HOST" "$rf" >/dev/null 2>&1 || fail "raw client from 127.0.0.1 was served"
+grep -q 'refusing a connection from 127.0.0.1' "$TEST_TMP"/logs/serve-*.log || fail "refused peer not logged"
+stop_serve
+
+step "fsck after everything"
+tessera fsck "$DS" >/dev/null || fail "fsck found problems"
+log "ok: fsck clean"

@@ -1,0 +1,491 @@
+#!/usr/bin/env python3
+"""fs-tests/nfs_client.py: a raw NFSv3 client over TCP for what libnfs-utils and qemu cannot
+do from the command line: keep a file handle across a server restart, send WRITEs with a
+chosen stability and compare write verifiers, and send malformed or hostile RPC records.
+
+Subcommands (HOST is an IPv4 address; NFS and MOUNT are on PORT, default 2049):
+  lookup HOST EXPORT PATH            print the file handle of EXPORT/PATH (hex)
+  getattr HOST FH                    print "size N" or the NFS error name (exit 3)
+  read HOST FH OFFSET COUNT OUT      write the bytes read to OUT
+  write HOST FH OFFSET IN STABLE     write IN at OFFSET (STABLE: unstable|file_sync);
+                                     print "<committed> <verifier hex>"
+  commit HOST FH                     print the COMMIT verifier (hex)
+  remove HOST DIRFH NAME             REMOVE
+  create HOST DIRFH NAME             CREATE (unchecked); print the new handle
+  mkdir HOST DIRFH NAME              MKDIR; print the new handle
+  rename HOST DIRFH FROM TODIRFH TO  RENAME
+  symlink HOST DIRFH NAME TARGET     SYMLINK, then READLINK through the new handle
+  setattr HOST FH SIZE MTIME         SETATTR size (bytes, or -) and mtime (unix seconds, or -)
+  excl HOST DIRFH NAME VERF          CREATE EXCLUSIVE with an 8-byte verifier (hex)
+  fsstat HOST FH                     print "tbytes fbytes abytes"
+  fsinfo HOST FH                     print "rtmax wtmax maxfilesize"
+  listdir HOST DIRFH MAXCOUNT OUT    READDIRPLUS in pages of MAXCOUNT bytes, one name a line to
+                                     OUT; with env PAUSE_AT=N, waits for file OUT.go after N pages
+  hostile HOST EXPORT                send malformed records, huge lengths, unknown programs and
+                                     procedures, garbage handles; check the server answers
+                                     each sanely (or drops the connection) and stays up
+Exit status: 0 ok, 3 an NFS error, 1 anything else.
+"""
+import os
+import socket
+import struct
+import sys
+import time
+
+PORT = int(os.environ.get("NFS_PORT", "2049"))
+NFS, MOUNT = 100003, 100005
+ERRNAMES = {0: "NFS3_OK", 1: "NFS3ERR_PERM", 2: "NFS3ERR_NOENT", 5: "NFS3ERR_IO", 13: "NFS3ERR_ACCES",
+            17: "NFS3ERR_EXIST", 20: "NFS3ERR_NOTDIR", 21: "NFS3ERR_ISDIR", 22: "NFS3ERR_INVAL",
+            27: "NFS3ERR_FBIG", 28: "NFS3ERR_NOSPC", 30: "NFS3ERR_ROFS", 63: "NFS3ERR_NAMETOOLONG",
+            66: "NFS3ERR_NOTEMPTY", 70: "NFS3ERR_STALE", 10001: "NFS3ERR_BADHANDLE",
+            10004: "NFS3ERR_NOTSUPP", 10006: "NFS3ERR_SERVERFAULT"}
+
+
+class NfsError(Exception):
+    def __init__(self, status):
+        super().__init__(ERRNAMES.get(status, str(status)))
+        self.status = status
+
+
+def opaque(b):
+    return struct.pack(">I", len(b)) + b + b"\0" * (-len(b) % 4)
+
+
+def auth_unix():
+    body = struct.pack(">I", int(time.time())) + opaque(b"fs-tests") + struct.pack(">III", 0, 0, 0)
+    return struct.pack(">I", 1) + opaque(body)
+
+
+class Rpc:
+    def __init__(self, host, port=PORT, timeout=30):
+        # NFS_SRC: the local address to connect from (allow-list tests)
+        src = os.environ.get("NFS_SRC")
+        self.s = socket.create_connection((host, port), timeout=timeout,
+                                          source_address=(src, 0) if src else None)
+        self.xid = int(time.time() * 1000) & 0xFFFFFFF
+
+    def send_record(self, payload, last=True):
+        self.s.sendall(struct.pack(">I", (0x80000000 if last else 0) | len(payload)) + payload)
+
+    def recv_record(self):
+        out = b""
+        while True:
+            (h,) = struct.unpack(">I", self.recvn(4))
+            out += self.recvn(h & 0x7FFFFFFF)
+            if h & 0x80000000:
+                return out
+
+    def recvn(self, n):
+        b = b""
+        while len(b) < n:
+            c = self.s.recv(n - len(b))
+            if not c:
+                raise ConnectionError("server closed the connection")
+            b += c
+        return b
+
+    def call_raw(self, prog, vers, proc, args, rpcvers=2):
+        self.xid += 1
+        hdr = struct.pack(">IIIIII", self.xid, 0, rpcvers, prog, vers, proc) + auth_unix() + struct.pack(">II", 0, 0)
+        self.send_record(hdr + args)
+        r = self.recv_record()
+        xid, mtype, stat = struct.unpack(">III", r[:12])
+        assert xid == self.xid and mtype == 1, "reply does not match the call"
+        if stat != 0:  # MSG_DENIED
+            return ("denied", r[12:])
+        # verifier: flavor, opaque body
+        (vlen,) = struct.unpack(">I", r[16:20])
+        off = 20 + vlen + (-vlen % 4)
+        (accept,) = struct.unpack(">I", r[off:off + 4])
+        return (accept, r[off + 4:])
+
+    def call(self, prog, vers, proc, args):
+        accept, body = self.call_raw(prog, vers, proc, args)
+        if accept != 0:
+            raise RuntimeError(f"RPC not accepted: accept_stat {accept}")
+        return body
+
+
+def u32(b, o):
+    return struct.unpack(">I", b[o:o + 4])[0], o + 4
+
+
+def u64(b, o):
+    return struct.unpack(">Q", b[o:o + 8])[0], o + 8
+
+
+def take_opaque(b, o):
+    n, o = u32(b, o)
+    return b[o:o + n], o + n + (-n % 4)
+
+
+def skip_post_op_attr(b, o):
+    present, o = u32(b, o)
+    return o + (84 if present else 0)
+
+
+def skip_wcc(b, o):
+    present, o = u32(b, o)
+    o += 24 if present else 0
+    return skip_post_op_attr(b, o)
+
+
+def status_of(body):
+    st, o = u32(body, 0)
+    if st != 0:
+        raise NfsError(st)
+    return o
+
+
+def mount(rpc, export):
+    body = rpc.call(MOUNT, 3, 1, opaque(export.encode()))
+    st, o = u32(body, 0)
+    if st != 0:
+        raise RuntimeError(f"MNT {export} failed: mountstat {st}")
+    fh, o = take_opaque(body, o)
+    return fh
+
+
+def lookup(rpc, dirfh, name):
+    body = rpc.call(NFS, 3, 3, opaque(dirfh) + opaque(name.encode()))
+    o = status_of(body)
+    fh, o = take_opaque(body, o)
+    return fh
+
+
+def getattr_size(rpc, fh):
+    body = rpc.call(NFS, 3, 1, opaque(fh))
+    o = status_of(body)
+    # fattr3: type mode nlink uid gid (5 x u32) then size
+    size, _ = u64(body, o + 20)
+    return size
+
+
+def read(rpc, fh, off, count):
+    body = rpc.call(NFS, 3, 6, opaque(fh) + struct.pack(">QI", off, count))
+    o = status_of(body)
+    o = skip_post_op_attr(body, o)
+    n, o = u32(body, o)
+    eof, o = u32(body, o)
+    data, o = take_opaque(body, o)
+    return data, eof
+
+
+def write(rpc, fh, off, data, stable):
+    body = rpc.call(NFS, 3, 7, opaque(fh) + struct.pack(">QII", off, len(data), stable) + opaque(data))
+    o = status_of(body)
+    o = skip_wcc(body, o)
+    count, o = u32(body, o)
+    committed, o = u32(body, o)
+    return count, committed, body[o:o + 8]
+
+
+def commit(rpc, fh):
+    body = rpc.call(NFS, 3, 21, opaque(fh) + struct.pack(">QI", 0, 0))
+    o = status_of(body)
+    o = skip_wcc(body, o)
+    return body[o:o + 8]
+
+
+def remove(rpc, dirfh, name):
+    status_of(rpc.call(NFS, 3, 12, opaque(dirfh) + opaque(name.encode())))
+
+
+def create(rpc, dirfh, name):
+    # createhow3 UNCHECKED with sattr3: mode set 0644, nothing else
+    sattr = struct.pack(">IIIIIII", 1, 0o644, 0, 0, 0, 0, 0)
+    body = rpc.call(NFS, 3, 8, opaque(dirfh) + opaque(name.encode()) + struct.pack(">I", 0) + sattr)
+    o = status_of(body)
+    present, o = u32(body, o)
+    fh, o = take_opaque(body, o)
+    return fh
+
+
+def mkdir(rpc, dirfh, name):
+    sattr = struct.pack(">IIIIII", 1, 0o755, 0, 0, 0, 0)
+    body = rpc.call(NFS, 3, 9, opaque(dirfh) + opaque(name.encode()) + sattr)
+    o = status_of(body)
+    present, o = u32(body, o)
+    fh, o = take_opaque(body, o)
+    return fh
+
+
+def rename(rpc, fromdir, fromname, todir, toname):
+    status_of(rpc.call(NFS, 3, 14, opaque(fromdir) + opaque(fromname.encode())
+                       + opaque(todir) + opaque(toname.encode())))
+
+
+def symlink(rpc, dirfh, name, target):
+    sattr = struct.pack(">IIIIII", 0, 0, 0, 0, 0, 0)
+    body = rpc.call(NFS, 3, 10, opaque(dirfh) + opaque(name.encode()) + sattr + opaque(target.encode()))
+    o = status_of(body)
+    present, o = u32(body, o)
+    fh, o = take_opaque(body, o)
+    body = rpc.call(NFS, 3, 5, opaque(fh))
+    o = status_of(body)
+    o = skip_post_op_attr(body, o)
+    t, o = take_opaque(body, o)
+    return t.decode()
+
+
+def setattr(rpc, fh, size, mtime):
+    s = struct.pack(">III", 0, 0, 0)
+    s += struct.pack(">IQ", 1, size) if size is not None else struct.pack(">I", 0)
+    s += struct.pack(">I", 0)  # atime: don't change
+    s += struct.pack(">III", 2, mtime, 0) if mtime is not None else struct.pack(">I", 0)
+    body = rpc.call(NFS, 3, 2, opaque(fh) + s + struct.pack(">I", 0))
+    status_of(body)
+
+
+def create_exclusive(rpc, dirfh, name, verf):
+    body = rpc.call(NFS, 3, 8, opaque(dirfh) + opaque(name.encode()) + struct.pack(">I", 2) + verf)
+    o = status_of(body)
+    present, o = u32(body, o)
+    fh, o = take_opaque(body, o)
+    return fh
+
+
+def fsstat(rpc, fh):
+    body = rpc.call(NFS, 3, 18, opaque(fh))
+    o = status_of(body)
+    o = skip_post_op_attr(body, o)
+    return struct.unpack(">QQQ", body[o:o + 24])
+
+
+def fsinfo(rpc, fh):
+    body = rpc.call(NFS, 3, 19, opaque(fh))
+    o = status_of(body)
+    o = skip_post_op_attr(body, o)
+    rtmax, rtpref, rtmult, wtmax, wtpref, wtmult, dtpref = struct.unpack(">7I", body[o:o + 28])
+    (maxfilesize,) = struct.unpack(">Q", body[o + 28:o + 36])
+    return rtmax, wtmax, maxfilesize
+
+
+def listdir(rpc, dirfh, maxcount, out, pause_at=None):
+    """READDIRPLUS page by page; returns names in order (may repeat if the server repeats)."""
+    names, cookie, verf, pages = [], 0, b"\0" * 8, 0
+    while True:
+        body = rpc.call(NFS, 3, 17, opaque(dirfh) + struct.pack(">Q", cookie) + verf
+                        + struct.pack(">II", maxcount // 2, maxcount))
+        o = status_of(body)
+        o = skip_post_op_attr(body, o)
+        verf = body[o:o + 8]
+        o += 8
+        while True:
+            more, o = u32(body, o)
+            if not more:
+                break
+            _fileid, o = u64(body, o)
+            name, o = take_opaque(body, o)
+            cookie, o = u64(body, o)
+            o = skip_post_op_attr(body, o)
+            has_fh, o = u32(body, o)
+            if has_fh:
+                _fh, o = take_opaque(body, o)
+            names.append(name.decode())
+        eof, o = u32(body, o)
+        pages += 1
+        if pause_at is not None and pages == pause_at:
+            open(out + ".paused", "w").close()
+            deadline = time.time() + 120
+            while not os.path.exists(out + ".go"):
+                assert time.time() < deadline, "nobody said go"
+                time.sleep(0.05)
+        if eof:
+            break
+    with open(out, "w") as f:
+        f.write("".join(n + "\n" for n in names))
+    return pages
+
+
+def resolve(host, export, path):
+    rpc = Rpc(host)
+    fh = mount(rpc, export)
+    for part in [p for p in path.split("/") if p]:
+        fh = lookup(rpc, fh, part)
+    return fh
+
+
+def alive(host):
+    """The server answers a NULL call on a new connection."""
+    r = Rpc(host, timeout=10)
+    accept, _ = r.call_raw(NFS, 3, 0, b"")
+    assert accept == 0, f"NULL not accepted ({accept})"
+
+
+def expect_dropped_or_error(fn, what):
+    try:
+        res = fn()
+    except (ConnectionError, socket.timeout, OSError, AssertionError) as e:
+        print(f"  {what}: connection dropped ({type(e).__name__})")
+        return
+    print(f"  {what}: answered {res!r:.80}")
+
+
+def hostile(host, export):
+    root = resolve(host, export, "")
+    checks = []
+
+    def rec(name, fn):
+        expect_dropped_or_error(fn, name)
+        alive(host)
+        checks.append(name)
+
+    def raw(payload_parts, expect_reply=False):
+        r = Rpc(host, timeout=5)
+        for p in payload_parts:
+            r.s.sendall(p)
+        r.s.shutdown(socket.SHUT_WR)
+        return r.recv_record() if expect_reply else r.s.recv(64)
+
+    # record marking abuse
+    rec("2 GiB record header then close", lambda: raw([struct.pack(">I", 0xFFFFFFFF)]))
+    rec("1 GiB record, 1 KiB sent", lambda: raw([struct.pack(">I", 0x80000000 | (1 << 30)), b"x" * 1024]))
+    rec("many fragments past the limit",
+        lambda: raw([struct.pack(">I", 60000) + b"\0" * 60000 for _ in range(40)]))
+    rec("truncated record", lambda: raw([struct.pack(">I", 0x80000000 | 100), b"\1" * 10]))
+    rec("random garbage record", lambda: raw([struct.pack(">I", 0x80000000 | 256), os.urandom(256)]))
+    rec("zero-length record", lambda: raw([struct.pack(">I", 0x80000000)]))
+    rec("reply instead of call", lambda: raw([struct.pack(">I", 0x80000000 | 12), struct.pack(">III", 1, 1, 0)]))
+
+    def rpc_status(prog, vers, proc, args, rpcvers=2):
+        r = Rpc(host, timeout=10)
+        return r.call_raw(prog, vers, proc, args, rpcvers)
+
+    def must(res, accept, what):
+        assert res[0] == accept, f"{what}: got {res[0]}, want {accept}"
+        return res[0]
+
+    rec("wrong RPC version", lambda: rpc_status(NFS, 3, 0, b"", rpcvers=7))
+    rec("unknown program", lambda: must(rpc_status(123456, 1, 0, b""), 1, "PROG_UNAVAIL"))
+    rec("NFS version 4 call", lambda: must(rpc_status(NFS, 4, 0, b""), 2, "PROG_MISMATCH"))
+    rec("unknown NFS procedure", lambda: must(rpc_status(NFS, 3, 99, b""), 3, "PROC_UNAVAIL"))
+    rec("GETATTR without arguments", lambda: must(rpc_status(NFS, 3, 1, b""), 4, "GARBAGE_ARGS"))
+    rec("GETATTR handle length 1000", lambda: rpc_status(NFS, 3, 1, struct.pack(">I", 1000) + b"\0" * 1000))
+
+    def nfs_status(proc, args):
+        accept, body = rpc_status(NFS, 3, proc, args)
+        assert accept == 0, f"accept_stat {accept}"
+        return ERRNAMES.get(struct.unpack(">I", body[:4])[0])
+
+    def must_fail(proc, args, allowed):
+        st = nfs_status(proc, args)
+        assert st in allowed, f"got {st}, want one of {allowed}"
+        return st
+
+    bad = ("NFS3ERR_BADHANDLE", "NFS3ERR_STALE")
+    rec("GETATTR 3-byte handle", lambda: must_fail(1, opaque(b"abc"), bad))
+    rec("GETATTR random 24-byte handle", lambda: must_fail(1, opaque(os.urandom(24)), bad))
+    rec("GETATTR handle of inode 0", lambda: must_fail(1, opaque(root[:8] + b"\0" * 16), bad))
+    rec("READ random handle", lambda: must_fail(6, opaque(os.urandom(24)) + struct.pack(">QI", 0, 4096), bad))
+    probe = Rpc(host)
+    try:
+        remove(probe, root, "hostile-probe")
+    except NfsError:
+        pass
+    fh = create(probe, root, "hostile-probe")
+    write(probe, fh, 0, b"p" * 5000, 2)
+
+    def read_huge():
+        data, eof = read(Rpc(host), fh, 0, 0xFFFFFFFF)
+        assert len(data) == 5000 and eof, f"read {len(data)} bytes, eof {eof}"
+        return "5000 bytes, eof"
+
+    rec("READ count 4 GiB", read_huge)
+    rec("READ at offset 2^64-1", lambda: nfs_status(6, opaque(fh) + struct.pack(">QI", 2**64 - 1, 4096)))
+    rec("WRITE at offset 2^63",
+        lambda: must_fail(7, opaque(fh) + struct.pack(">QII", 2**63, 4, 2) + opaque(b"abcd"),
+                          ("NFS3ERR_FBIG", "NFS3ERR_INVAL")))
+    rec("SETATTR size 2^63",
+        lambda: must_fail(2, opaque(fh) + struct.pack(">IIIIQII", 0, 0, 0, 1, 2**63, 0, 0) + struct.pack(">I", 0),
+                          ("NFS3ERR_FBIG", "NFS3ERR_INVAL")))
+    rec("WRITE count says 1 MiB, carries 4 bytes",
+        lambda: nfs_status(7, opaque(root) + struct.pack(">QII", 0, 1 << 20, 2) + opaque(b"abcd")))
+    rec("WRITE to a directory",
+        lambda: must_fail(7, opaque(root) + struct.pack(">QII", 0, 4, 2) + opaque(b"abcd"),
+                          ("NFS3ERR_INVAL", "NFS3ERR_ISDIR")))
+    rec("LOOKUP 300-byte name", lambda: must_fail(3, opaque(root) + opaque(b"n" * 300), ("NFS3ERR_NAMETOOLONG",)))
+    rec("LOOKUP name with a slash",
+        lambda: must_fail(3, opaque(root) + opaque(b"a/b"), ("NFS3ERR_NOENT", "NFS3ERR_INVAL")))
+    rec("CREATE name with a slash",
+        lambda: must_fail(8, opaque(root) + opaque(b"x/y") + struct.pack(">I", 0) + b"\0" * 24,
+                          ("NFS3ERR_INVAL", "NFS3ERR_ACCES", "NFS3ERR_PERM")))
+    rec("CREATE named ..",
+        lambda: must_fail(8, opaque(root) + opaque(b"..") + struct.pack(">I", 0) + b"\0" * 24,
+                          ("NFS3ERR_EXIST", "NFS3ERR_INVAL")))
+    rec("MNT of a path outside the export", lambda: rpc_status(MOUNT, 3, 1, opaque(b"/elsewhere/x")))
+    rec("portmap SET (refused)", lambda: rpc_status(100000, 2, 1, struct.pack(">IIII", 1, 1, 6, 1)))
+    print(f"hostile: {len(checks)} cases, server alive after each")
+
+
+def main(argv):
+    if len(argv) < 2:
+        print(__doc__)
+        return 1
+    cmd, host = argv[0], argv[1]
+    a = argv[2:]
+    try:
+        if cmd == "lookup":
+            print(resolve(host, a[0], a[1]).hex())
+        elif cmd == "getattr":
+            print("size", getattr_size(Rpc(host), bytes.fromhex(a[0])))
+        elif cmd == "read":
+            fh, off, count, out = bytes.fromhex(a[0]), int(a[1]), int(a[2]), a[3]
+            rpc, buf = Rpc(host), b""
+            while len(buf) < count:
+                data, eof = read(rpc, fh, off + len(buf), min(1 << 20, count - len(buf)))
+                buf += data
+                if eof or not data:
+                    break
+            open(out, "wb").write(buf)
+        elif cmd == "write":
+            fh, off, data = bytes.fromhex(a[0]), int(a[1]), open(a[2], "rb").read()
+            stable = {"unstable": 0, "file_sync": 2}[a[3]]
+            rpc, done, committed, verf = Rpc(host), 0, 2, b""
+            while done < len(data):
+                piece = data[done:done + (1 << 20)]
+                n, c, verf = write(rpc, fh, off + done, piece, stable)
+                assert n == len(piece), f"short write {n}"
+                if stable == 2:
+                    assert c == 2, f"FILE_SYNC write answered {c}"
+                committed = min(committed, c)
+                done += n
+            print({0: "unstable", 1: "data_sync", 2: "file_sync"}[committed], verf.hex())
+        elif cmd == "commit":
+            print(commit(Rpc(host), bytes.fromhex(a[0])).hex())
+        elif cmd == "remove":
+            remove(Rpc(host), bytes.fromhex(a[0]), a[1])
+        elif cmd == "create":
+            print(create(Rpc(host), bytes.fromhex(a[0]), a[1]).hex())
+        elif cmd == "mkdir":
+            print(mkdir(Rpc(host), bytes.fromhex(a[0]), a[1]).hex())
+        elif cmd == "rename":
+            rename(Rpc(host), bytes.fromhex(a[0]), a[1], bytes.fromhex(a[2]), a[3])
+        elif cmd == "symlink":
+            print(symlink(Rpc(host), bytes.fromhex(a[0]), a[1], a[2]))
+        elif cmd == "setattr":
+            setattr(Rpc(host), bytes.fromhex(a[0]), None if a[1] == "-" else int(a[1]),
+                    None if a[2] == "-" else int(a[2]))
+        elif cmd == "excl":
+            print(create_exclusive(Rpc(host), bytes.fromhex(a[0]), a[1], bytes.fromhex(a[2])).hex())
+        elif cmd == "fsstat":
+            print(*fsstat(Rpc(host), bytes.fromhex(a[0])))
+        elif cmd == "fsinfo":
+            print(*fsinfo(Rpc(host), bytes.fromhex(a[0])))
+        elif cmd == "listdir":
+            pause = os.environ.get("PAUSE_AT")
+            pages = listdir(Rpc(host), bytes.fromhex(a[0]), int(a[1]), a[2], int(pause) if pause else None)
+            print("pages", pages)
+        elif cmd == "hostile":
+            hostile(host, a[0])
+        else:
+            print(__doc__)
+            return 1
+    except NfsError as e:
+        print(str(e))
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
