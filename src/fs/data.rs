@@ -81,12 +81,12 @@ impl FileState {
             .map(|b| &b[..])
     }
 
-    /// Chunks held in memory (dirty or in flight), counted once.
+    /// Chunks held in memory (dirty or in flight). A chunk rewritten while its flush is in
+    /// flight counts twice: this feeds only the allocated-size estimate, which is capped by
+    /// the file size, and it is O(1) where counting exactly cost a map walk per `getattr`
+    /// (every NFS WRITE answers with attributes).
     pub(crate) fn chunk_count(&self) -> usize {
-        let inflight = self.inflight.as_ref().map_or(0, |f| {
-            f.keys().filter(|k| !self.dirty.contains_key(k)).count()
-        });
-        self.dirty.len() + inflight
+        self.dirty.len() + self.inflight.as_ref().map_or(0, |f| f.len())
     }
 }
 
@@ -464,16 +464,32 @@ impl Engine {
                     .map(|(d, _)| d),
             );
         }
-        // Compress on all cores, 4 MiB at a time, so compressed copies never pile up in memory.
+        // Compress on all cores, 4 MiB at a time, so compressed copies never pile up in memory;
+        // each group is appended to the pack while the next one compresses (the append is a
+        // serial copy into the page cache, and without the overlap a core would sit idle).
         let mut locs = HashMap::new();
-        for group in need.chunks(256) {
-            let encoded: Vec<Encoded> = group
+        let encode = |group: &[(ChunkId, u64)]| -> Vec<Encoded> {
+            group
                 .par_iter()
                 .map(|(id, i)| Encoded::new(*id, &chunks[i], level))
-                .collect();
-            for (e, l) in encoded.iter().zip(self.store.append_many(&encoded)?) {
-                locs.insert(e.id, l);
+                .collect()
+        };
+        let mut append =
+            |encoded: Vec<Encoded>| -> FsResult<Vec<(ChunkId, crate::schema::ChunkLoc)>> {
+                let ls = self.store.append_many(&encoded)?;
+                Ok(encoded.iter().map(|e| e.id).zip(ls).collect())
+            };
+        let mut pending: Option<Vec<Encoded>> = None;
+        for group in need.chunks(256) {
+            let prev = pending.take();
+            let (encoded, appended) = rayon::join(|| encode(group), || prev.map(&mut append));
+            if let Some(a) = appended {
+                locs.extend(a?);
             }
+            pending = Some(encoded);
+        }
+        if let Some(p) = pending {
+            locs.extend(append(p)?);
         }
         let mut updates = hashed;
         updates.extend(

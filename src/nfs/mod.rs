@@ -698,3 +698,6 @@ impl ReadDirPlusIterator<NfsHandle> for DirIter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -251,8 +251,8 @@ mod tests {
         assert!(answer(&c, &SVC).is_none());
         // a credential claiming a huge body
         let mut v = call(PMAP_PROG, 2, 0, &[]);
-        v[27] = 0xff;
-        v[26] = 0xff;
+        v[29] = 0xff;
+        v[30] = 0xff;
         assert!(answer(&v, &SVC).is_none());
         assert_eq!(words(&answer(&call(1, 2, 0, &[]), &SVC).unwrap())[5], 1);
         assert_eq!(

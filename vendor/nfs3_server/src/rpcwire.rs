@@ -170,11 +170,19 @@ pub async fn write_fragment<IO: tokio::io::AsyncWrite + Unpin>(
 
 pub type SocketMessageType = Result<CompleteRpcMessage, anyhow::Error>;
 
+/// Tessera patch: calls served at once per connection (below the transaction tracker's
+/// limit of 256 active calls per client).
+const MAX_INFLIGHT_CALLS: usize = 128;
+
 /// The Socket Message Handler reads from a `TcpStream` and spawns off
 /// subtasks to handle each message. replies are queued into the
 /// `reply_send_channel`.
 #[derive(Debug)]
 pub struct SocketMessageHandler<T: NfsFileSystem + 'static> {
+    // Tessera patch: calls of this connection being served at once. When all are taken
+    // the reader waits, so TCP pushes back on the client; upstream spawned without bound
+    // and answered SYSTEM_ERR past 256 active calls, failing deep-queue clients.
+    inflight: std::sync::Arc<tokio::sync::Semaphore>,
     cur_fragment: PackedRpcMessage,
     socket_receive_channel: DuplexStream,
     reply_send_channel: mpsc::UnboundedSender<SocketMessageType>,
@@ -197,6 +205,7 @@ where
         let (msgsend, msgrecv) = mpsc::unbounded_channel();
         (
             Self {
+                inflight: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_CALLS)),
                 cur_fragment: PackedRpcMessage::new(),
                 socket_receive_channel: sockrecv,
                 reply_send_channel: msgsend,
@@ -224,8 +233,10 @@ where
 
             let context = self.context.clone();
             let send = self.reply_send_channel.clone();
+            let permit = self.inflight.clone().acquire_owned().await?;
             tokio::spawn(async move {
                 let result = handle_rpc_message(context, message).await;
+                drop(permit);
 
                 match result {
                     Ok(HandleResult::Reply(reply)) => {

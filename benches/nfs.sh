@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# benches/nfs.sh: Tessera's NFSv3 export against nfs-ganesha (Debian package, FSAL VFS export of
+# an ext4 folder), same client, same run, same loop-mounted ext4 disk under both servers.
+#
+#   seq write  qemu-img convert -O raw of the corpus golden image (2 GiB, ~1.1 GiB of data)
+#              onto the export
+#   seq read   qemu-img convert of it back (caches dropped first), compared byte for byte
+#   rand write qemu-io: N random 4 KiB aio writes into the copied image, then a flush (COMMIT)
+#   rand read  qemu-io: N random 4 KiB aio reads (caches dropped first)
+#   stored     bytes the server's storage uses for the image (du of the export folder /
+#              the datastore)
+#
+# Needs root, the corpus (../shared/tools/corpus/make-corpus.sh; built if missing) and, when
+# missing, installs nfs-ganesha nfs-ganesha-vfs rpcbind. Port 111 and 2049 must be free:
+# the two servers run one after the other.
+# Env: CORPUS (/var/tmp/corpus), OPS (random ops, 20000), MNT_ROOT (/mnt), PEERS_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEERS_DIR=${PEERS_DIR:-$(realpath ../shared/tools/peers)}
+CORPUS=${CORPUS:-/var/tmp/corpus}
+OPS=${OPS:-20000}
+MNT_ROOT=${MNT_ROOT:-/mnt}
+TESSERA=${TESSERA:-$PWD/target/release/tessera}
+[ -x "$TESSERA" ] || cargo build --release --locked
+EXT4=$MNT_ROOT/peer-ext4
+WORK=$(mktemp -d /var/tmp/tessera-nfs-bench.XXXXXX)
+GOLDEN=$CORPUS/golden.raw
+
+if [ ! -f "$GOLDEN" ]; then
+    ../shared/tools/corpus/make-corpus.sh "$CORPUS" 1
+fi
+for p in nfs-ganesha nfs-ganesha-vfs rpcbind; do
+    dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' ||
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$p" </dev/null >/dev/null
+done
+
+TPID=
+cleanup() {
+    [ -n "$TPID" ] && kill "$TPID" 2>/dev/null && timeout 60 tail --pid="$TPID" -f /dev/null || true
+    [ -f "$WORK/ganesha.pid" ] && kill "$(cat "$WORK/ganesha.pid")" 2>/dev/null || true
+    pkill -x rpcbind 2>/dev/null || true
+    sleep 1
+    "$PEERS_DIR/umount-peer.sh" ext4 "$EXT4" >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$PEERS_DIR/umount-peer.sh" ext4 "$EXT4" >/dev/null 2>&1 || true
+"$PEERS_DIR/mount-peer.sh" ext4 "$EXT4"
+
+python3 - "$OPS" "$(stat -c %s "$GOLDEN")" "$WORK" <<'PY'
+import random, sys
+n, size, work = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+r = random.Random(42)
+offs = [r.randrange(0, size // 4096) * 4096 for _ in range(n)]
+open(f"{work}/w.cmds", "w").write("".join(f"aio_write -P {i % 250 + 1} {o} 4k\n" for i, o in enumerate(offs)) + "aio_flush\n")
+r.shuffle(offs)
+open(f"{work}/r.cmds", "w").write("".join(f"aio_read {o} 4k\n" for o in offs) + "aio_flush\n")
+PY
+
+now() { date +%s.%N; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+declare -A R=()
+
+# run_suite NAME URL STOREDIR
+run_suite() {
+    local name=$1 url=$2 store=$3 t0 t1 n
+    drop_caches
+    t0=$(now)
+    qemu-img convert -O raw "$GOLDEN" "$url/golden.raw"
+    t1=$(now)
+    R[$name.seqwrite]=$(echo "$(stat -c %s "$GOLDEN") / ($t1 - $t0) / 1000000" | bc -l)
+    drop_caches
+    t0=$(now)
+    qemu-img convert -O raw "$url/golden.raw" "$WORK/back.raw"
+    t1=$(now)
+    R[$name.seqread]=$(echo "$(stat -c %s "$GOLDEN") / ($t1 - $t0) / 1000000" | bc -l)
+    cmp "$GOLDEN" "$WORK/back.raw" || { echo "bench: $name returned a different image" >&2; exit 1; }
+    rm -f "$WORK/back.raw"
+    sync
+    R[$name.stored]=$(du -sb "$store" | cut -f1)
+    t0=$(now)
+    qemu-io -f raw "$url/golden.raw" <"$WORK/w.cmds" >"$WORK/w.out" 2>&1
+    t1=$(now)
+    n=$(grep -o 'wrote 4096/4096' "$WORK/w.out" | wc -l)
+    [ "$n" = "$OPS" ] || { tail "$WORK/w.out" >&2; echo "bench: $name: only $n of $OPS writes" >&2; exit 1; }
+    R[$name.randwrite]=$(echo "$OPS / ($t1 - $t0)" | bc -l)
+    drop_caches
+    t0=$(now)
+    qemu-io -f raw "$url/golden.raw" <"$WORK/r.cmds" >"$WORK/r.out" 2>&1
+    t1=$(now)
+    n=$(grep -o 'read 4096/4096' "$WORK/r.out" | wc -l)
+    [ "$n" = "$OPS" ] || { tail "$WORK/r.out" >&2; echo "bench: $name: only $n of $OPS reads" >&2; exit 1; }
+    R[$name.randread]=$(echo "$OPS / ($t1 - $t0)" | bc -l)
+    printf 'bench: %-8s seqwrite %.0f MB/s  seqread %.0f MB/s  randwrite %.0f IOPS  randread %.0f IOPS  stored %s\n' \
+        "$name" "${R[$name.seqwrite]}" "${R[$name.seqread]}" "${R[$name.randwrite]}" "${R[$name.randread]}" \
+        "$(numfmt --to=iec "${R[$name.stored]}")"
+}
+
+# ---- nfs-ganesha, VFS export of a folder on the ext4 disk
+mkdir -p "$EXT4/ganesha"
+cat >"$WORK/ganesha.conf" <<EOF
+NFS_CORE_PARAM { Protocols = 3; Bind_addr = 127.0.0.1; Enable_NLM = false; Enable_RQUOTA = false; Mount_Path_Pseudo = true; }
+NFSV4 { Graceless = true; }
+EXPORT {
+    Export_Id = 1; Path = $EXT4/ganesha; Pseudo = /gan; Protocols = 3; Transports = TCP;
+    Access_Type = RW; Squash = No_Root_Squash; SecType = sys;
+    FSAL { Name = VFS; }
+}
+EOF
+rpcbind -w
+ganesha.nfsd -f "$WORK/ganesha.conf" -L "$WORK/ganesha.log" -p "$WORK/ganesha.pid" -N NIV_EVENT
+for _ in $(seq 1 100); do nfs-ls nfs://127.0.0.1/gan/ >/dev/null 2>&1 && break; sleep 0.2; done
+run_suite ganesha nfs://127.0.0.1/gan "$EXT4/ganesha"
+kill "$(cat "$WORK/ganesha.pid")"; rm -f "$WORK/ganesha.pid"
+pkill -x rpcbind || true
+sleep 2
+rm -rf "$EXT4/ganesha"
+
+# ---- Tessera, datastore on the same ext4 disk
+"$TESSERA" init "$EXT4/ds" >/dev/null
+"$TESSERA" serve "$EXT4/ds" --nfs 127.0.0.1:2049 2>"$WORK/tessera.log" &
+TPID=$!
+for _ in $(seq 1 100); do nfs-ls nfs://127.0.0.1/ds/ >/dev/null 2>&1 && break; sleep 0.2; done
+run_suite tessera nfs://127.0.0.1/ds "$EXT4/ds"
+kill "$TPID"; wait "$TPID" || true; TPID=
+rm -rf "$EXT4/ds"
+
+echo
+echo "| test | ganesha | tessera | tessera / ganesha |"
+echo "|---|---|---|---|"
+for t in seqwrite seqread randwrite randread; do
+    unit=$([[ $t == seq* ]] && echo MB/s || echo IOPS)
+    printf '| %s | %.0f %s | %.0f %s | %.2fx |\n' "$t" "${R[ganesha.$t]}" "$unit" "${R[tessera.$t]}" "$unit" \
+        "$(echo "${R[tessera.$t]} / ${R[ganesha.$t]}" | bc -l)"
+done
+printf '| stored | %s | %s | %.2fx |\n' "$(numfmt --to=iec "${R[ganesha.stored]}")" \
+    "$(numfmt --to=iec "${R[tessera.stored]}")" "$(echo "${R[tessera.stored]} / ${R[ganesha.stored]}" | bc -l)"
