@@ -56,9 +56,11 @@ run:
 	@echo "mounting $(DATA)/ds on $(DATA)/mnt (Ctrl-C or 'fusermount3 -u $(DATA)/mnt' to stop)"
 	"$(TESSERA)" mount "$(DATA)/ds" "$(DATA)/mnt"
 
-# Benchmarks (root; need ../shared/tools/peers, fio, jq, bindfs, btrfs-progs): see benches/README.md.
+# Benchmarks (root; need ../shared/tools/peers, fio, jq, bindfs, btrfs-progs; nfs.sh installs
+# nfs-ganesha and builds the corpus if missing): see benches/README.md.
 bench: build
 	BENCH_MB=1024 $(CARGO) bench $(CARGO_FLAGS) --bench engine
 	benches/clone.sh
 	benches/fio.sh
 	benches/rss.sh
+	benches/nfs.sh
