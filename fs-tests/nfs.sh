@@ -29,6 +29,10 @@ MiB=$((1024 * 1024))
 tessera init "$DS" >/dev/null
 start_serve "$DS" --mount "$MNT"
 
+step "portmapper on 111 (TCP and UDP) points at NFS and MOUNT"
+[ "$(nfsc pmap "$NFS_HOST")" = "2049 2049 2049 2049" ] || fail "portmapper GETPORT: $(nfsc pmap "$NFS_HOST")"
+log "ok"
+
 step "nfs-cp both ways: 0 B, 1 B, 1 MiB + 1 B, 3 GiB sparse"
 : >"$W/zero.bin"
 printf 'x' >"$W/one.bin"

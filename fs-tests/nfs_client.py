@@ -21,6 +21,8 @@ Subcommands (HOST is an IPv4 address; NFS and MOUNT are on PORT, default 2049):
   fsinfo HOST FH                     print "rtmax wtmax maxfilesize"
   listdir HOST DIRFH MAXCOUNT OUT    READDIRPLUS in pages of MAXCOUNT bytes, one name a line to
                                      OUT; with env PAUSE_AT=N, waits for file OUT.go after N pages
+  pmap HOST                          GETPORT of NFS v3/TCP and MOUNT v3/TCP from the portmapper
+                                     (port 111), over TCP and over UDP; print the four ports
   hostile HOST EXPORT                send malformed records, huge lengths, unknown programs and
                                      procedures, garbage handles; check the server answers
                                      each sanely (or drops the connection) and stays up
@@ -298,6 +300,27 @@ def listdir(rpc, dirfh, maxcount, out, pause_at=None):
     return pages
 
 
+def pmap_getport(host, udp):
+    """PMAPPROC_GETPORT for NFS v3 and MOUNT v3 over TCP, asked over TCP or UDP."""
+    ports = []
+    for prog in (NFS, MOUNT):
+        call = struct.pack(">IIIIII", 77, 0, 2, 100000, 2, 3) + struct.pack(">IIII", 0, 0, 0, 0)
+        call += struct.pack(">IIII", prog, 3, 6, 0)
+        if udp:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(5)
+            s.sendto(call, (host, 111))
+            r, _ = s.recvfrom(4096)
+        else:
+            rpc = Rpc(host, 111, timeout=5)
+            rpc.send_record(call)
+            r = rpc.recv_record()
+        xid, mtype, stat, _vf, _vl, accept, port = struct.unpack(">7I", r[:28])
+        assert (xid, mtype, stat, accept) == (77, 1, 0, 0), "portmapper refused GETPORT"
+        ports.append(port)
+    return ports
+
+
 def resolve(host, export, path):
     rpc = Rpc(host)
     fh = mount(rpc, export)
@@ -476,6 +499,8 @@ def main(argv):
             pause = os.environ.get("PAUSE_AT")
             pages = listdir(Rpc(host), bytes.fromhex(a[0]), int(a[1]), a[2], int(pause) if pause else None)
             print("pages", pages)
+        elif cmd == "pmap":
+            print(*(pmap_getport(host, False) + pmap_getport(host, True)))
         elif cmd == "hostile":
             hostile(host, a[0])
         else:

@@ -80,7 +80,9 @@ where
     // Tessera patch: the export must match whole path components ("/ds"
     // exports "/ds/x", not "/dsx"); upstream matched any string prefix.
     let export = context.export_name.trim_end_matches('/');
-    let rest = utf8path.strip_prefix(export).filter(|r| r.is_empty() || r.starts_with('/'));
+    let rest = utf8path
+        .strip_prefix(export)
+        .filter(|r| r.is_empty() || r.starts_with('/'));
     let path = if let Some(path) = rest {
         path.trim_start_matches('/').trim_end_matches('/').trim()
     } else {

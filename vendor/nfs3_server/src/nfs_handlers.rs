@@ -246,7 +246,12 @@ where
     let st = match context.vfs.fsstat(&id).await {
         Ok(st) => st,
         Err(stat) => {
-            return FSSTAT3res::Err((stat, FSSTAT3resfail { obj_attributes: obj_attr }));
+            return FSSTAT3res::Err((
+                stat,
+                FSSTAT3resfail {
+                    obj_attributes: obj_attr,
+                },
+            ));
         }
     };
     let fsstat = FSSTAT3resok {
