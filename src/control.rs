@@ -77,6 +77,10 @@ pub enum Request {
         dsts: Vec<String>,
     },
     Stats,
+    /// Space accounting of a file or folder (a path inside the datastore).
+    Du {
+        path: String,
+    },
     /// Compact packs whose live share is below `min_live`.
     Gc {
         min_live: f64,
@@ -109,6 +113,10 @@ fn handle(engine: &Engine, req: Request) -> Response {
         Request::Stats => match engine.stats() {
             Ok(s) => ok(serde_json::to_value(s).unwrap_or_default()),
             Err(e) => err(e.to_string()),
+        },
+        Request::Du { path } => match engine.du(&path) {
+            Ok(u) => ok(serde_json::to_value(u).unwrap_or_default()),
+            Err(e) => err(format!("{path}: {e}")),
         },
         Request::Scrub => match engine.scrub(&|_, _| {}) {
             Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),

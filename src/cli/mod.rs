@@ -2,6 +2,7 @@
 //! One file per subcommand; each turns its arguments into one engine or control-socket call.
 
 pub mod clone;
+pub mod du;
 pub mod fsck;
 pub mod gc;
 pub mod init;
@@ -34,6 +35,7 @@ pub enum Cmd {
     Serve(serve::Args),
     Clone(clone::Args),
     Stats(stats::Args),
+    Du(du::Args),
     Fsck(fsck::Args),
     Gc(gc::Args),
     Scrub(scrub::Args),
@@ -46,6 +48,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Serve(a) => serve::run(a),
         Cmd::Clone(a) => clone::run(a),
         Cmd::Stats(a) => stats::run(a),
+        Cmd::Du(a) => du::run(a),
         Cmd::Fsck(a) => fsck::run(a),
         Cmd::Gc(a) => gc::run(a),
         Cmd::Scrub(a) => scrub::run(a),

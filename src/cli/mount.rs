@@ -18,6 +18,12 @@ pub struct Args {
     /// Seconds between background flushes of written data (durable commits).
     #[arg(long, default_value_t = 5)]
     pub flush_interval: u64,
+    /// Seconds between checks for space to reclaim in the background (0: only `tessera gc`).
+    #[arg(long, default_value_t = 60)]
+    pub gc_interval: u64,
+    /// Most MiB per second background reclamation copies (0: unlimited).
+    #[arg(long, default_value_t = 64, value_name = "MIB_PER_S")]
+    pub gc_rate: u64,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -31,6 +37,8 @@ pub fn run(a: Args) -> Result<()> {
         portmap: 0,
         threads: a.threads,
         flush_interval: a.flush_interval,
+        gc_interval: a.gc_interval,
+        gc_rate: a.gc_rate,
     })
 }
 

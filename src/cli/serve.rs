@@ -68,6 +68,12 @@ pub struct Args {
     /// Seconds between background flushes of written data (durable commits).
     #[arg(long, default_value_t = 5)]
     pub flush_interval: u64,
+    /// Seconds between checks for space to reclaim in the background (0: only `tessera gc`).
+    #[arg(long, default_value_t = 60)]
+    pub gc_interval: u64,
+    /// Most MiB per second background reclamation copies (0: unlimited).
+    #[arg(long, default_value_t = 64, value_name = "MIB_PER_S")]
+    pub gc_rate: u64,
 }
 
 /// glibc malloc arenas for the daemon. The default (8 per core) lets freed chunk buffers of
@@ -124,6 +130,10 @@ pub fn run(a: Args) -> Result<()> {
             .map_err(|e| anyhow!("cannot open datastore {}: {e}", dir.display()))?,
     );
     let _flusher = engine.spawn_flusher(Duration::from_secs(a.flush_interval.max(1)));
+    if a.gc_interval > 0 {
+        let rate = (a.gc_rate > 0).then_some(a.gc_rate << 20);
+        engine.spawn_reclaimer(Duration::from_secs(a.gc_interval), rate);
+    }
     let sock =
         control::serve(engine.clone(), &dir).context("cannot listen on the control socket")?;
 

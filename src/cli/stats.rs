@@ -17,7 +17,7 @@ pub struct Args {
     pub json: bool,
 }
 
-fn human(b: u64) -> String {
+pub(super) fn human(b: u64) -> String {
     const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = b as f64;
     let mut i = 0;

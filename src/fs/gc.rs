@@ -12,10 +12,14 @@ use std::collections::HashMap;
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
+use super::pace::Pacer;
 use super::{Engine, FsResult};
 use crate::schema::{ChunkLoc, CHUNKS, PACKS};
 use crate::store::chunk::ChunkId;
 use crate::store::pack::PackId;
+
+/// Live records copied per group (4096 x 16 KiB chunks: at most 64 MiB in memory).
+const GC_GROUP: usize = 4096;
 
 /// What a compaction run did. Byte counts are bytes of pack files.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -33,6 +37,19 @@ impl Engine {
     /// Compact every pack (except the one being appended to) whose live share of records is
     /// below `min_live` (0.0..=1.0). `progress(done, total)` counts packs.
     pub fn gc(&self, min_live: f64, progress: &dyn Fn(u64, u64)) -> FsResult<GcReport> {
+        self.gc_paced(min_live, None, progress)
+    }
+
+    /// `gc` copying at most `rate` bytes per second (background compaction while serving).
+    /// Live records are copied in groups of `GC_GROUP` so memory stays bounded and pauses
+    /// are spread out; no lock is held while pausing.
+    pub fn gc_paced(
+        &self,
+        min_live: f64,
+        rate: Option<u64>,
+        progress: &dyn Fn(u64, u64),
+    ) -> FsResult<GcReport> {
+        let mut pacer = Pacer::new(rate);
         let io = self.store.io().clone();
         let read_accounting = || -> FsResult<HashMap<u32, (u64, u64)>> {
             let rtx = self.read_txn()?;
@@ -84,28 +101,36 @@ impl Engine {
             progress(n as u64, total);
             let size = io.len(pack).unwrap_or(0);
             let records = live.remove(&pack).unwrap_or_default();
-            let mut copies = Vec::with_capacity(records.len());
+            let mut new_locs = Vec::with_capacity(records.len());
             let mut damaged = false;
-            for (id, loc) in &records {
-                match self.store.read_record(id, loc) {
-                    Ok(e) => copies.push(e),
-                    Err(e) => {
-                        tracing::error!("gc: pack {:08x} kept: {e}", pack.0);
-                        damaged = true;
-                        break;
+            'copy: for group in records.chunks(GC_GROUP) {
+                let mut copies = Vec::with_capacity(group.len());
+                for (id, loc) in group {
+                    match self.store.read_record(id, loc) {
+                        Ok(e) => copies.push(e),
+                        Err(e) => {
+                            tracing::error!("gc: pack {:08x} kept: {e}", pack.0);
+                            damaged = true;
+                            break 'copy;
+                        }
                     }
                 }
+                let bytes: u64 = copies.iter().map(|c| c.payload.len() as u64).sum();
+                new_locs.extend(self.store.append_many(&copies)?);
+                pacer.done(bytes);
             }
             if damaged {
+                // The copies made so far are referenced by nothing: count them as dead space,
+                // so a later run reclaims them.
+                self.txn(false, |w| {
+                    for l in &new_locs {
+                        w.chunks.add_dead(l)?;
+                    }
+                    Ok(())
+                })?;
                 report.packs_skipped_damaged += 1;
                 continue;
             }
-            let new_locs = if copies.is_empty() {
-                Vec::new()
-            } else {
-                self.store.append_many(&copies)?
-            };
-            drop(copies);
             // Durable: the copies are synced before the index points at them.
             self.txn(true, |w| {
                 for ((id, old), new) in records.iter().zip(&new_locs) {
@@ -132,5 +157,67 @@ impl Engine {
         }
         progress(total, total);
         Ok(report)
+    }
+}
+
+/// Background compaction starts when this much pack space is dead (bytes).
+pub const RECLAIM_MIN_DEAD: u64 = 32 << 20;
+
+impl Engine {
+    /// Dead bytes in packs: records no file references any more.
+    pub fn dead_bytes(&self) -> FsResult<u64> {
+        let rtx = self.read_txn()?;
+        let t = rtx.open_table(PACKS)?;
+        let mut dead = 0;
+        for r in t.iter()? {
+            dead += r?.1.value().1;
+        }
+        Ok(dead)
+    }
+
+    /// Background reclamation while serving: every `interval`, if at least `RECLAIM_MIN_DEAD`
+    /// bytes are dead, compact packs under half live, copying at most `rate` bytes per second
+    /// so guest I/O keeps its speed. Deleted data's space is thus back on the host within
+    /// about `interval` plus the copy time. The thread holds no strong reference while it
+    /// waits and ends once the engine is dropped.
+    pub fn spawn_reclaimer(
+        self: &std::sync::Arc<Self>,
+        interval: std::time::Duration,
+        rate: Option<u64>,
+    ) -> std::thread::JoinHandle<()> {
+        let weak = std::sync::Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("tessera-gc".into())
+            .spawn(move || loop {
+                let start = std::time::Instant::now();
+                while start.elapsed() < interval {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    if weak.strong_count() == 0 {
+                        return;
+                    }
+                }
+                let Some(e) = weak.upgrade() else { return };
+                let dead = match e.dead_bytes() {
+                    Ok(d) => d,
+                    Err(err) => {
+                        tracing::warn!("background gc: cannot read pack accounting: {err}");
+                        continue;
+                    }
+                };
+                if dead < RECLAIM_MIN_DEAD {
+                    continue;
+                }
+                match e.gc_paced(0.5, rate, &|_, _| {}) {
+                    Ok(r) if r.packs_compacted > 0 => tracing::info!(
+                        "background gc: {} packs compacted, {} MiB moved, {} MiB freed",
+                        r.packs_compacted,
+                        r.bytes_moved >> 20,
+                        r.bytes_freed >> 20
+                    ),
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!("background gc failed (will retry): {err}"),
+                }
+            })
+            .expect("spawn gc thread")
     }
 }

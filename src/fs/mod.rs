@@ -23,9 +23,11 @@ pub mod check;
 pub mod clone;
 pub mod data;
 pub mod dir;
+pub mod du;
 pub mod error;
 pub mod gc;
 pub mod inode;
+pub mod pace;
 pub mod scrub;
 pub mod stats;
 #[cfg(test)]
