@@ -233,7 +233,12 @@ fn start_nfs(
             fs,
             engine.id(),
         ))
-        .with_context(|| format!("cannot listen for NFS on {addr}"))?;
+        .with_context(|| {
+            format!(
+                "cannot listen for NFS on {addr} (another NFS server, e.g. nfs-kernel-server or \
+                 ganesha? give another --nfs ADDR:PORT)"
+            )
+        })?;
     listener.with_export_name(&export);
     let filter = allow.clone();
     listener.with_client_filter(Arc::new(move |ip: IpAddr| filter.allows(ip)));

@@ -443,6 +443,8 @@ impl Engine {
         durable: bool,
     ) -> FsResult<()> {
         let level = self.store.zstd_level();
+        // From the first append to the commit below (see `Store::append_session`).
+        let _appending = self.store.append_session();
         let hashed: Vec<(u64, Option<ChunkId>)> = chunks
             .par_iter()
             .map(|(&i, b)| (i, (!is_zero(b)).then(|| ChunkId::of(b))))
@@ -574,6 +576,8 @@ impl Engine {
                 }
             }
         }
+        // The tail chunk may be appended inside the transaction (see `Store::append_session`).
+        let _appending = tail.is_some().then(|| self.store.append_session());
         let inode = self.txn(false, |w| {
             let mut i = w.inode(ino)?;
             let now = Time::now();

@@ -82,6 +82,9 @@ impl Engine {
             progress(0, 0);
             return Ok(report);
         }
+        // Records appended to the candidates before they were sealed are committed (or
+        // garbage) once the writers that appended them are done: wait for them first.
+        self.store.drain_appends();
         // Live records of the candidates, from one scan of the index.
         let mut live: HashMap<PackId, Vec<(ChunkId, ChunkLoc)>> =
             candidates.iter().map(|p| (*p, Vec::new())).collect();

@@ -77,6 +77,13 @@ pub struct Store {
     /// Readers hold it shared while they may read packs; compaction holds it exclusively to
     /// delete a pack, so no read that looked up an old location is still running.
     gate: parking_lot::RwLock<()>,
+    /// Held shared by a writer from its first append until the transaction referencing the
+    /// appended records has committed (or failed); compaction takes it exclusively once, after
+    /// choosing its packs and before reading their live records. Without it, records appended
+    /// to a pack that was then sealed (by size or by compaction) could still be uncommitted
+    /// when compaction scans the index, and be deleted with the pack just before their commit
+    /// made them live (found by `gc_races_writes_clones_dedup_and_deletes`).
+    appenders: parking_lot::RwLock<()>,
     /// Decompressed, verified chunks, most recently used first.
     cache: quick_cache::sync::Cache<ChunkId, Arc<Vec<u8>>>,
     zstd_level: i32,
@@ -114,6 +121,7 @@ impl Store {
             io,
             active: Mutex::new(None),
             gate: parking_lot::RwLock::new(()),
+            appenders: parking_lot::RwLock::new(()),
             unsynced: Mutex::new(BTreeSet::new()),
             cache: quick_cache::sync::Cache::new(cache_items.max(16)),
             zstd_level,
@@ -179,6 +187,17 @@ impl Store {
     /// Shared hold on the pack-deletion gate (recursive: a reader may nest snapshots).
     pub fn read_gate(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
         self.gate.read_recursive()
+    }
+
+    /// Start appending records that a transaction will reference: hold the guard until that
+    /// transaction has committed. Recursive, so nested writers never wait on compaction.
+    pub fn append_session(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.appenders.read_recursive()
+    }
+
+    /// Wait until every append session that started before this call has ended.
+    pub fn drain_appends(&self) {
+        drop(self.appenders.write());
     }
 
     /// Delete a pack once no reader can still be reading it.
