@@ -1,4 +1,5 @@
-//! `tessera fsck`: verify every invariant of an unmounted datastore.
+//! `tessera fsck`: verify every invariant of an unmounted datastore; `--repair` rebuilds the
+//! chunk index from the packs and every count from the chunk maps first.
 
 use std::path::PathBuf;
 
@@ -15,6 +16,11 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// First rebuild what can be rebuilt: the chunk index from the packs (pointing damaged
+    /// entries at intact copies), reference counts from the chunk maps, pack accounting.
+    /// Files whose data is intact nowhere are named; they keep reading as errors.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -30,10 +36,43 @@ pub fn run(a: Args) -> Result<()> {
     })?;
     let engine = Engine::open(&dir, Tuning::default())
         .map_err(|e| anyhow!("cannot open datastore {}: {e}", dir.display()))?;
+    let mut repaired = None;
+    if a.repair {
+        let r = super::with_progress("scanning packs", |p| engine.repair(p)).map_err(|e| {
+            anyhow!("repair failed: {e} (nothing was changed unless it says so above)")
+        })?;
+        if !a.json {
+            println!(
+                "repair: {} packs scanned, {} intact records, {} damaged stretches skipped; \
+                 index: {} entries rebuilt, {} dropped; {} counts fixed; {} stray nodes removed",
+                r.packs_scanned,
+                r.records_intact,
+                r.damaged_stretches,
+                r.index_entries_rebuilt,
+                r.index_entries_dropped,
+                r.counts_fixed,
+                r.nodes_dropped
+            );
+            if r.chunks_lost > 0 {
+                println!(
+                    "repair: {} chunks are intact nowhere; restore these files from a copy:",
+                    r.chunks_lost
+                );
+            }
+            for f in &r.damaged_files {
+                println!("unrepairable file: {f}");
+            }
+        }
+        repaired = Some(r);
+    }
     let report = super::with_progress("verifying chunks", |p| engine.fsck(p))
         .map_err(|e| anyhow!("fsck could not read the datastore: {e}"))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let v = match &repaired {
+            Some(r) => serde_json::json!({"repair": r, "check": report}),
+            None => serde_json::to_value(&report)?,
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
             "checked {} inodes, {} chunk-map nodes, {} chunks ({} MiB verified)",
@@ -50,8 +89,13 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     if !report.problems.is_empty() {
+        let hint = if a.repair {
+            "restore the damaged files named above from a copy (or delete them), then run fsck again"
+        } else {
+            "run `tessera fsck --repair` to rebuild what can be rebuilt"
+        };
         bail!(
-            "{} problem(s) found in {}",
+            "{} problem(s) found in {}; {hint}",
             report.problems.len(),
             dir.display()
         );

@@ -28,6 +28,7 @@ pub mod error;
 pub mod gc;
 pub mod inode;
 pub mod pace;
+pub mod repair;
 pub mod scrub;
 pub mod stats;
 #[cfg(test)]

@@ -15,7 +15,7 @@
 pub mod chunk;
 pub mod pack;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::sync::Arc;
 
@@ -463,6 +463,51 @@ fn bump(t: &mut redb::Table<'_, &'static str, u64>, k: &str, d: i64) -> Result<(
 }
 
 impl<'txn> ChunkTables<'txn> {
+    /// Every index entry (repair).
+    pub fn entries(&self) -> Result<Vec<(ChunkId, ChunkLoc)>, StoreError> {
+        let mut out = Vec::new();
+        for e in self.chunks.iter()? {
+            let (k, v) = e?;
+            if let Some(loc) = ChunkLoc::decode(v.value()) {
+                out.push((ChunkId(*k.value()), loc));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replace the whole index with `index`, and recompute the per-pack accounting (from
+    /// `pack_lens`: every pack file and its length) and the counters (repair).
+    pub fn replace_all(
+        &mut self,
+        index: &[(ChunkId, ChunkLoc)],
+        pack_lens: &[(PackId, u64)],
+    ) -> Result<(), StoreError> {
+        self.chunks.retain(|_, _| false)?;
+        let (mut unique, mut stored) = (0u64, 0u64);
+        let mut live: HashMap<u32, u64> = HashMap::new();
+        for (id, loc) in index {
+            self.chunks.insert(&id.0, loc.encode().as_slice())?;
+            unique += u64::from(loc.raw_len);
+            stored += u64::from(loc.stored_len);
+            *live.entry(loc.pack.0).or_insert(0) +=
+                pack::RECORD_HEADER_LEN as u64 + u64::from(loc.stored_len);
+        }
+        self.packs.retain(|_, _| false)?;
+        for (p, len) in pack_lens {
+            let l = live.get(&p.0).copied().unwrap_or(0);
+            let dead = len.saturating_sub(pack::PACK_HEADER_LEN).saturating_sub(l);
+            self.packs.insert(p.0, (l, dead))?;
+        }
+        for (k, v) in [
+            (schema::C_CHUNK_COUNT, index.len() as u64),
+            (schema::C_UNIQUE_BYTES, unique),
+            (schema::C_STORED_BYTES, stored),
+        ] {
+            self.counters.insert(k, v)?;
+        }
+        Ok(())
+    }
+
     pub fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
         Ok(ChunkTables {
             chunks: txn.open_table(schema::CHUNKS)?,
@@ -566,7 +611,15 @@ impl<'txn> ChunkTables<'txn> {
     }
 
     fn decref_now(&mut self, id: &ChunkId) -> Result<(), StoreError> {
-        let mut loc = self.get(id)?.ok_or(StoreError::Missing(*id))?;
+        let Some(mut loc) = self.get(id)? else {
+            // A chunk lost to damage (fsck --repair names its files): dropping a reference to
+            // it must not fail, or a damaged file could never be deleted or overwritten.
+            tracing::warn!(
+                "reference dropped to chunk {}, which is not stored (damaged datastore)",
+                id.short()
+            );
+            return Ok(());
+        };
         if loc.refs > 1 {
             loc.refs -= 1;
             self.chunks.insert(&id.0, loc.encode().as_slice())?;
