@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # fs-tests/run-all.sh [SUITE...]: run the filesystem test suites against the
 # release binary, each under a time limit, and report pass/fail per suite.
-# Suites: cli (the README flow), space (du, background reclamation), nfs (the NFSv3 export with real clients), crash (kill -9
+# Suites: cli (the README flow), space (du, background reclamation), corrupt (damaged packs and
+# metadata), nfs (the NFSv3 export with real clients), crash (kill -9
 # durability), pjdfstest (POSIX).
 # Exits non-zero if any suite failed. pjdfstest needs root: outside CI
 # (CI=true) it is skipped, and reported as skipped, when run as a user. After each suite, any Tessera mount it
 # left under a scratch dir (e.g. killed by its time limit) is detached.
 #
-# Env: FS_TESTS (suites to run, default "cli space nfs crash pjdfstest"; or pass them as
+# Env: FS_TESTS (suites to run, default "cli space corrupt nfs crash pjdfstest"; or pass them as
 #      arguments), TIMEOUT_CLI (600), TIMEOUT_NFS (900), TIMEOUT_CRASH (1200), TIMEOUT_PJDFSTEST
 #      (1200) in seconds, TESSERA (binary), plus each suite's own knobs.
 set -euo pipefail
@@ -15,13 +16,14 @@ cd -- "$(dirname -- "$0")/.."
 export TESSERA=${TESSERA:-$PWD/target/release/tessera}
 [ -x "$TESSERA" ] || { echo "run-all: no tessera binary at $TESSERA (make build)" >&2; exit 1; }
 
-if [ $# -gt 0 ]; then suites=("$@"); else read -r -a suites <<<"${FS_TESTS:-cli space nfs crash pjdfstest}"; fi
+if [ $# -gt 0 ]; then suites=("$@"); else read -r -a suites <<<"${FS_TESTS:-cli space corrupt nfs crash pjdfstest}"; fi
 
 limit_of() {
     case $1 in
     cli) echo "${TIMEOUT_CLI:-600}" ;;
     nfs) echo "${TIMEOUT_NFS:-900}" ;;
     space) echo "${TIMEOUT_SPACE:-600}" ;;
+    corrupt) echo "${TIMEOUT_CORRUPT:-600}" ;;
     crash) echo "${TIMEOUT_CRASH:-1200}" ;;
     pjdfstest) echo "${TIMEOUT_PJDFSTEST:-1200}" ;;
     *) echo 900 ;;

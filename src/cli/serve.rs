@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use nfs3_server::tcp::{NFSTcp, NFSTcpListener};
 use tessera::control::{self, LockError};
 use tessera::fs::InodeId;
-use tessera::fs::{Engine, Tuning};
+use tessera::fs::{Engine, Tuning, META_BACKUP, META_FILE};
 use tessera::fuse::{config, TesseraFuse};
 use tessera::nfs::allow::{AllowList, Net};
 use tessera::nfs::portmap::{self, Services};
@@ -125,10 +125,19 @@ pub fn run(a: Args) -> Result<()> {
         ),
         e => anyhow!("{e}"),
     })?;
-    let engine = Arc::new(
-        Engine::open(&dir, Tuning::default())
-            .map_err(|e| anyhow!("cannot open datastore {}: {e}", dir.display()))?,
-    );
+    let tmp = dir.join(format!("{META_BACKUP}.tmp"));
+    copy_synced(&dir.join(META_FILE), &tmp)
+        .with_context(|| format!("cannot copy the metadata file to {}", tmp.display()))?;
+    let engine = match Engine::open(&dir, Tuning::default()) {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            bail!("cannot open datastore {}: {e}", dir.display());
+        }
+    };
+    // It opened: the copy becomes the backup an admin restores if the file is ever damaged.
+    std::fs::rename(&tmp, dir.join(META_BACKUP))?;
+    std::fs::File::open(&dir)?.sync_all()?;
     let _flusher = engine.spawn_flusher(Duration::from_secs(a.flush_interval.max(1)));
     if a.gc_interval > 0 {
         let rate = (a.gc_rate > 0).then_some(a.gc_rate << 20);
@@ -203,6 +212,12 @@ pub fn run(a: Args) -> Result<()> {
     fuse_result.context("FUSE session failed")?;
     tracing::info!("stopped serving {}; all data flushed", dir.display());
     Ok(())
+}
+
+/// Copy `from` to `to` and make the copy durable.
+fn copy_synced(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::copy(from, to)?;
+    std::fs::File::open(to)?.sync_all()
 }
 
 fn start_nfs(

@@ -113,6 +113,8 @@ pub struct Attr {
 }
 
 pub const META_FILE: &str = "meta.redb";
+/// Copy of the metadata file taken each time a serving process opens the datastore.
+pub const META_BACKUP: &str = "meta.redb.bak";
 pub const PACK_DIR: &str = "packs";
 
 /// The engine over one datastore.
@@ -326,9 +328,40 @@ impl Engine {
                 dir.display()
             )));
         }
-        let db = Database::builder()
-            .set_cache_size(tuning.meta_cache_bytes as usize)
-            .open(&meta)?;
+        let damaged = |detail: &str| {
+            let fix = if dir.join(META_BACKUP).exists() {
+                format!(
+                    "restore the copy taken when it was last served: cp {b} {m} && tessera fsck --repair {d}",
+                    b = dir.join(META_BACKUP).display(),
+                    m = meta.display(),
+                    d = dir.display()
+                )
+            } else {
+                format!("restore {} from a backup", meta.display())
+            };
+            FsError::BadMeta(format!(
+                "the metadata file {} is damaged ({detail}); the packs still hold the data but not \
+                 the file names and chunk maps: {fix}",
+                meta.display()
+            ))
+        };
+        // redb asserts (panics) on some damage, e.g. a truncated file: report it as damage.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Database::builder()
+                .set_cache_size(tuning.meta_cache_bytes as usize)
+                .open(&meta)
+        }));
+        std::panic::set_hook(hook);
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(m)))) => {
+                return Err(damaged(&m))
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(damaged("truncated, or not a database")),
+        };
         let io: Arc<dyn PackIo> = Arc::new(DirPackIo::new(&dir.join(PACK_DIR))?);
         let mut e = Self::with_parts(db, io, tuning)?;
         e.dir = Some(dir.to_path_buf());
