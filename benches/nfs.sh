@@ -8,7 +8,7 @@
 #   rand write qemu-io: N random 4 KiB aio writes into the copied image, then a flush (COMMIT)
 #   rand read  qemu-io: N random 4 KiB aio reads (caches dropped first)
 #   stored     bytes the server's storage uses for the image (du of the export folder /
-#              the datastore)
+#              the datastore's packs and metadata; not its compaction reserve)
 #
 # Needs root, the corpus (../shared/tools/corpus/make-corpus.sh; built if missing) and, when
 # missing, installs nfs-ganesha nfs-ganesha-vfs rpcbind. Port 111 and 2049 must be free:
@@ -62,9 +62,10 @@ now() { date +%s.%N; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 declare -A R=()
 
-# run_suite NAME URL STOREDIR
+# run_suite NAME URL STORE...: STORE are the files/folders that hold the image
 run_suite() {
-    local name=$1 url=$2 store=$3 t0 t1 n
+    local name=$1 url=$2 t0 t1 n
+    local store=("${@:3}")
     drop_caches
     t0=$(now)
     qemu-img convert -O raw "$GOLDEN" "$url/golden.raw"
@@ -78,7 +79,7 @@ run_suite() {
     cmp "$GOLDEN" "$WORK/back.raw" || { echo "bench: $name returned a different image" >&2; exit 1; }
     rm -f "$WORK/back.raw"
     sync
-    R[$name.stored]=$(du -sb "$store" | cut -f1)
+    R[$name.stored]=$(du -scb "${store[@]}" | tail -n 1 | cut -f1)
     t0=$(now)
     qemu-io -f raw "$url/golden.raw" <"$WORK/w.cmds" >"$WORK/w.out" 2>&1
     t1=$(now)
@@ -122,7 +123,7 @@ rm -rf "$EXT4/ganesha"
 "$TESSERA" serve "$EXT4/ds" --nfs 127.0.0.1:2049 2>"$WORK/tessera.log" &
 TPID=$!
 for _ in $(seq 1 100); do nfs-ls nfs://127.0.0.1/ds/ >/dev/null 2>&1 && break; sleep 0.2; done
-run_suite tessera nfs://127.0.0.1/ds "$EXT4/ds"
+run_suite tessera nfs://127.0.0.1/ds "$EXT4/ds/packs" "$EXT4/ds/meta.redb"
 kill "$TPID"; wait "$TPID" || true; TPID=
 rm -rf "$EXT4/ds"
 

@@ -171,6 +171,8 @@ lazy_unmount() {
 # paths (outside TEST_TMP) removed on exit.
 declare -a BG_PIDS=()
 declare -a CLEANUP_PATHS=()
+# Other mounts a suite made (e.g. a loop-mounted disk), detached on exit after the FUSE ones.
+declare -a EXTRA_UNMOUNTS=()
 
 _lib_cleanup() {
     local rc=$? mnt pid
@@ -187,6 +189,9 @@ _lib_cleanup() {
         wait_pid_exit "$pid" 15 || kill -KILL "$pid" 2>/dev/null
         wait_pid_exit "$pid" 5
         lazy_unmount "$mnt" || log "cleanup: WARNING: $mnt is still mounted"
+    done
+    for m in "${EXTRA_UNMOUNTS[@]}"; do
+        mountpoint -q -- "$m" 2>/dev/null && { umount -- "$m" 2>/dev/null || umount -l -- "$m" 2>/dev/null || true; }
     done
     if [ "$rc" != 0 ] && [ -n "$TEST_TMP" ]; then   # the newest logs (daemon, writer)
         for f in $(ls -t "$TEST_TMP"/logs/*.log 2>/dev/null | head -n 3); do show_log "$f" 40; done

@@ -49,6 +49,18 @@ impl Engine {
         rate: Option<u64>,
         progress: &dyn Fn(u64, u64),
     ) -> FsResult<GcReport> {
+        let r = self.gc_inner(min_live, rate, progress);
+        // Whatever happened, take the space reserve back if the copies let go of it.
+        self.ensure_reserve();
+        r
+    }
+
+    fn gc_inner(
+        &self,
+        min_live: f64,
+        rate: Option<u64>,
+        progress: &dyn Fn(u64, u64),
+    ) -> FsResult<GcReport> {
         let mut pacer = Pacer::new(rate);
         let io = self.store.io().clone();
         let read_accounting = || -> FsResult<HashMap<u32, (u64, u64)>> {
@@ -81,6 +93,15 @@ impl Engine {
         if candidates.is_empty() {
             progress(0, 0);
             return Ok(report);
+        }
+        // Copies need free space; on a full disk, the reserve provides it.
+        let to_copy: u64 = candidates
+            .iter()
+            .map(|p| accounting.get(&p.0).map_or(0, |a| a.0))
+            .sum();
+        let released = self.disk_space().1 < to_copy + (16 << 20) && self.release_reserve();
+        if released {
+            tracing::info!("gc: disk nearly full, compacting into the space reserve");
         }
         // Records appended to the candidates before they were sealed are committed (or
         // garbage) once the writers that appended them are done: wait for them first.

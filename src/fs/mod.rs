@@ -113,6 +113,9 @@ pub struct Attr {
 }
 
 pub const META_FILE: &str = "meta.redb";
+/// Space set aside on the datastore's disk for compaction (see `Engine::ensure_reserve`).
+pub const RESERVE_FILE: &str = "reserve";
+
 /// Copy of the metadata file taken each time a serving process opens the datastore.
 pub const META_BACKUP: &str = "meta.redb.bak";
 pub const PACK_DIR: &str = "packs";
@@ -365,6 +368,7 @@ impl Engine {
         let io: Arc<dyn PackIo> = Arc::new(DirPackIo::new(&dir.join(PACK_DIR))?);
         let mut e = Self::with_parts(db, io, tuning)?;
         e.dir = Some(dir.to_path_buf());
+        e.ensure_reserve();
         Ok(e)
     }
 
@@ -548,6 +552,54 @@ impl Engine {
             }
             Ok(())
         })
+    }
+
+    /// Size of the space reserve: 5 % of the disk, at least 16 MiB, at most 256 MiB (enough to
+    /// compact a full pack that is half dead).
+    fn reserve_bytes(&self) -> u64 {
+        let (total, _) = self.disk_space();
+        (total / 20).clamp(16 << 20, 256 << 20)
+    }
+
+    /// Keep the space reserve allocated. Writes fill the disk up to it and fail with ENOSPC,
+    /// leaving room for compaction to copy live records out of mostly-dead packs, which is how
+    /// a full datastore gets its space back. Best effort: on a disk too full to hold it, the
+    /// reserve waits until compaction has freed space.
+    pub(crate) fn ensure_reserve(&self) {
+        let Some(dir) = &self.dir else { return };
+        let want = self.reserve_bytes();
+        let path = dir.join(RESERVE_FILE);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() >= want) {
+            return;
+        }
+        let r = (|| -> std::io::Result<()> {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: `f` is an open, writable file for the duration of the call; the range is
+            // non-negative and below i64::MAX (at most 256 MiB).
+            let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, want as libc::off_t) };
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
+            }
+            f.sync_all()
+        })();
+        if let Err(err) = r {
+            let _ = std::fs::remove_file(&path);
+            tracing::warn!(
+                "cannot set aside {} MiB for compaction ({err}); free some space on the disk",
+                want >> 20
+            );
+        }
+    }
+
+    /// Give the reserve back to the disk so compaction can copy into it.
+    pub(crate) fn release_reserve(&self) -> bool {
+        let Some(dir) = &self.dir else { return false };
+        std::fs::remove_file(dir.join(RESERVE_FILE)).is_ok()
     }
 
     /// Capacity of the disk under the datastore: (total bytes, available bytes).
