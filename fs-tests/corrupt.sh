@@ -43,10 +43,11 @@ head -c $((8 * MiB)) /dev/urandom >"$W/keep.raw"
 head -c $((8 * MiB)) /dev/urandom >"$W/victim.raw"
 cp "$W/keep.raw" "$MNT/keep.raw"
 python3 -c "import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.fsync(fd)" "$MNT/keep.raw"
+fsync() { python3 -c "import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.fsync(fd)" "$1"; }
 head -c $((250 * MiB)) /dev/urandom >"$MNT/filler.raw"
-sync
+fsync "$MNT/filler.raw"     # all of it in the packs before victim.raw, so victim.raw is last
 cp "$W/victim.raw" "$MNT/victim.raw"
-sync
+fsync "$MNT/victim.raw"
 stop_mount "$MNT"
 packs=("$DS"/packs/*.pack)
 [ ${#packs[@]} -ge 2 ] || fail "expected two packs, got ${#packs[@]}"

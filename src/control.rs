@@ -70,7 +70,11 @@ pub fn lock(dir: &Path) -> Result<DatastoreLock, LockError> {
 pub enum Request {
     Ping,
     /// Verify every chunk.
-    Scrub,
+    Scrub {
+        /// MiB per second at most (0: unlimited).
+        #[serde(default)]
+        max_rate_mib: u64,
+    },
     /// Clone `src` to every path in `dsts` (paths inside the datastore).
     Clone {
         src: String,
@@ -84,6 +88,9 @@ pub enum Request {
     /// Compact packs whose live share is below `min_live`.
     Gc {
         min_live: f64,
+        /// MiB per second at most (0: unlimited).
+        #[serde(default)]
+        max_rate_mib: u64,
     },
 }
 
@@ -118,11 +125,20 @@ fn handle(engine: &Engine, req: Request) -> Response {
             Ok(u) => ok(serde_json::to_value(u).unwrap_or_default()),
             Err(e) => err(format!("{path}: {e}")),
         },
-        Request::Scrub => match engine.scrub(&|_, _| {}) {
-            Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),
-            Err(e) => err(format!("scrub failed: {e}")),
-        },
-        Request::Gc { min_live } => match engine.gc(min_live, &|_, _| {}) {
+        Request::Scrub { max_rate_mib } => {
+            match engine.scrub_paced((max_rate_mib > 0).then_some(max_rate_mib << 20), &|_, _| {}) {
+                Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),
+                Err(e) => err(format!("scrub failed: {e}")),
+            }
+        }
+        Request::Gc {
+            min_live,
+            max_rate_mib,
+        } => match engine.gc_paced(
+            min_live,
+            (max_rate_mib > 0).then_some(max_rate_mib << 20),
+            &|_, _| {},
+        ) {
             Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),
             Err(e) => err(format!("gc failed: {e}")),
         },

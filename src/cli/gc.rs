@@ -18,6 +18,9 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Copy at most this many MiB per second (0: unlimited), to spare guest I/O.
+    #[arg(long, default_value_t = 0, value_name = "MIB_PER_S")]
+    pub max_rate: u64,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -33,10 +36,12 @@ pub fn run(a: Args) -> Result<()> {
             &d,
             &Request::Gc {
                 min_live: a.min_live,
+                max_rate_mib: a.max_rate,
             },
         )?)?,
         super::Access::Own(_lock, engine) => {
-            super::with_progress("compacting packs", |p| engine.gc(a.min_live, p))
+            let rate = (a.max_rate > 0).then_some(a.max_rate << 20);
+            super::with_progress("compacting packs", |p| engine.gc_paced(a.min_live, rate, p))
                 .map_err(|e| anyhow!("gc failed: {e}"))?
         }
     };

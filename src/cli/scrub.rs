@@ -15,14 +15,27 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Read at most this many MiB per second (0: unlimited). Default: 256 while the datastore
+    /// is being served (so guest I/O keeps its speed), unlimited otherwise.
+    #[arg(long, value_name = "MIB_PER_S")]
+    pub max_rate: Option<u64>,
 }
+
+/// Default scrub rate while serving (MiB/s).
+const SERVED_RATE: u64 = 256;
 
 pub fn run(a: Args) -> Result<()> {
     let dir = super::datastore_arg(&a.dir)?;
     let r: ScrubReport = match super::access(&dir)? {
-        super::Access::Served(d) => serde_json::from_value(super::ask(&d, &Request::Scrub)?)?,
+        super::Access::Served(d) => serde_json::from_value(super::ask(
+            &d,
+            &Request::Scrub {
+                max_rate_mib: a.max_rate.unwrap_or(SERVED_RATE),
+            },
+        )?)?,
         super::Access::Own(_lock, engine) => {
-            super::with_progress("verifying chunks", |p| engine.scrub(p))
+            let rate = a.max_rate.filter(|&r| r > 0).map(|r| r << 20);
+            super::with_progress("verifying chunks", |p| engine.scrub_paced(rate, p))
                 .map_err(|e| anyhow!("scrub failed: {e}"))?
         }
     };

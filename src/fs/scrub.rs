@@ -8,9 +8,13 @@ use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use super::inode::{Inode, InodeId, Kind};
+use super::pace::Pacer;
 use super::{tree, Engine, FsResult};
 use crate::schema::{ChunkLoc, CHUNKS, INODES, NODES};
 use crate::store::chunk::ChunkId;
+
+/// Index entries verified per batch (about 80 MiB of bookkeeping).
+const SCRUB_BATCH: usize = 1 << 20;
 
 /// A damaged place in a file.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -32,29 +36,58 @@ pub struct ScrubReport {
 impl Engine {
     /// Verify every chunk. `progress(done, total)` counts chunks.
     pub fn scrub(&self, progress: &dyn Fn(u64, u64)) -> FsResult<ScrubReport> {
+        self.scrub_paced(None, progress)
+    }
+
+    /// `scrub` reading at most `rate` bytes per second (while serving, so guest I/O keeps its
+    /// speed). Chunks are verified pack by pack in offset order, in batches of `SCRUB_BATCH`
+    /// index entries so memory stays bounded on large datastores.
+    pub fn scrub_paced(
+        &self,
+        rate: Option<u64>,
+        progress: &dyn Fn(u64, u64),
+    ) -> FsResult<ScrubReport> {
         let mut r = ScrubReport::default();
         let mut bad: HashSet<ChunkId> = HashSet::new();
+        let mut pacer = Pacer::new(rate);
         {
             let rtx = self.read_txn()?;
             let chunks = rtx.open_table(CHUNKS)?;
             let total = redb::ReadableTableMetadata::len(&chunks)?;
-            for (n, e) in chunks.iter()?.enumerate() {
-                let (k, v) = e?;
-                let id = ChunkId(*k.value());
-                let ok = ChunkLoc::decode(v.value()).map(|loc| self.store.read_loc(&id, &loc));
-                match ok {
-                    Some(Ok(d)) => r.bytes_checked += d.len() as u64,
-                    Some(Err(e)) => {
-                        tracing::error!("scrub: chunk {}: {e}", id.short());
-                        bad.insert(id);
-                    }
-                    None => {
-                        bad.insert(id);
+            let mut batch = Vec::new();
+            let mut iter = chunks.iter()?;
+            loop {
+                let next = iter.next();
+                let done = next.is_none();
+                if let Some(e) = next {
+                    let (k, v) = e?;
+                    let id = ChunkId(*k.value());
+                    match ChunkLoc::decode(v.value()) {
+                        Some(loc) => batch.push((id, loc)),
+                        None => {
+                            tracing::error!("scrub: chunk {}: bad index entry", id.short());
+                            bad.insert(id);
+                        }
                     }
                 }
-                r.chunks_checked += 1;
-                if n % 256 == 0 {
-                    progress(n as u64, total);
+                if batch.len() >= SCRUB_BATCH || (done && !batch.is_empty()) {
+                    let results = self
+                        .store
+                        .verify_many(std::mem::take(&mut batch), &mut |n| pacer.done(n));
+                    for (id, res) in results {
+                        match res {
+                            Ok(n) => r.bytes_checked += n,
+                            Err(e) => {
+                                tracing::error!("scrub: chunk {}: {e}", id.short());
+                                bad.insert(id);
+                            }
+                        }
+                        r.chunks_checked += 1;
+                    }
+                    progress(r.chunks_checked, total);
+                }
+                if done {
+                    break;
                 }
             }
             progress(total, total);

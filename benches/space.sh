@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# benches/space.sh: reclamation and scrub, on a loop-mounted ext4 disk (../shared/tools/peers).
+#
+#   gc         40 files of 64 MiB (compressible, unique) written, every other one deleted, so the
+#              packs are half dead; `tessera gc --min-live 0.6` timed: MB/s and chunks/s moved,
+#              MB/s freed (pack bytes deleted per second)
+#   vdi+gc     fio's VDI profile (../shared/tools/peers/bench.sh, libaio QD16, VDI_RUNTIME s)
+#              through the mount, first alone, then while `tessera gc --max-rate GC_RATE` keeps
+#              compacting a second, half-dead pool of packs: IOPS ratio
+#   scrub      `tessera scrub` of the datastore from cold caches vs `cat` of its pack files
+#              (the disk's sequential read speed), both in pack bytes per second
+#   delete     100 clones of a 512 MiB template, each diverged by 50 MiB, deleted while mounted
+#              with the default background reclamation (60 s interval, 64 MiB/s): time until
+#              the space is back on the disk, and the disk's usage before and after
+#
+# Needs root, fio, jq. Env: VDI_RUNTIME (30), GC_RATE (64 MiB/s), CLONES (100), MNT_ROOT (/mnt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEERS_DIR=${PEERS_DIR:-$(realpath ../shared/tools/peers)}
+MNT_ROOT=${MNT_ROOT:-/mnt}
+export VDI_RUNTIME=${VDI_RUNTIME:-30}
+GC_RATE=${GC_RATE:-64}
+CLONES=${CLONES:-100}
+TESSERA=${TESSERA:-$PWD/target/release/tessera}
+[ -x "$TESSERA" ] || cargo build --release --locked
+EXT4=$MNT_ROOT/peer-ext4
+DS=$EXT4/ds
+MNT=$MNT_ROOT/tessera-space
+export RAW_ROOT=${RAW_ROOT:-/tmp/tessera-space-raw}
+TPID=
+
+now() { date +%s.%N; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+used() { df -B1 --output=used "$EXT4" | tail -n 1; }
+mb() { echo "$1 / 1000000" | bc -l | xargs printf '%.0f'; }
+
+mount_ds() {
+    mkdir -p "$MNT"
+    "$TESSERA" mount "$DS" "$MNT" "$@" 2>>"$RAW_ROOT/tessera.log" &
+    TPID=$!
+    for _ in $(seq 1 100); do mountpoint -q "$MNT" && return; sleep 0.1; done
+    echo "bench: mount failed" >&2; exit 1
+}
+umount_ds() {
+    fusermount3 -u "$MNT"
+    wait "$TPID" || true
+    TPID=
+}
+cleanup() {
+    [ -n "$TPID" ] && { fusermount3 -u "$MNT" 2>/dev/null || true; wait "$TPID" 2>/dev/null || true; }
+    "$PEERS_DIR/umount-peer.sh" ext4 "$EXT4" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+rm -rf "$RAW_ROOT"; mkdir -p "$RAW_ROOT"
+"$PEERS_DIR/umount-peer.sh" ext4 "$EXT4" >/dev/null 2>&1 || true
+"$PEERS_DIR/mount-peer.sh" ext4 "$EXT4"
+rm -rf "$DS"; "$TESSERA" init "$DS" >/dev/null
+
+# write_pool DIR N: N files of 64 MiB, compressible (2:1) and unique, through the mount
+write_pool() {
+    mkdir -p "$1"
+    python3 - "$1" "$2" <<'PY'
+import os, random, sys
+d, n = sys.argv[1], int(sys.argv[2])
+r = random.Random(hash(d) & 0xffff)
+for i in range(n):
+    with open(os.path.join(d, f"f{i:03}.raw"), "wb") as f:
+        for _ in range(64):
+            b = bytearray(r.randbytes(512 << 10)) + bytes(512 << 10)
+            f.write(b)
+        f.flush(); os.fsync(f.fileno())
+PY
+}
+delete_half() { find "$1" -name 'f*[02468].raw' -delete; sync; }
+
+# ---- gc throughput
+mount_ds --gc-interval 0
+write_pool "$MNT/pool1" 40
+delete_half "$MNT/pool1"
+t0=$(now)
+"$TESSERA" gc "$DS" --min-live 0.6 --json >"$RAW_ROOT/gc.json"
+t1=$(now)
+secs=$(echo "$t1 - $t0" | bc -l)
+moved=$(jq .bytes_moved "$RAW_ROOT/gc.json"); freed=$(jq .bytes_freed "$RAW_ROOT/gc.json")
+chunks=$(jq .chunks_moved "$RAW_ROOT/gc.json")
+echo "bench: gc $(printf '%.1f' "$secs") s: moved $(mb "$moved") MB ($(mb "$(echo "$moved / $secs" | bc -l)") MB/s, $(printf '%.0f' "$(echo "$chunks / $secs" | bc -l)") chunks/s), freed $(mb "$freed") MB ($(mb "$(echo "$freed / $secs" | bc -l)") MB/s)"
+
+# ---- VDI profile alone, then during compaction
+TESTS=vdi VDI_MODES=libaio "$PEERS_DIR/bench.sh" "$MNT" vdi-alone | tee "$RAW_ROOT/vdi-alone.txt"
+write_pool "$MNT/pool2" 40
+delete_half "$MNT/pool2"
+(
+    while :; do "$TESSERA" gc "$DS" --min-live 0.99 --max-rate "$GC_RATE" --json >>"$RAW_ROOT/gc-during.json" 2>/dev/null || true; sleep 0.2; done
+) &
+GCLOOP=$!
+TESTS=vdi VDI_MODES=libaio "$PEERS_DIR/bench.sh" "$MNT" vdi-gc | tee "$RAW_ROOT/vdi-gc.txt"
+kill "$GCLOOP"; wait "$GCLOOP" 2>/dev/null || true
+iops() { grep -o ' iops=[0-9]*' "$1" | head -n 1 | cut -d= -f2; }
+a=$(iops "$RAW_ROOT/vdi-alone.txt"); b=$(iops "$RAW_ROOT/vdi-gc.txt")
+moved_during=$(jq -s 'map(.bytes_moved) | add' "$RAW_ROOT/gc-during.json")
+echo "bench: vdi libaio alone $a IOPS, during gc (--max-rate $GC_RATE) $b IOPS: $(printf '%.2f' "$(echo "$b / $a" | bc -l)")x; gc moved $(mb "$moved_during") MB meanwhile"
+umount_ds
+
+# ---- scrub vs the disk's sequential read
+drop_caches
+pack_bytes=$(du -cb "$DS"/packs/*.pack | tail -n 1 | cut -f1)
+t0=$(now); cat "$DS"/packs/*.pack >/dev/null; t1=$(now)
+disk=$(echo "$pack_bytes / ($t1 - $t0)" | bc -l)
+drop_caches
+t0=$(now); "$TESSERA" scrub "$DS" --json >"$RAW_ROOT/scrub.json"; t1=$(now)
+scrub=$(echo "$pack_bytes / ($t1 - $t0)" | bc -l)
+echo "bench: scrub $(mb "$scrub") MB/s of packs ($(mb "$(jq .bytes_checked "$RAW_ROOT/scrub.json")") MB verified) vs sequential read $(mb "$disk") MB/s: $(printf '%.2f' "$(echo "$scrub / $disk" | bc -l)")x"
+
+# ---- delete 100 diverged clones, background reclamation with its defaults
+rm -rf "$DS"; "$TESSERA" init "$DS" >/dev/null
+mount_ds
+mkdir -p "$MNT/templates" "$MNT/desktops"
+python3 - "$MNT/templates/golden.raw" <<'PY'
+import os, random, sys
+r = random.Random(7)
+with open(sys.argv[1], "wb") as f:
+    for _ in range(512):
+        f.write(bytearray(r.randbytes(512 << 10)) + bytes(512 << 10))
+    f.flush(); os.fsync(f.fileno())
+PY
+"$TESSERA" clone "$MNT/templates/golden.raw" "$MNT/desktops/desk-{n:03}.raw" --count "$CLONES" >/dev/null
+python3 - "$MNT/desktops" "$CLONES" <<'PY'
+import os, random, sys
+d, n = sys.argv[1], int(sys.argv[2])
+r = random.Random(11)
+for i in range(1, n + 1):
+    with open(os.path.join(d, f"desk-{i:03}.raw"), "r+b") as f:
+        for _ in range(50):  # 50 MiB of new data, at random 1 MiB-aligned places
+            f.seek(r.randrange(0, 512) << 20)
+            f.write(bytearray(r.randbytes(512 << 10)) + bytes(512 << 10))
+        f.flush(); os.fsync(f.fileno())
+PY
+sync
+before=$(used)
+t0=$(now)
+rm -rf "$MNT/desktops"
+sync
+until [ "$(used)" -le $((before - CLONES * 40 * 1000 * 1000)) ]; do
+    [ "$(echo "$(now) - $t0 > 600" | bc)" = 1 ] && { echo "bench: space not back in 10 min" >&2; break; }
+    sleep 1
+done
+t1=$(now)
+after=$(used)
+echo "bench: delete $CLONES clones diverged by 50 MiB: disk used $(mb "$before") MB -> $(mb "$after") MB, space back $(printf '%.0f' "$(echo "$t1 - $t0" | bc -l)") s after the delete (background gc, defaults)"
+umount_ds
