@@ -64,3 +64,4 @@ bench: build
 	benches/fio.sh
 	benches/rss.sh
 	benches/nfs.sh
+	benches/space.sh

@@ -62,9 +62,10 @@ pub fn run(a: Args) -> Result<()> {
     println!("compression ratio {:.2}x", s.compression_ratio);
     println!("total saving      {:.2}x", s.total_ratio);
     println!(
-        "pack files        {} ({}), reclaimable {}",
+        "pack files        {} ({}, {:.0}% live), reclaimable {}",
         s.pack_count,
         human(s.pack_bytes),
+        s.pack_fill * 100.0,
         human(s.reclaimable_bytes)
     );
     println!("metadata          {}", human(s.metadata_bytes));

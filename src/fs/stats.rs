@@ -32,6 +32,9 @@ pub struct Stats {
     pub pack_bytes: u64,
     /// Records no longer referenced, reclaimable by compaction.
     pub reclaimable_bytes: u64,
+    /// Share of pack bytes that are live records (1.0: nothing to reclaim).
+    #[serde(default)]
+    pub pack_fill: f64,
     pub pack_count: u64,
     /// Size of the metadata database file.
     pub metadata_bytes: u64,
@@ -116,6 +119,11 @@ impl Engine {
             total_ratio: ratio(referenced, stored),
             pack_bytes,
             reclaimable_bytes: dead,
+            pack_fill: if pack_bytes == 0 {
+                1.0
+            } else {
+                1.0 - (dead.min(pack_bytes) as f64 / pack_bytes as f64)
+            },
             pack_count,
             metadata_bytes,
             dirty_bytes: self.dirty_bytes(),
