@@ -72,6 +72,27 @@ pub struct ChunkLoc {
 impl ChunkLoc {
     pub const LEN: usize = 29;
 
+    /// Where a chunk that `fsck --repair` found intact nowhere is "stored": no pack has this
+    /// id, so reads of it fail as damage (EIO) while its entry keeps the reference count of
+    /// the files that still use it. Storing the same content again replaces the location.
+    pub const LOST_PACK: PackId = PackId(u32::MAX);
+
+    /// An entry for a lost chunk (see `LOST_PACK`).
+    pub fn lost(refs: u64) -> ChunkLoc {
+        ChunkLoc {
+            pack: Self::LOST_PACK,
+            offset: 0,
+            stored_len: 0,
+            raw_len: 0,
+            codec: Codec::Raw,
+            refs,
+        }
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.pack == Self::LOST_PACK
+    }
+
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
         b[0..4].copy_from_slice(&self.pack.0.to_le_bytes());

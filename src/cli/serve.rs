@@ -126,8 +126,16 @@ pub fn run(a: Args) -> Result<()> {
         e => anyhow!("{e}"),
     })?;
     let tmp = dir.join(format!("{META_BACKUP}.tmp"));
-    copy_synced(&dir.join(META_FILE), &tmp)
-        .with_context(|| format!("cannot copy the metadata file to {}", tmp.display()))?;
+    // A failed copy (a full disk, say) must not keep the datastore from being served, which
+    // is how deletes and compaction free space: the previous backup stays.
+    let copied = match copy_synced(&dir.join(META_FILE), &tmp) {
+        Ok(()) => true,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!("cannot refresh the metadata backup {META_BACKUP}: {e}");
+            false
+        }
+    };
     let engine = match Engine::open(&dir, Tuning::default()) {
         Ok(e) => Arc::new(e),
         Err(e) => {
@@ -136,8 +144,10 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     // It opened: the copy becomes the backup an admin restores if the file is ever damaged.
-    std::fs::rename(&tmp, dir.join(META_BACKUP))?;
-    std::fs::File::open(&dir)?.sync_all()?;
+    if copied {
+        std::fs::rename(&tmp, dir.join(META_BACKUP))?;
+        std::fs::File::open(&dir)?.sync_all()?;
+    }
     let _flusher = engine.spawn_flusher(Duration::from_secs(a.flush_interval.max(1)));
     if a.gc_interval > 0 {
         let rate = (a.gc_rate > 0).then_some(a.gc_rate << 20);
@@ -177,15 +187,34 @@ pub fn run(a: Args) -> Result<()> {
         Some(addr) => Some(start_nfs(&a, addr, &dir, engine.clone(), peer)?),
         None => None,
     };
+    let flusher = engine.clone();
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            tracing::info!("signal received: stopping");
-            if let Some(u) = unmounter.as_mut() {
-                if let Err(e) = u.unmount() {
-                    tracing::error!("unmount failed: {e}");
+        let mut first = true;
+        for _ in signals.forever() {
+            if first {
+                first = false;
+                tracing::info!("signal received: stopping");
+                if let Some(u) = unmounter.as_mut() {
+                    if let Err(e) = u.unmount() {
+                        tracing::error!(
+                            "unmount failed: {e} (busy?); send the signal again to flush and exit anyway"
+                        );
+                    }
                 }
+                let _ = stop_tx.send(());
+            } else {
+                // The mount did not go away (a process keeps it busy): flush everything
+                // written, make it durable, and exit without waiting for the FUSE session.
+                tracing::warn!("second signal: flushing and exiting without the unmount");
+                let code = match flusher.sync_all() {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        tracing::error!("final flush failed: {e}");
+                        1
+                    }
+                };
+                std::process::exit(code);
             }
-            let _ = stop_tx.send(());
         }
     });
     let fuse_result = match (session, &mnt) {

@@ -512,7 +512,7 @@ impl Engine {
             // A chunk seen as stored may have lost its last reference since: store it again.
             for (i, id) in &updates {
                 if let Some(id) = id {
-                    if !locs.contains_key(id) && w.chunks.get(id)?.is_none() {
+                    if !locs.contains_key(id) && w.chunks.get(id)?.is_none_or(|l| l.is_lost()) {
                         let e = Encoded::new(*id, &dirty[i], level);
                         locs.insert(*id, self.store.append(&e)?);
                     }
@@ -598,7 +598,7 @@ impl Engine {
                 if let Some((idx, id, enc)) = &tail {
                     let mut locs = HashMap::new();
                     if let Some(e) = enc {
-                        if w.chunks.get(&e.id)?.is_none() {
+                        if w.chunks.get(&e.id)?.is_none_or(|l| l.is_lost()) {
                             locs.insert(e.id, self.store.append(e)?);
                         }
                     }

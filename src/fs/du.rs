@@ -73,7 +73,8 @@ impl Engine {
                 }
             }
         } else if top_inode.kind == Kind::File {
-            names.insert(top, top_inode.nlink.max(1));
+            // One name: a file with other hard links stays when this name is deleted.
+            names.insert(top, 1);
         }
 
         let mut u = Usage {
@@ -136,7 +137,9 @@ impl Engine {
                 .ok_or_else(|| FsError::BadMeta(format!("bad index entry {}", id.short())))?;
             if n >= loc.refs {
                 unique_slots += paths;
-                u.freed_on_delete_bytes += u64::from(loc.stored_len) + RECORD_HEADER_LEN as u64;
+                if !loc.is_lost() {
+                    u.freed_on_delete_bytes += u64::from(loc.stored_len) + RECORD_HEADER_LEN as u64;
+                }
             }
         }
         u.unique_bytes = (unique_slots * self.chunk_size).min(u.allocated_bytes);

@@ -49,6 +49,9 @@ impl Engine {
         rate: Option<u64>,
         progress: &dyn Fn(u64, u64),
     ) -> FsResult<GcReport> {
+        // One compaction at a time (background and on demand): a second run could otherwise
+        // take the pack the first one is copying into for a candidate and delete it.
+        let _one = self.gc_lock.lock();
         let r = self.gc_inner(min_live, rate, progress);
         // Whatever happened, take the space reserve back if the copies let go of it.
         self.ensure_reserve();
@@ -82,11 +85,14 @@ impl Engine {
                 accounting = read_accounting()?;
             }
         }
+        // List first, then read the active pack: a pack created meanwhile is either not
+        // listed or at/after the active one. Pack ids only grow, so everything at or after the
+        // active pack (which may hold records not committed yet) is left alone.
+        let listed = io.list()?;
         let active = self.store.active_pack();
-        let candidates: Vec<PackId> = io
-            .list()?
+        let candidates: Vec<PackId> = listed
             .into_iter()
-            .filter(|p| Some(*p) != active)
+            .filter(|p| active.is_none_or(|a| p.0 < a.0))
             .filter(|p| low(&accounting, *p))
             .collect();
         let mut report = GcReport::default();
@@ -99,13 +105,14 @@ impl Engine {
             .iter()
             .map(|p| accounting.get(&p.0).map_or(0, |a| a.0))
             .sum();
-        let released = self.disk_space().1 < to_copy + (16 << 20) && self.release_reserve();
-        if released {
-            tracing::info!("gc: disk nearly full, compacting into the space reserve");
-        }
         // Records appended to the candidates before they were sealed are committed (or
         // garbage) once the writers that appended them are done: wait for them first.
         self.store.drain_appends();
+        // Copies need free space; on a full disk, the reserve provides it (released only now,
+        // right before copying, so writers have little time to take it).
+        if self.disk_space().1 < to_copy + (16 << 20) && self.release_reserve() {
+            tracing::info!("gc: disk nearly full, compacting into the space reserve");
+        }
         // Live records of the candidates, from one scan of the index.
         let mut live: HashMap<PackId, Vec<(ChunkId, ChunkLoc)>> =
             candidates.iter().map(|p| (*p, Vec::new())).collect();

@@ -139,6 +139,8 @@ pub struct Engine {
     durable_upto: AtomicU64,
     /// Serialises callers of `make_durable`, so late arrivals find their commit covered.
     durable_lock: Mutex<()>,
+    /// Held by a compaction run (one at a time).
+    gc_lock: Mutex<()>,
     /// Set by writers under memory pressure to wake the background flusher. Shared with the
     /// flusher thread, which holds no strong reference to the engine while it waits.
     pressure: Arc<(Mutex<bool>, parking_lot::Condvar)>,
@@ -391,6 +393,7 @@ impl Engine {
             commits: AtomicU64::new(0),
             durable_upto: AtomicU64::new(0),
             durable_lock: Mutex::new(()),
+            gc_lock: Mutex::new(()),
             pressure: Arc::new((Mutex::new(false), parking_lot::Condvar::new())),
             flusher_running: AtomicBool::new(false),
         };
@@ -569,7 +572,8 @@ impl Engine {
         let Some(dir) = &self.dir else { return };
         let want = self.reserve_bytes();
         let path = dir.join(RESERVE_FILE);
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() >= want) {
+        let had = std::fs::metadata(&path).map_or(0, |m| m.len());
+        if had >= want {
             return;
         }
         let r = (|| -> std::io::Result<()> {
@@ -588,7 +592,10 @@ impl Engine {
             f.sync_all()
         })();
         if let Err(err) = r {
-            let _ = std::fs::remove_file(&path);
+            // Keep what was there before; drop only a reserve this call started.
+            if had == 0 {
+                let _ = std::fs::remove_file(&path);
+            }
             tracing::warn!(
                 "cannot set aside {} MiB for compaction ({err}); free some space on the disk",
                 want >> 20

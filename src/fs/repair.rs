@@ -47,9 +47,6 @@ pub struct RepairReport {
     pub damaged_files: Vec<String>,
 }
 
-/// Largest record payload accepted while scanning (chunks are at most 64 KiB raw).
-const MAX_PAYLOAD: u32 = 1 << 17;
-
 impl Engine {
     /// Rebuild the chunk index and every count from the packs and the chunk maps. The caller
     /// holds the datastore lock (nothing else writes). `progress(done, total)` counts packs.
@@ -67,10 +64,16 @@ impl Engine {
             let mut files = Vec::new();
             for e in rtx.open_table(INODES)?.iter()? {
                 let (k, v) = e?;
-                if let Some(i) = super::inode::Inode::decode(v.value()) {
-                    if i.kind == Kind::File && !i.root.node.is_none() {
-                        files.push((InodeId(k.value()), i.root));
-                    }
+                let Some(i) = super::inode::Inode::decode(v.value()) else {
+                    // Its chunk map would look unreferenced and be deleted: refuse instead.
+                    return Err(super::FsError::BadMeta(format!(
+                        "inode {} does not decode; repairing would drop the data it may own: \
+                         restore meta.redb.bak (see README, Damage and full disks)",
+                        k.value()
+                    )));
+                };
+                if i.kind == Kind::File && !i.root.node.is_none() {
+                    files.push((InodeId(k.value()), i.root));
                 }
             }
             let mut visited = HashSet::new();
@@ -159,8 +162,10 @@ impl Engine {
                         ChunkLoc { refs, ..*f }
                     }
                     (None, None) => {
+                        // Kept with its count, at no location: reads fail as damage, and
+                        // the counts of every file still using it stay right.
                         lost.insert(*id);
-                        continue;
+                        ChunkLoc::lost(refs)
                     }
                 };
                 index.push((*id, loc));
@@ -212,7 +217,7 @@ impl Engine {
             let intact = (|| {
                 let h = io.read_at(pack, off, RECORD_HEADER_LEN).ok()?;
                 let hd = decode_header(&h)?;
-                if hd.stored_len > MAX_PAYLOAD
+                if hd.stored_len > crate::store::MAX_RECORD_PAYLOAD
                     || off + (RECORD_HEADER_LEN as u64) + u64::from(hd.stored_len) > len
                 {
                     return None;
@@ -386,15 +391,28 @@ mod tests {
             e.read(il, 0, C as u32),
             Err(crate::fs::FsError::Corrupt { .. })
         ));
-        // what remains wrong is only the lost file's missing chunks
+        // what remains wrong is only the lost file's chunks, which are stored nowhere
         let p = problems(&e);
         assert!(
-            !p.is_empty() && p.iter().all(|s| s.contains("referenced but not stored")),
+            !p.is_empty() && p.iter().all(|s| s.contains("ffffffff")),
             "{p:?}"
         );
-        // deleting the lost file leaves a clean datastore
-        e.unlink(InodeId::ROOT, b"lost.raw").unwrap();
+        // a clone of the damaged file keeps consistent counts and can be written to
+        e.clone_paths(b"/lost.raw", &[b"/lost2.raw".to_vec()])
+            .unwrap();
+        let l2 = e.resolve(b"/lost2.raw").unwrap();
+        e.write(l2, 0, &data(9, 1)).unwrap();
+        e.sync_all().unwrap();
+        // storing the same content again heals every file that uses it
+        put(&e, "again.raw", &lost);
+        assert_eq!(e.read(il, 0, (10 * C) as u32).unwrap(), lost);
         assert_eq!(problems(&e), Vec::<String>::new());
+        // and deleting everything leaves a clean, empty datastore
+        for f in ["lost.raw", "lost2.raw", "again.raw", "kept.raw"] {
+            e.unlink(InodeId::ROOT, f.as_bytes()).unwrap();
+        }
+        assert_eq!(problems(&e), Vec::<String>::new());
+        assert_eq!(e.stats().unwrap().chunk_count, 0);
     }
 
     /// Protects: a damaged stretch inside a pack is skipped and the scan resynchronises on

@@ -526,8 +526,7 @@ impl NfsFileSystem for TesseraNfs {
         self.writable()?;
         let ctx = caller();
         let (atime, mtime) = verf_times(&verf);
-        self.entry_changed(dir.ino(), name(n));
-        self.run("create", |e| {
+        let h = self.run("create", |e| {
             live(e, dir)?;
             match e.mknod(dir.ino(), name(n), Kind::File, 0o644, 0, ctx) {
                 Ok(a) => {
@@ -551,7 +550,9 @@ impl NfsFileSystem for TesseraNfs {
                 }
                 Err(err) => Err(err.into()),
             }
-        })
+        })?;
+        self.entry_changed(dir.ino(), name(n));
+        Ok(h)
     }
 
     async fn mkdir(
@@ -571,20 +572,51 @@ impl NfsFileSystem for TesseraNfs {
 
     async fn remove(&self, dir: &NfsHandle, n: &filename3<'_>) -> Result<(), nfsstat3> {
         self.writable()?;
-        // REMOVE and RMDIR both land here: the kind of the entry decides.
+        // REMOVE takes non-directories only (a directory answers NFS3ERR_ISDIR); the kind is
+        // checked by the engine inside the same transaction that removes the entry.
         let child = self.run("remove", |e| {
             live(e, dir)?;
             let a = e.lookup(dir.ino(), name(n))?;
-            if a.inode.kind == Kind::Dir {
-                e.rmdir(dir.ino(), name(n))?;
-            } else {
-                e.unlink(dir.ino(), name(n))?;
-            }
+            e.unlink(dir.ino(), name(n))?;
             Ok(a.ino)
         })?;
         self.entry_changed(dir.ino(), name(n));
         self.changed(child);
         Ok(())
+    }
+
+    async fn rmdir(&self, dir: &NfsHandle, n: &filename3<'_>) -> Result<(), nfsstat3> {
+        self.writable()?;
+        self.run("rmdir", |e| {
+            live(e, dir)?;
+            Ok(e.rmdir(dir.ino(), name(n))?)
+        })?;
+        self.entry_changed(dir.ino(), name(n));
+        Ok(())
+    }
+
+    async fn create_guarded(
+        &self,
+        dir: &NfsHandle,
+        n: &filename3<'_>,
+        s: sattr3,
+    ) -> Result<(NfsHandle, fattr3), nfsstat3> {
+        self.writable()?;
+        let ctx = caller();
+        let mut set = set_attr(&s);
+        let perm = set.mode.take().unwrap_or(0o644) as u16;
+        let a = self.run("create", |e| {
+            live(e, dir)?;
+            // Exists -> NFS3ERR_EXIST, decided by the engine at the moment of creation.
+            let a = e.mknod(dir.ino(), name(n), Kind::File, perm, 0, ctx)?;
+            if is_empty(&set) {
+                Ok(a)
+            } else {
+                Ok(e.setattr(a.ino, &set)?)
+            }
+        })?;
+        self.entry_changed(dir.ino(), name(n));
+        Ok((NfsHandle::of(&a), self.fattr(&a)))
     }
 
     async fn rename<'a>(

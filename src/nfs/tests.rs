@@ -147,14 +147,34 @@ async fn create_modes() {
             .unwrap_err(),
         nfsstat3::NFS3ERR_EXIST
     );
-    // REMOVE of a directory entry is RMDIR (both procedures land in `remove`)
+    // GUARDED create of an existing name is EXIST, decided when creating
+    assert_eq!(
+        fs.create_guarded(&root, &n("x"), sattr3::default())
+            .await
+            .unwrap_err(),
+        nfsstat3::NFS3ERR_EXIST
+    );
+    assert_eq!(
+        read_all(&fs, &h1).await,
+        b"he",
+        "a failed GUARDED create truncated nothing"
+    );
+    // REMOVE takes files only, RMDIR directories only
     fs.create(&dh, &n("f"), sattr3::default()).await.unwrap();
     assert_eq!(
         fs.remove(&root, &n("d")).await.unwrap_err(),
+        nfsstat3::NFS3ERR_ISDIR
+    );
+    assert_eq!(
+        fs.rmdir(&root, &n("d")).await.unwrap_err(),
         nfsstat3::NFS3ERR_NOTEMPTY
     );
+    assert_eq!(
+        fs.rmdir(&dh, &n("f")).await.unwrap_err(),
+        nfsstat3::NFS3ERR_NOTDIR
+    );
     fs.remove(&dh, &n("f")).await.unwrap();
-    fs.remove(&root, &n("d")).await.unwrap();
+    fs.rmdir(&root, &n("d")).await.unwrap();
     assert_eq!(
         fs.lookup(&root, &n("d")).await.unwrap_err(),
         nfsstat3::NFS3ERR_NOENT

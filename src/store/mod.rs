@@ -89,6 +89,10 @@ pub struct Store {
     zstd_level: i32,
 }
 
+/// Largest record payload an index entry may claim (bytes): chunks are at most 64 KiB raw and
+/// a chunk that does not shrink is stored raw.
+pub const MAX_RECORD_PAYLOAD: u32 = 128 << 10;
+
 /// A chunk compressed and ready to append.
 pub struct Encoded {
     pub id: ChunkId,
@@ -202,6 +206,12 @@ impl Store {
 
     /// Delete a pack once no reader can still be reading it.
     pub fn retire_pack(&self, pack: PackId) -> Result<(), StoreError> {
+        if self.active_pack() == Some(pack) {
+            return Err(StoreError::Io(io::Error::other(format!(
+                "refusing to delete pack {:08x}: it is being appended to",
+                pack.0
+            ))));
+        }
         let _no_readers = self.gate.write();
         self.io.remove(pack)?;
         Ok(())
@@ -259,7 +269,12 @@ impl Store {
     ) -> Result<Vec<bool>, StoreError> {
         let t = rtx.open_table(schema::CHUNKS)?;
         ids.iter()
-            .map(|id| Ok(self.cache.get(id).is_some() || t.get(&id.0)?.is_some()))
+            .map(|id| {
+                Ok(self.cache.get(id).is_some()
+                    || t.get(&id.0)?
+                        .and_then(|v| ChunkLoc::decode(v.value()))
+                        .is_some_and(|l| !l.is_lost()))
+            })
             .collect()
     }
 
@@ -288,27 +303,45 @@ impl Store {
         recs.sort_by_key(|(_, l)| (l.pack, l.offset));
         let end = |l: &ChunkLoc| l.offset + (RECORD_HEADER_LEN + l.stored_len as usize) as u64;
         let mut out = Vec::with_capacity(recs.len());
+        // An index entry claiming an impossible length is damage, not a read to attempt.
+        let (sane, insane): (Vec<_>, Vec<_>) = recs
+            .into_iter()
+            .partition(|(_, l)| l.stored_len <= MAX_RECORD_PAYLOAD);
+        out.extend(insane.into_iter().map(|(id, l)| {
+            let e = StoreError::Corrupt {
+                id,
+                detail: format!("index entry claims a {}-byte record", l.stored_len),
+            };
+            (id, Err(e))
+        }));
+        let recs = sane;
         let mut i = 0;
         while i < recs.len() {
             let start = recs[i].1.offset;
+            let mut run_end = end(&recs[i].1);
             let mut j = i + 1;
             while j < recs.len()
                 && recs[j].1.pack == recs[i].1.pack
-                && recs[j].1.offset <= end(&recs[j - 1].1) + GAP
-                && end(&recs[j].1) - start <= RUN
+                && recs[j].1.offset <= run_end + GAP
+                && end(&recs[j].1).max(run_end) - start <= RUN
             {
+                run_end = run_end.max(end(&recs[j].1));
                 j += 1;
             }
             let run = &recs[i..j];
-            let len = end(&run[run.len() - 1].1) - start;
+            let len = run_end - start;
             match self.io.read_at(run[0].1.pack, start, len as usize) {
                 Ok(buf) => {
                     let checked: Vec<(ChunkId, Result<u64, StoreError>)> = run
                         .par_iter()
                         .map(|(id, loc)| {
                             let at = (loc.offset - start) as usize;
-                            let rec = &buf[at..at + RECORD_HEADER_LEN + loc.stored_len as usize];
-                            (*id, self.verify(id, loc, rec).map(|d| d.len() as u64))
+                            let rec = buf.get(at..at + RECORD_HEADER_LEN + loc.stored_len as usize);
+                            let r = match rec {
+                                Some(rec) => self.verify(id, loc, rec).map(|d| d.len() as u64),
+                                None => self.read_loc(id, loc).map(|d| d.len() as u64),
+                            };
+                            (*id, r)
                         })
                         .collect();
                     out.extend(checked);
@@ -538,6 +571,9 @@ impl<'txn> ChunkTables<'txn> {
         let mut live: HashMap<u32, u64> = HashMap::new();
         for (id, loc) in index {
             self.chunks.insert(&id.0, loc.encode().as_slice())?;
+            if loc.is_lost() {
+                continue;
+            }
             unique += u64::from(loc.raw_len);
             stored += u64::from(loc.stored_len);
             *live.entry(loc.pack.0).or_insert(0) +=
@@ -622,11 +658,17 @@ impl<'txn> ChunkTables<'txn> {
 
     /// Add a reference to `id`, recording it at `loc` if it is not in the index yet.
     pub fn incref_or_insert(&mut self, id: &ChunkId, loc: &ChunkLoc) -> Result<(), StoreError> {
-        if self.get(id)?.is_some() {
-            return self.incref(id);
-        }
         let mut l = *loc;
-        l.refs = 1;
+        match self.get(id)? {
+            Some(cur) if !cur.is_lost() => return self.incref(id),
+            // A lost chunk stored again: the new record takes over, with every reference
+            // the damaged files still hold.
+            Some(cur) => {
+                l.refs = cur.refs + 1;
+                bump(&mut self.counters, schema::C_CHUNK_COUNT, -1)?;
+            }
+            None => l.refs = 1,
+        }
         self.chunks.insert(&id.0, l.encode().as_slice())?;
         let rec = RECORD_HEADER_LEN as u64 + u64::from(l.stored_len);
         let (live, dead) = self.packs.get(l.pack.0)?.map_or((0, 0), |v| v.value());
@@ -677,10 +719,12 @@ impl<'txn> ChunkTables<'txn> {
             return Ok(());
         }
         self.chunks.remove(&id.0)?;
-        let rec = RECORD_HEADER_LEN as u64 + u64::from(loc.stored_len);
-        let (live, dead) = self.packs.get(loc.pack.0)?.map_or((0, 0), |v| v.value());
-        self.packs
-            .insert(loc.pack.0, (live.saturating_sub(rec), dead + rec))?;
+        if !loc.is_lost() {
+            let rec = RECORD_HEADER_LEN as u64 + u64::from(loc.stored_len);
+            let (live, dead) = self.packs.get(loc.pack.0)?.map_or((0, 0), |v| v.value());
+            self.packs
+                .insert(loc.pack.0, (live.saturating_sub(rec), dead + rec))?;
+        }
         bump(&mut self.counters, schema::C_CHUNK_COUNT, -1)?;
         bump(
             &mut self.counters,

@@ -54,7 +54,10 @@ where
         NFSPROC3_WRITE => handle(context, message, nfsproc3_write).await,
         NFSPROC3_CREATE => handle(context, message, nfsproc3_create).await,
         NFSPROC3_SETATTR => handle(context, message, nfsproc3_setattr).await,
-        NFSPROC3_REMOVE | NFSPROC3_RMDIR => handle(context, message, nfsproc3_remove).await,
+        // Tessera patch: RMDIR has its own method (upstream sent both to `remove`, so RMDIR of
+        // a file deleted it and REMOVE of an empty directory deleted that).
+        NFSPROC3_REMOVE => handle(context, message, nfsproc3_remove).await,
+        NFSPROC3_RMDIR => handle(context, message, nfsproc3_rmdir).await,
         NFSPROC3_RENAME => handle(context, message, nfsproc3_rename).await,
         NFSPROC3_MKDIR => handle(context, message, nfsproc3_mkdir).await,
         NFSPROC3_SYMLINK => handle(context, message, nfsproc3_symlink).await,
@@ -661,6 +664,7 @@ where
         }
     }
 
+    let guarded = matches!(createhow, createhow3::GUARDED(_));
     let (fid, postopattr) = match createhow {
         createhow3::EXCLUSIVE(verf) => {
             let fid = context
@@ -670,11 +674,21 @@ where
             (fid, post_op_attr::None)
         }
         createhow3::UNCHECKED(target_attributes) | createhow3::GUARDED(target_attributes) => {
-            match context
-                .vfs
-                .create(&dirid, &dirops.name, target_attributes)
-                .await
-            {
+            // Tessera patch: GUARDED goes to `create_guarded`, which fails with EXIST if the
+            // name exists at the moment of creation (the LOOKUP above is only a fast path; a
+            // file created by another client in between was opened and truncated upstream).
+            let created = if guarded {
+                context
+                    .vfs
+                    .create_guarded(&dirid, &dirops.name, target_attributes)
+                    .await
+            } else {
+                context
+                    .vfs
+                    .create(&dirid, &dirops.name, target_attributes)
+                    .await
+            };
+            match created {
                 Ok((fid, fattr)) => (Ok(fid), post_op_attr::Some(fattr)),
                 Err(e) => (Err(e), post_op_attr::None),
             }
@@ -766,6 +780,26 @@ async fn nfsproc3_remove<T>(context: RPCContext<T>, xid: u32, args: REMOVE3args<
 where
     T: NfsFileSystem,
 {
+    remove_or_rmdir(context, xid, args, false).await
+}
+
+/// Tessera patch: RMDIR3args and RMDIR3res have the same XDR layout as REMOVE's.
+async fn nfsproc3_rmdir<T>(context: RPCContext<T>, xid: u32, args: REMOVE3args<'_>) -> REMOVE3res
+where
+    T: NfsFileSystem,
+{
+    remove_or_rmdir(context, xid, args, true).await
+}
+
+async fn remove_or_rmdir<T>(
+    context: RPCContext<T>,
+    xid: u32,
+    args: REMOVE3args<'_>,
+    dir: bool,
+) -> REMOVE3res
+where
+    T: NfsFileSystem,
+{
     if !matches!(context.vfs.capabilities(), VFSCapabilities::ReadWrite) {
         warn!("No write capabilities.");
         return REMOVE3res::Err((nfsstat3::NFS3ERR_ROFS, REMOVE3resfail::default()));
@@ -780,7 +814,12 @@ where
         }
     };
 
-    match context.vfs.remove(&dirid, &args.object.name).await {
+    let removed = if dir {
+        context.vfs.rmdir(&dirid, &args.object.name).await
+    } else {
+        context.vfs.remove(&dirid, &args.object.name).await
+    };
+    match removed {
         Ok(()) => {
             let after = nfs_option_from_result(context.vfs.getattr(&dirid).await);
             debug!("remove success {xid}");

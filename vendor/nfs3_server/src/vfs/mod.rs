@@ -295,6 +295,27 @@ pub trait NfsFileSystem: NfsReadFileSystem {
         attr: sattr3,
     ) -> impl Future<Output = Result<(Self::Handle, fattr3), nfsstat3>> + Send;
 
+    /// Tessera patch: creates a file, failing with `NFS3ERR_EXIST` if the name exists (CREATE
+    /// GUARDED). The default keeps upstream's behaviour: `create`.
+    fn create_guarded(
+        &self,
+        dirid: &Self::Handle,
+        filename: &filename3<'_>,
+        attr: sattr3,
+    ) -> impl Future<Output = Result<(Self::Handle, fattr3), nfsstat3>> + Send {
+        self.create(dirid, filename, attr)
+    }
+
+    /// Tessera patch: removes a directory (RMDIR). The default keeps upstream's behaviour:
+    /// `remove`.
+    fn rmdir(
+        &self,
+        dirid: &Self::Handle,
+        dirname: &filename3<'_>,
+    ) -> impl Future<Output = Result<(), nfsstat3>> + Send {
+        self.remove(dirid, dirname)
+    }
+
     /// Creates a file if it does not already exist.
     /// If not supported due to readonly file system
     /// this should return `Err(nfsstat3::NFS3ERR_ROFS)`
