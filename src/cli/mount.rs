@@ -12,18 +12,8 @@ pub struct Args {
     pub dir: PathBuf,
     /// Where to mount it (an existing empty folder).
     pub mountpoint: PathBuf,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = 4)]
-    pub threads: usize,
-    /// Seconds between background flushes of written data (durable commits).
-    #[arg(long, default_value_t = 5)]
-    pub flush_interval: u64,
-    /// Seconds between checks for space to reclaim in the background (0: only `tessera gc`).
-    #[arg(long, default_value_t = 60)]
-    pub gc_interval: u64,
-    /// Most MiB per second background reclamation copies (0: unlimited).
-    #[arg(long, default_value_t = 64, value_name = "MIB_PER_S")]
-    pub gc_rate: u64,
+    #[command(flatten)]
+    pub daemon: super::serve::DaemonArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -35,10 +25,7 @@ pub fn run(a: Args) -> Result<()> {
         read_only: false,
         allow: Vec::new(),
         portmap: 0,
-        threads: a.threads,
-        flush_interval: a.flush_interval,
-        gc_interval: a.gc_interval,
-        gc_rate: a.gc_rate,
+        daemon: a.daemon,
     })
 }
 

@@ -62,6 +62,13 @@ pub struct Args {
     /// nfs://HOST/path URLs (qemu, libnfs, ESXi) ask it where NFS is.
     #[arg(long, default_value_t = 111, value_name = "PORT")]
     pub portmap: u16,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// Options of a serving process, shared by `serve` and `mount`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DaemonArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
@@ -148,10 +155,11 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::rename(&tmp, dir.join(META_BACKUP))?;
         std::fs::File::open(&dir)?.sync_all()?;
     }
-    let _flusher = engine.spawn_flusher(Duration::from_secs(a.flush_interval.max(1)));
-    if a.gc_interval > 0 {
-        let rate = (a.gc_rate > 0).then_some(a.gc_rate << 20);
-        engine.spawn_reclaimer(Duration::from_secs(a.gc_interval), rate);
+    let _flusher = engine.spawn_flusher(Duration::from_secs(a.daemon.flush_interval.max(1)));
+    if a.daemon.gc_interval > 0 {
+        let d = &a.daemon;
+        let rate = (d.gc_rate > 0).then_some(d.gc_rate << 20);
+        engine.spawn_reclaimer(Duration::from_secs(d.gc_interval), rate);
     }
     let sock =
         control::serve(engine.clone(), &dir).context("cannot listen on the control socket")?;
@@ -166,7 +174,7 @@ pub fn run(a: Args) -> Result<()> {
             fuser::Session::new(
                 TesseraFuse::new(engine.clone()),
                 mnt,
-                &config(&dir, a.threads),
+                &config(&dir, a.daemon.threads),
             )
             .with_context(|| {
                 format!(

@@ -188,6 +188,43 @@ impl TesseraNfs {
     fn fattr(&self, a: &Attr) -> fattr3 {
         fattr(a, self.engine.id())
     }
+
+    /// CREATE UNCHECKED (`open_existing`: an existing file is opened and given the attributes)
+    /// or GUARDED (an existing name is NFS3ERR_EXIST, decided by the engine when creating).
+    fn make_file(
+        &self,
+        dir: &NfsHandle,
+        n: &filename3<'_>,
+        s: &sattr3,
+        open_existing: bool,
+    ) -> Result<(NfsHandle, fattr3), nfsstat3> {
+        self.writable()?;
+        let ctx = caller();
+        let mut set = set_attr(s);
+        let perm = set.mode.take().unwrap_or(0o644) as u16;
+        let a = self.run("create", |e| {
+            live(e, dir)?;
+            let a = match e.mknod(dir.ino(), name(n), Kind::File, perm, 0, ctx) {
+                Ok(a) => a,
+                Err(FsError::Exists) if open_existing => {
+                    let a = e.lookup(dir.ino(), name(n))?;
+                    if a.inode.kind != Kind::File {
+                        return Err(FsError::Exists.into());
+                    }
+                    a
+                }
+                Err(err) => return Err(err.into()),
+            };
+            if is_empty(&set) {
+                Ok(a)
+            } else {
+                Ok(e.setattr(a.ino, &set)?)
+            }
+        })?;
+        self.entry_changed(dir.ino(), name(n));
+        self.changed(a.ino);
+        Ok((NfsHandle::of(&a), self.fattr(&a)))
+    }
 }
 
 /// The attributes of a live handle: STALE if its inode is gone or was reused.
@@ -488,33 +525,7 @@ impl NfsFileSystem for TesseraNfs {
         n: &filename3<'_>,
         s: sattr3,
     ) -> Result<(NfsHandle, fattr3), nfsstat3> {
-        self.writable()?;
-        let ctx = caller();
-        let mut set = set_attr(&s);
-        let perm = set.mode.take().unwrap_or(0o644) as u16;
-        let a = self.run("create", |e| {
-            live(e, dir)?;
-            let a = match e.mknod(dir.ino(), name(n), Kind::File, perm, 0, ctx) {
-                Ok(a) => a,
-                // UNCHECKED: an existing file is opened (GUARDED was refused before this).
-                Err(FsError::Exists) => {
-                    let a = e.lookup(dir.ino(), name(n))?;
-                    if a.inode.kind != Kind::File {
-                        return Err(FsError::Exists.into());
-                    }
-                    a
-                }
-                Err(err) => return Err(err.into()),
-            };
-            if is_empty(&set) {
-                Ok(a)
-            } else {
-                Ok(e.setattr(a.ino, &set)?)
-            }
-        })?;
-        self.entry_changed(dir.ino(), name(n));
-        self.changed(a.ino);
-        Ok((NfsHandle::of(&a), self.fattr(&a)))
+        self.make_file(dir, n, &s, true)
     }
 
     async fn create_exclusive(
@@ -601,22 +612,7 @@ impl NfsFileSystem for TesseraNfs {
         n: &filename3<'_>,
         s: sattr3,
     ) -> Result<(NfsHandle, fattr3), nfsstat3> {
-        self.writable()?;
-        let ctx = caller();
-        let mut set = set_attr(&s);
-        let perm = set.mode.take().unwrap_or(0o644) as u16;
-        let a = self.run("create", |e| {
-            live(e, dir)?;
-            // Exists -> NFS3ERR_EXIST, decided by the engine at the moment of creation.
-            let a = e.mknod(dir.ino(), name(n), Kind::File, perm, 0, ctx)?;
-            if is_empty(&set) {
-                Ok(a)
-            } else {
-                Ok(e.setattr(a.ino, &set)?)
-            }
-        })?;
-        self.entry_changed(dir.ino(), name(n));
-        Ok((NfsHandle::of(&a), self.fattr(&a)))
+        self.make_file(dir, n, &s, false)
     }
 
     async fn rename<'a>(
