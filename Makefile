@@ -5,7 +5,7 @@
 #   make build     cargo build --release
 #   make lint      cargo fmt --check; cargo clippy --all-targets -D warnings
 #   make unit      cargo test --release
-#   make fs-tests  fs-tests/run-all.sh against target/release/tessera (root: pjdfstest)
+#   make fs-tests  fs-tests/run-all.sh against target/release/tessera (root: pjdfstest, fulldisk)
 #   make test      deps, lint, unit, fs-tests, in that order
 #   make run       build, init ./tessera-data/ds once, mount it on ./tessera-data/mnt
 #                  in the foreground (Ctrl-C or fusermount3 -u to stop)
