@@ -233,7 +233,7 @@ expect_error() {
 sha() { tmo sha256sum -- "$1" | awk '{ print $1 }'; }
 
 # ---- tessera serve (NFS, optionally with a FUSE mount)
-NFS_HOST=127.0.0.1
+NFS_HOST=${NFS_HOST:-127.0.0.1}
 SERVE_PID=
 SERVE_MNT=
 NFS_CLIENT=$FS_TESTS_DIR/nfs_client.py
