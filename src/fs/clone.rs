@@ -104,25 +104,29 @@ impl Engine {
         let c = self.chunk_size;
         let (lo, hi) = if src <= dst { (src, dst) } else { (dst, src) };
         let (st_lo, st_hi) = (self.entry(lo), self.entry(hi));
-        // Lock order: flush locks (inode order), then state locks (inode order).
-        let _f_lo = st_lo.flush.lock();
-        let _f_hi = if lo != hi {
-            Some(st_hi.flush.lock())
-        } else {
-            None
-        };
         let mut shared = 0u64;
         let total;
         {
+            // Lock order: flush locks (inode order), then state locks (inode order). They are
+            // held only while chunks are shared: the byte copy below goes through `write`,
+            // which may flush these very files under memory pressure, and parking_lot locks
+            // are not re-entrant (an unaligned 200 MiB copy deadlocked the whole datastore;
+            // `copy_range_unaligned_larger_than_the_dirty_limit` protects this).
+            let _f_lo = st_lo.flush.lock();
+            let _f_hi = if lo != hi {
+                Some(st_hi.flush.lock())
+            } else {
+                None
+            };
             let mut g_lo = st_lo.state.write();
-            self.flush_locked(lo, &mut g_lo, false, &[])?;
+            self.flush_locked(lo, &mut g_lo, false, None)?;
             let mut g_hi = if lo != hi {
                 Some(st_hi.state.write())
             } else {
                 None
             };
             if let Some(g) = g_hi.as_deref_mut() {
-                self.flush_locked(hi, g, false, &[])?;
+                self.flush_locked(hi, g, false, None)?;
             }
             // Both files are flushed and locked: the tables hold their whole state.
             let (sa, da) = {

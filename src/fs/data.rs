@@ -15,6 +15,7 @@
 //! adjusts reference counts. Unchanged invariant: bytes past EOF inside the last chunk are 0.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -335,7 +336,7 @@ impl Engine {
             };
             if let Some(batch) = batch {
                 // The heavy part runs without the state lock: writers and readers go on.
-                let r = self.commit_chunks(ino, &batch, size, mtime, &[], false);
+                let r = self.commit_chunks(ino, &batch, size, mtime, None, false);
                 let mut g = st.state.write();
                 g.inflight = None;
                 match r {
@@ -411,16 +412,16 @@ impl Engine {
     }
 
     /// Commit the unflushed state of a file (the caller holds its `flush` and `state` locks,
-    /// so nothing is in flight), plus `holes`: chunk indexes to turn into holes.
+    /// so nothing is in flight), plus `holes`: a range of chunk indexes to turn into holes.
     pub(crate) fn flush_locked(
         &self,
         ino: InodeId,
         g: &mut FileState,
         durable: bool,
-        holes: &[u64],
+        holes: Option<Range<u64>>,
     ) -> FsResult<()> {
         debug_assert!(g.inflight.is_none());
-        if g.is_clean() && holes.is_empty() {
+        if g.is_clean() && holes.is_none() {
             return if durable { self.barrier() } else { Ok(()) };
         }
         self.commit_chunks(ino, &g.dirty, g.size, g.mtime, holes, durable)?;
@@ -439,7 +440,7 @@ impl Engine {
         chunks: &Chunks,
         size: Option<u64>,
         mtime: Option<Time>,
-        holes: &[u64],
+        holes: Option<Range<u64>>,
         durable: bool,
     ) -> FsResult<()> {
         let level = self.store.zstd_level();
@@ -494,12 +495,6 @@ impl Engine {
             locs.extend(append(p)?);
         }
         let mut updates = hashed;
-        updates.extend(
-            holes
-                .iter()
-                .filter(|h| !chunks.contains_key(h))
-                .map(|&h| (h, None)),
-        );
         updates.sort_unstable_by_key(|u| u.0);
         let dirty = chunks;
         self.txn(durable, |w| {
@@ -517,6 +512,13 @@ impl Engine {
                         locs.insert(*id, self.store.append(&e)?);
                     }
                 }
+            }
+            if let Some(h) = &holes {
+                // Chunks being committed here are newer than the punch (the caller dropped
+                // the dirty ones inside the range), so the range is cleared first.
+                let (root, total) = w.tree().clear(inode.root, h.start, h.end)?;
+                inode.root = root;
+                inode.aux = total;
             }
             let (root, total) = w.tree().set(inode.root, &updates, &locs)?;
             inode.root = root;
@@ -545,7 +547,7 @@ impl Engine {
         let _f = st.as_ref().map(|s| s.flush.lock());
         let mut g = st.as_ref().map(|s| s.state.write());
         if let Some(g) = g.as_deref_mut() {
-            self.flush_locked(ino, g, false, &[])?;
+            self.flush_locked(ino, g, false, None)?;
         }
         let c = self.chunk_size;
         // Truncating inside a chunk: that chunk's tail past the new size must read as zeros.
@@ -578,7 +580,7 @@ impl Engine {
         }
         // The tail chunk may be appended inside the transaction (see `Store::append_session`).
         let _appending = tail.is_some().then(|| self.store.append_session());
-        let inode = self.txn(false, |w| {
+        let inode = self.meta_txn(|w| {
             let mut i = w.inode(ino)?;
             let now = Time::now();
             let mut changed = false;
@@ -661,27 +663,36 @@ impl Engine {
         if zero && offset < inode.size {
             let zend = end.min(inode.size);
             let c = self.chunk_size;
-            let mut holes = Vec::new();
-            let mut pos = offset;
-            while pos < zend {
-                let idx = pos / c;
-                let ce = ((idx + 1) * c).min(zend);
-                if pos == idx * c && ce == (idx + 1) * c {
-                    if let Some(b) = g.dirty.remove(&idx) {
-                        drop(b);
-                        self.dirty_bytes.fetch_sub(c, Ordering::Relaxed);
-                    }
-                    holes.push(idx);
-                } else {
-                    let zeros = vec![0u8; (ce - pos) as usize];
-                    self.write_locked(ino, &mut g, pos, &zeros)?;
+            // Whole chunks inside the range become one hole range in the chunk map (memory
+            // and work independent of the range's length: a 1 PiB punch costs what a 1 MiB
+            // one does); the partial chunks at its edges are zeroed in place.
+            let (first_whole, end_whole) = (offset.div_ceil(c), zend / c);
+            if first_whole < end_whole {
+                let gone: Vec<u64> = g
+                    .dirty
+                    .range(first_whole..end_whole)
+                    .map(|(&k, _)| k)
+                    .collect();
+                for k in gone {
+                    g.dirty.remove(&k);
+                    self.dirty_bytes.fetch_sub(c, Ordering::Relaxed);
                 }
-                pos = ce;
+                let head = (offset, (first_whole * c).min(zend));
+                let tail = ((end_whole * c).max(offset), zend);
+                for (s, e) in [head, tail] {
+                    if s < e {
+                        self.write_locked(ino, &mut g, s, &vec![0u8; (e - s) as usize])?;
+                    }
+                }
+            } else {
+                // Inside one chunk or across one chunk boundary: at most two partial chunks.
+                self.write_locked(ino, &mut g, offset, &vec![0u8; (zend - offset) as usize])?;
             }
             // Zeroing must not move the size or times beyond what the caller asked.
             g.size = Some(inode.size);
             g.mtime = Some(Time::now());
-            self.flush_locked(ino, &mut g, false, &holes)?;
+            let holes = (first_whole < end_whole).then_some(first_whole..end_whole);
+            self.flush_locked(ino, &mut g, false, holes)?;
         }
         if !keep_size && end > inode.size {
             g.size = Some(end);

@@ -249,7 +249,7 @@ impl Engine {
         target: Option<&[u8]>,
     ) -> FsResult<Attr> {
         check_name(name)?;
-        let (ino, inode) = self.txn(false, |w| {
+        let (ino, inode) = self.meta_txn(|w| {
             let p = dir_inode(w, parent)?;
             if p.nlink == 0 {
                 return Err(FsError::NotFound);
@@ -297,7 +297,7 @@ impl Engine {
     /// A new hard link `newparent/newname` to `ino`.
     pub fn link(&self, ino: InodeId, newparent: InodeId, newname: &[u8]) -> FsResult<Attr> {
         check_name(newname)?;
-        let inode = self.txn(false, |w| {
+        let inode = self.meta_txn(|w| {
             let mut i = w.inode(ino)?;
             if i.kind == Kind::Dir {
                 return Err(FsError::Perm);
@@ -327,7 +327,7 @@ impl Engine {
     }
 
     pub fn unlink(&self, parent: InodeId, name: &[u8]) -> FsResult<()> {
-        let deleted = self.txn(false, |w| {
+        let deleted = self.meta_txn(|w| {
             dir_inode(w, parent)?;
             let (child, cookie) = lookup_in(w, parent, name)?.ok_or(FsError::NotFound)?;
             if w.inode(child)?.kind == Kind::Dir {
@@ -349,7 +349,7 @@ impl Engine {
         if name == b".." {
             return Err(FsError::NotEmpty);
         }
-        self.txn(false, |w| {
+        self.meta_txn(|w| {
             dir_inode(w, parent)?;
             let (child, cookie) = lookup_in(w, parent, name)?.ok_or(FsError::NotFound)?;
             if w.inode(child)?.kind != Kind::Dir {
@@ -394,7 +394,7 @@ impl Engine {
         if name == b"." || name == b".." {
             return Err(FsError::Invalid("rename of . or .."));
         }
-        let deleted = self.txn(false, |w| {
+        let deleted = self.meta_txn(|w| {
             dir_inode(w, parent)?;
             dir_inode(w, newparent)?;
             let (src, scookie) = lookup_in(w, parent, name)?.ok_or(FsError::NotFound)?;

@@ -12,15 +12,23 @@
 //! transaction. Nothing waits for a file-state lock while holding a write transaction.
 //!
 //! # Durability
-//! Metadata operations commit with `Durability::None`: atomic, visible at once, survive a
-//! kill -9 of the process (the OS keeps the written pages) but not a power loss. `fsync`, the
-//! periodic flusher and clones commit durably: first every pack append is synced, then the
-//! transaction commits with `Durability::Immediate`, which also makes every earlier
-//! non-durable commit durable. Packs are therefore always durable before the metadata that
-//! references them.
+//! redb keeps a `Durability::None` commit only until the process ends: such a commit is visible
+//! at once but is lost by a kill -9 (and a power loss) unless a `Durability::Immediate` commit
+//! follows. So:
+//! - metadata operations (`meta_txn`) commit with `None` and then wait for a durable commit
+//!   that covers them (`make_durable`, shared by concurrent callers: group commit) before
+//!   returning: what they acknowledged survives kill -9 and power loss;
+//! - file data lands in the write-back buffer and is flushed into commits with `None`; it
+//!   becomes durable at `fsync`, O_SYNC, NFS COMMIT/FILE_SYNC, the periodic flusher (every few
+//!   seconds), clones and unmount. Unsynced data may be lost by a crash, as on any filesystem;
+//! - every durable commit syncs the pack appends first, then commits with `Immediate` (which
+//!   also makes every earlier `None` commit durable). Packs are therefore always durable before
+//!   the metadata that references them.
 
 pub mod check;
 pub mod clone;
+#[cfg(test)]
+mod crash_tests;
 pub mod data;
 pub mod dir;
 pub mod du;
@@ -459,6 +467,18 @@ impl Engine {
         for id in released {
             self.store.forget(&id);
         }
+        Ok(out)
+    }
+
+    /// A metadata operation (create, link, unlink, rename, setattr, xattrs): commit it, then
+    /// make it durable before returning, so what a caller was told succeeded survives kill -9
+    /// and power loss (NFS servers must have these on stable storage before replying, RFC 1813
+    /// section 3.3). The commit itself is quick (`Durability::None`); the durable part is
+    /// shared with every operation that committed meanwhile (`make_durable`, group commit), so
+    /// concurrent creates cost one fsync between them, not one each.
+    pub(crate) fn meta_txn<T>(&self, f: impl FnOnce(&mut W<'_>) -> FsResult<T>) -> FsResult<T> {
+        let out = self.txn(false, f)?;
+        self.make_durable()?;
         Ok(out)
     }
 

@@ -513,10 +513,22 @@ impl TreeTx<'_, '_> {
 
     /// Drop every slot `>= keep` (truncate). Returns the new root and chunks present.
     pub fn truncate(&mut self, root: Root, keep: u64) -> FsResult<(Root, u64)> {
+        self.clear(root, keep, u64::MAX)
+    }
+
+    /// Turn every slot in `[from, to)` into a hole (punch). Work and memory are proportional
+    /// to the nodes the range touches at its edges plus the chunks it releases, never to the
+    /// length of the range: punching 1 PiB of a sparse file visits a handful of nodes.
+    /// Returns the new root and chunks present.
+    pub fn clear(&mut self, root: Root, from: u64, to: u64) -> FsResult<(Root, u64)> {
         if root.node.is_none() {
             return Ok((Root::default(), 0));
         }
-        let (id, total) = self.trunc_in(root.node, root.height, 0, keep)?;
+        if from >= to || u128::from(from) >= coverage(root.height) {
+            let total = load(&*self.nodes, root.node)?.total();
+            return Ok((root, total));
+        }
+        let (id, total) = self.clear_in(root.node, root.height, 0, from, to)?;
         Ok((
             Root {
                 node: id,
@@ -526,25 +538,27 @@ impl TreeTx<'_, '_> {
         ))
     }
 
-    fn trunc_in(
+    /// `clear` below node `id` (covering slots from `base`), which overlaps `[from, to)`.
+    fn clear_in(
         &mut self,
         id: NodeId,
         height: u8,
         base: u64,
-        keep: u64,
+        from: u64,
+        to: u64,
     ) -> FsResult<(NodeId, u64)> {
-        if base >= keep {
+        let end = u128::from(base) + coverage(height);
+        if base >= from && end <= u128::from(to) {
             self.decref_node(id)?;
             return Ok((NodeId::NONE, 0));
-        }
-        if u128::from(base) + coverage(height) <= u128::from(keep) {
-            return Ok((id, load(&*self.nodes, id)?.total()));
         }
         let (id, mut node) = self.own(id)?;
         match &mut node {
             Node::Leaf(s) => {
-                for slot in (keep - base) as usize..FANOUT {
-                    if let Some(o) = s[slot].take() {
+                let lo = from.saturating_sub(base) as usize;
+                let hi = (u128::from(to) - u128::from(base)).min(FANOUT as u128) as usize;
+                for slot in s.iter_mut().take(hi).skip(lo) {
+                    if let Some(o) = slot.take() {
                         self.chunks.decref(&o)?;
                     }
                 }
@@ -552,8 +566,12 @@ impl TreeTx<'_, '_> {
             Node::Interior(_, s) => {
                 let span = child_span(height);
                 for (i, c) in s.iter_mut().enumerate() {
-                    if !c.0.is_none() {
-                        *c = self.trunc_in(c.0, height - 1, base + i as u64 * span, keep)?;
+                    let cb = base + i as u64 * span;
+                    if !c.0.is_none()
+                        && cb < to
+                        && u128::from(cb) + u128::from(span) > u128::from(from)
+                    {
+                        *c = self.clear_in(c.0, height - 1, cb, from, to)?;
                     }
                 }
             }

@@ -46,7 +46,7 @@ impl Engine {
         if value.len() > XATTR_VALUE_MAX {
             return Err(FsError::TooBig);
         }
-        self.txn(false, |w| {
+        self.meta_txn(|w| {
             let mut i = w.inode(ino)?;
             let exists = w.xattrs.get((ino.0, name))?.is_some();
             match mode {
@@ -77,7 +77,7 @@ impl Engine {
     }
 
     pub fn removexattr(&self, ino: InodeId, name: &[u8]) -> FsResult<()> {
-        self.txn(false, |w| {
+        self.meta_txn(|w| {
             let mut i = w.inode(ino)?;
             if w.xattrs.remove((ino.0, name))?.is_none() {
                 return Err(FsError::NoAttr);

@@ -246,6 +246,22 @@ impl MemPackIo {
         }
     }
 
+    /// A power loss that tears the unsynced tail of each pack: `keep(n)` says how many of a
+    /// pack's `n` unsynced bytes reached the disk (a prefix: appends are written in order),
+    /// and the last kept byte of a torn record may be garbage, as a half-written sector is.
+    pub fn crash_torn(&self, mut keep: impl FnMut(usize) -> usize) {
+        for (data, synced) in self.packs.lock().values_mut() {
+            let unsynced = data.len() - *synced;
+            let k = keep(unsynced).min(unsynced);
+            data.truncate(*synced + k);
+            if k > 0 && k < unsynced {
+                if let Some(b) = data.last_mut() {
+                    *b ^= 0x5a;
+                }
+            }
+        }
+    }
+
     /// The packs that exist (tests).
     pub fn list_packs(&self) -> Vec<PackId> {
         self.list().unwrap_or_default()
