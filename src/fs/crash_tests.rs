@@ -594,20 +594,20 @@ fn copy_range_unaligned_larger_than_the_dirty_limit() {
         .mknod(r, b"dst", Kind::File, 0o644, 0, Ctx::ROOT)
         .unwrap()
         .ino;
-    let body = data(9, 1 << 20); // 16x the dirty limit
+    let body = data(9, 4 << 20); // 64x the dirty limit, copied 1 MiB at a time
     e.write(s, 0, &body).unwrap();
     e.fsync(s).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let e2 = e.clone();
     std::thread::spawn(move || {
-        let n = e2.copy_range(s, 1, d, 0, 1 << 20).unwrap();
+        let n = e2.copy_range(s, 1, d, 0, 4 << 20).unwrap();
         let m = e2.copy_range(d, 0, d, 3, 4096).unwrap();
         tx.send((n, m)).unwrap();
     });
     let (n, m) = rx
         .recv_timeout(std::time::Duration::from_secs(60))
         .expect("copy_range hung (deadlock)");
-    assert_eq!((n, m), ((1 << 20) - 1, 4096));
+    assert_eq!((n, m), ((4 << 20) - 1, 4096));
     let got = e.read(d, 3, 100).unwrap();
     assert_eq!(got, body[1..101].to_vec());
 }
