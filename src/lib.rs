@@ -18,6 +18,8 @@
 //! - `cli` (in the binary): one file per subcommand.
 
 pub mod control;
+#[cfg(test)]
+pub(crate) mod deadlock;
 pub mod fs;
 pub mod fuse;
 pub mod nfs;

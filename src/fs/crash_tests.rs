@@ -538,6 +538,7 @@ proptest! {
     /// (never garbage), and fsck is clean.
     #[test]
     fn acknowledged_operations_survive_crashes(ops in proptest::collection::vec(op(), 1..40)) {
+        crate::deadlock::watchdog();
         let (mut e, mut disk, io) = new_engine();
         let mut m = BTreeMap::new();
         for op in &ops {
@@ -583,6 +584,7 @@ fn metadata_operations_are_durable_on_return() {
 /// files under memory pressure: a self-deadlock that hung the whole datastore).
 #[test]
 fn copy_range_unaligned_larger_than_the_dirty_limit() {
+    crate::deadlock::watchdog();
     let (e, _, _) = new_engine();
     let e = Arc::new(e);
     let r = InodeId::ROOT;

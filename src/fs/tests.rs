@@ -265,6 +265,7 @@ proptest! {
     /// clones never see each other's writes; the datastore passes fsck at the end.
     #[test]
     fn engine_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+        crate::deadlock::watchdog();
         let (mut e, _) = engine();
         let mut m = BTreeMap::new();
         for op in &ops {
@@ -495,6 +496,7 @@ fn namespace_rules() {
 /// periodic flush run at once without deadlock or lost writes, and fsck stays clean.
 #[test]
 fn concurrent_writers_readers_and_clones() {
+    crate::deadlock::watchdog();
     let (e, _) = engine();
     let e = Arc::new(e);
     let shared = e
@@ -633,6 +635,7 @@ fn scrub_names_damaged_files_and_offsets() {
 /// the datastore must pass fsck (no live chunk lost, no count wrong) during and after.
 #[test]
 fn gc_races_writes_clones_dedup_and_deletes() {
+    crate::deadlock::watchdog();
     use std::sync::atomic::{AtomicBool, Ordering};
     let (e, _) = engine();
     let e = Arc::new(e);
