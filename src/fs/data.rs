@@ -34,8 +34,9 @@ pub(crate) type Chunks = BTreeMap<u64, Box<[u8]>>;
 
 /// One file's write-back state and the lock that serialises its flushes.
 ///
-/// Lock order: `flush`, then `state`, then a write transaction. A flush holds `flush` for its
-/// whole length but `state` only to move dirty chunks to `inflight` and to clear it again, so
+/// Lock order (see the list in `fs/mod.rs`): `flush`, then `state`, then a write transaction;
+/// several files' locks in inode order. Never call `Engine::write` holding `flush` (it may
+/// flush this file under memory pressure). A flush holds `flush` for its whole length but `state` only to move dirty chunks to `inflight` and to clear it again, so
 /// writers and readers of the file go on while its chunks are hashed, compressed and committed.
 #[derive(Default)]
 pub struct FileEntry {

@@ -7,9 +7,25 @@
 //! # Concurrency
 //! Metadata lives in one redb database; redb serialises write transactions and gives readers
 //! snapshots. File data written but not yet flushed sits in a per-inode [`data::FileState`]
-//! (see `data::FileEntry`). Lock order: file flush locks (inode order), file-state locks (inode
-//! order), then the write
-//! transaction. Nothing waits for a file-state lock while holding a write transaction.
+//! (see `data::FileEntry`).
+//!
+//! Lock order (a thread holding one may only wait for those below it):
+//! 1. `Engine::gc_lock` (one compaction at a time);
+//! 2. file flush locks `FileEntry::flush`, in inode order;
+//! 3. file-state locks `FileEntry::state`, in inode order;
+//! 4. `Engine::durable_lock` (group commit);
+//! 5. the store's append session (`Store::append_session`, shared; `drain_appends` takes it
+//!    exclusively holding nothing below 1);
+//! 6. the redb write transaction;
+//! 7. the store's read gate (`Store::read_gate`, shared and recursive, taken by every
+//!    snapshot; exclusive only to delete packs, holding nothing else);
+//! 8. leaf locks held for a few instructions, never while waiting for another lock:
+//!    `open_counts`, `pressure`, the store's `active` and `unsynced`, the chunk cache.
+//!
+//! Nothing takes a flush lock while holding a state lock, and nothing calls `write` (which
+//! may flush any file under memory pressure) while holding a flush lock: parking_lot locks
+//! are not re-entrant. Test builds check this at run time: `crate::deadlock` aborts the race,
+//! crash and property tests on any lock cycle.
 //!
 //! # Durability
 //! redb keeps a `Durability::None` commit only until the process ends: such a commit is visible
@@ -146,8 +162,9 @@ pub struct Engine {
     /// Every commit counted below this number is durable.
     durable_upto: AtomicU64,
     /// Serialises callers of `make_durable`, so late arrivals find their commit covered.
+    /// Lock order 4 (module doc): taken under flush and state locks, never the other way.
     durable_lock: Mutex<()>,
-    /// Held by a compaction run (one at a time).
+    /// Held by a compaction run (one at a time). Lock order 1: first of all.
     gc_lock: Mutex<()>,
     /// Set by writers under memory pressure to wake the background flusher. Shared with the
     /// flusher thread, which holds no strong reference to the engine while it waits.

@@ -71,6 +71,8 @@ struct Active {
 pub struct Store {
     io: Arc<dyn PackIo>,
     /// The pack appends go to; created on the first append, so read-only uses leave no trace.
+    /// Lock order (the engine's list is in `fs/mod.rs`): `appenders`, then the caller's redb
+    /// write transaction, then `gate`; `active` and `unsynced` are leaves.
     active: Mutex<Option<Active>>,
     /// Packs appended to since their last sync.
     unsynced: Mutex<BTreeSet<PackId>>,
