@@ -18,7 +18,7 @@
 //!    exclusively holding nothing below 1);
 //! 6. the redb write transaction;
 //! 7. the store's read gate (`Store::read_gate`, shared and recursive, taken by every
-//!    snapshot; exclusive only to delete packs, holding nothing else);
+//!    snapshot; exclusive only to delete packs, under `gc_lock` alone);
 //! 8. leaf locks held for a few instructions, never while waiting for another lock:
 //!    `open_counts`, `pressure`, the store's `active` and `unsynced`, the chunk cache.
 //!
