@@ -51,9 +51,11 @@ def legacy(script, kind):
         return f.read().strip("\n")
 
 
-def fmt(v):
+def fmt(v, unit=""):
     if v is None:
         return "n/a"
+    if unit == "x":
+        return f"{v:.2f}"
     a = abs(v)
     if a >= 100 or float(v).is_integer():
         return f"{v:,.0f}".replace(",", " ")
@@ -84,7 +86,11 @@ def when(iso):
 
 def measured_on(doc):
     src, m = doc.get("source", {}), doc.get("machine", {})
-    commit = f"`{src.get('commit_short')}`" + (" + uncommitted changes" if src.get("dirty") else "")
+    commit = f"`{src.get('commit_short')}`"
+    if src.get("dirty"):
+        files = src.get("dirty_files", [])
+        commit += " + uncommitted changes" + (f" to {', '.join(files[:5])}" if files else "")
+        commit += "" if len(files) <= 5 else f" and {len(files) - 5} more files"
     mem = m.get("mem_total_gib")
     s = (f"measured on commit {commit}, {when(doc['date'])}, {m.get('nproc')} cores, {mem} GiB RAM, "
          f"kernel {m.get('kernel')}")
@@ -144,7 +150,7 @@ def section(script):
         if f.get("better"):
             unit += f" ({f['better']} is better)"
         row = [label(f), unit]
-        row += [fmt(f["values"][s]) if s in f.get("values", {}) else "" for s in systems]
+        row += [fmt(f["values"][s], f.get("unit", "")) if s in f.get("values", {}) else "" for s in systems]
         row += [ratio(f["ratios"][p]) if p in f.get("ratios", {}) else "" for p in pairs]
         if has_target:
             row.append(f.get("target", ""))

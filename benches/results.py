@@ -27,23 +27,26 @@ import sys
 SCHEMA = 1
 
 
-def git(*args, cwd=None):
+def git(*args, cwd=None, strip=True):
     try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+        return out.strip() if strip else out
     except (OSError, subprocess.CalledProcessError):
         return None
 
 
 def source_info(repo):
     commit = git("rev-parse", "HEAD", cwd=repo)
-    status = git("status", "--porcelain", "--untracked-files=no", cwd=repo)
+    status = git("status", "--porcelain", "--untracked-files=no", cwd=repo, strip=False)
     return {
         "commit": commit,
         "commit_short": commit[:7] if commit else None,
         "commit_subject": git("log", "-1", "--format=%s", cwd=repo),
         "branch": git("rev-parse", "--abbrev-ref", "HEAD", cwd=repo),
         # tracked files changed since the commit: the figures are of a build that is not exactly it
-        "dirty": bool(status) if status is not None else None,
+        # (unless only files the measurement does not build, like benches/*.sh, changed)
+        "dirty": bool(status.strip()) if status is not None else None,
+        "dirty_files": [line[3:] for line in status.splitlines() if line.strip()] if status else [],
     }
 
 
