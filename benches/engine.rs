@@ -117,6 +117,14 @@ fn main() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    // The commit and work tree measured, taken now rather than when the run ends.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = std::process::Command::new("python3")
+        .arg(root.join("benches/results.py"))
+        .arg("source")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let base = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
     let tmp = tempfile::Builder::new()
         .prefix("tessera-bench")
@@ -247,6 +255,9 @@ fn main() {
     r.line(&["started", &started]);
     let cmd = format!("BENCH_MIB={mb} cargo bench --bench engine");
     r.line(&["command", &cmd]);
+    if !source.is_empty() {
+        r.line(&["source", &source]);
+    }
     if let Ok(exe) = std::env::current_exe() {
         let built = std::process::Command::new("date")
             .arg("-u")
@@ -342,7 +353,6 @@ fn main() {
     );
     r.value("compression_ratio", "tessera", stats.compression_ratio);
 
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::env::var("BENCH_RESULTS_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| root.join("benches/results"));

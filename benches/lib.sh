@@ -29,6 +29,7 @@ bench_begin() {
     BENCH_REC=$(mktemp /tmp/tessera-bench-rec.XXXXXX)
     printf 'started\t%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$BENCH_REC"
     printf 'command\t%s\n' "${BENCH_COMMAND:-benches/$1.sh}" >>"$BENCH_REC"
+    printf 'source\t%s\n' "$(python3 benches/results.py source)" >>"$BENCH_REC"
 }
 # bench_binary PATH: the binary measured (its build time goes into the results file: a binary
 # older than the commit's changes to src/ would not be what the commit says)

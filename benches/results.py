@@ -2,10 +2,12 @@
 """benches/results.py: turn the figures a benchmark script recorded into its results file,
 benches/results/<script>.json (one file per script run; a new run replaces it).
 
-Used by benches/lib.sh (bench_finish): `results.py write SCRIPT RECORDS OUTDIR`, where RECORDS is
+Used by benches/lib.sh (bench_begin: `results.py source`; bench_finish:
+`results.py write SCRIPT RECORDS OUTDIR`), where RECORDS is
 a tab-separated file of lines
     started <iso date>
     command <command line>
+    source  <JSON of the commit and work tree, taken when the run started: `results.py source`>
     binary  <path> <build time>
     param   <name> <value> <default>
     metric  <id> <unit> <label> [key=value ...]   keys: subject refs better target cache note headline
@@ -83,7 +85,7 @@ def number(s):
 
 
 def parse_records(path):
-    out = {"started": None, "command": None, "binary": None, "params": {}, "full_size": True, "figures": []}
+    out = {"started": None, "command": None, "source": None, "binary": None, "params": {}, "full_size": True, "figures": []}
     figs = {}
     for raw in open(path, encoding="utf-8"):
         parts = raw.rstrip("\n").split("\t")
@@ -92,6 +94,8 @@ def parse_records(path):
             out["started"] = parts[1]
         elif kind == "command":
             out["command"] = parts[1]
+        elif kind == "source":
+            out["source"] = json.loads(parts[1])
         elif kind == "binary":
             out["binary"] = {"path": parts[1], "built": parts[2]}
         elif kind == "param":
@@ -144,7 +148,8 @@ def write(script, records, outdir, repo):
         "command": rec["command"],
         "date": now.isoformat().replace("+00:00", "Z"),
         "started": rec["started"],
-        "source": source_info(repo),
+        # the commit and work tree when the run started (what was built and measured), else now
+        "source": rec["source"] or source_info(repo),
         "machine": machine_info(),
         "binary": rec["binary"],
         "params": rec["params"],
@@ -165,9 +170,12 @@ def write(script, records, outdir, repo):
 
 
 def main(argv):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if len(argv) >= 4 and argv[0] == "write":
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         write(argv[1], argv[2], argv[3], repo)
+        return 0
+    if argv == ["source"]:
+        print(json.dumps(source_info(repo), ensure_ascii=False))
         return 0
     print(__doc__, file=sys.stderr)
     return 2
