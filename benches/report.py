@@ -84,13 +84,18 @@ def when(iso):
     return iso.replace("T", " ").rstrip("Z")[:16] + " UTC"
 
 
+def unit_text(f):
+    unit = f.get("unit", "")
+    return unit + (f" ({f['better']} is better)" if f.get("better") else "")
+
+
 def measured_on(doc):
     src, m = doc.get("source", {}), doc.get("machine", {})
     commit = f"`{src.get('commit_short')}`"
     if src.get("dirty"):
         files = src.get("dirty_files", [])
         commit += " + uncommitted changes" + (f" to {', '.join(files[:5])}" if files else "")
-        commit += "" if len(files) <= 5 else f" and {len(files) - 5} more files"
+        commit += "" if len(files) <= 5 else f" and {len(files) - 5} more"
     mem = m.get("mem_total_gib")
     s = (f"measured on commit {commit}, {when(doc['date'])}, {m.get('nproc')} cores, {mem} GiB RAM, "
          f"kernel {m.get('kernel')}")
@@ -141,20 +146,38 @@ def section(script):
             if p not in pairs:
                 pairs.append(p)
     has_target = any(f.get("target") for f in figs)
-    head = ["figure", "unit", *systems, *pairs] + (["target"] if has_target else [])
     out.append("")
-    out.append("| " + " | ".join(head) + " |")
-    out.append("|" + "---|" * len(head))
-    for f in figs:
-        unit = f.get("unit", "")
-        if f.get("better"):
-            unit += f" ({f['better']} is better)"
-        row = [label(f), unit]
-        row += [fmt(f["values"][s], f.get("unit", "")) if s in f.get("values", {}) else "" for s in systems]
-        row += [ratio(f["ratios"][p]) if p in f.get("ratios", {}) else "" for p in pairs]
-        if has_target:
-            row.append(f.get("target", ""))
-        out.append("| " + " | ".join(row) + " |")
+    if len(systems) <= 3:
+        # one column per system (Tessera and its references), one per ratio
+        head = ["figure", "unit", *systems, *pairs] + (["target"] if has_target else [])
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for f in figs:
+            row = [label(f), unit_text(f)]
+            row += [fmt(f["values"][s], f.get("unit", "")) if s in f.get("values", {}) else "" for s in systems]
+            row += [ratio(f["ratios"][p]) if p in f.get("ratios", {}) else "" for p in pairs]
+            if has_target:
+                row.append(f.get("target", ""))
+            out.append("| " + " | ".join(row) + " |")
+    else:
+        # figures of different kinds: the measured value, then its references from the same run
+        head = ["figure", "unit", "measured", "reference (same run)", "ratio"] + (["target"] if has_target else [])
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for f in figs:
+            vals, unit = f.get("values", {}), f.get("unit", "")
+            subj = f.get("subject") or (next(iter(vals)) if len(vals) == 1 else None)
+            refs = f.get("refs", [])
+            if subj in vals:
+                measured = fmt(vals[subj], unit) + ("" if subj == "tessera" or not refs else f" ({subj})")
+            else:
+                measured = ", ".join(f"{k} {fmt(v, unit)}" for k, v in vals.items())
+            reference = "; ".join(f"{r} {fmt(vals.get(r), unit)}" for r in refs)
+            rat = "; ".join(ratio(v) for v in f.get("ratios", {}).values())
+            row = [label(f), unit_text(f), measured, reference, rat]
+            if has_target:
+                row.append(f.get("target", ""))
+            out.append("| " + " | ".join(row) + " |")
     notes = [(f.get("label", f["id"]), f["note"]) for f in figs if f.get("note")]
     if notes:
         out.append("")
