@@ -77,7 +77,7 @@ wait_ports_free() {
 # against measuring somebody else's server that took the port first
 listens_on() {
     local pids
-    pids=$(ss -Hltnp "sport = :$2" | grep -o 'pid=[0-9]*' | cut -d= -f2)
+    pids=$(ss -Hltnp "sport = :$2" | grep -o 'pid=[0-9]*' | cut -d= -f2 || true)
     local p
     for p in $pids; do
         [ "$p" = "$1" ] && return 0
