@@ -39,6 +39,8 @@ done
 
 bench_begin nfs
 bench_binary "$TESSERA"
+gv=$(dpkg-query -W -f='${Version}' nfs-ganesha)
+bench_param nfs-ganesha "$gv" "$gv" # the version measured against, not a knob
 bench_param OPS "$OPS" 20000
 bench_param IMAGE "$GOLDEN" "$CORPUS/golden.raw"
 

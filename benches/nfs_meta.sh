@@ -37,6 +37,8 @@ done
 
 bench_begin nfs_meta
 bench_binary "$TESSERA"
+gv=$(dpkg-query -W -f='${Version}' nfs-ganesha)
+bench_param nfs-ganesha "$gv" "$gv" # the version measured against, not a knob
 bench_param N "$N" 2000
 bench_param COMMITS "$COMMITS" 1000
 bench_param CLIENTS "$CLIENTS" "1 4"
