@@ -24,7 +24,7 @@ TARGET_DIR  ?= $(or $(CARGO_TARGET_DIR),target)
 TESSERA     ?= $(abspath $(TARGET_DIR))/release/tessera
 DATA        ?= $(CURDIR)/tessera-data
 
-.PHONY: deps build lint unit fs-tests test run bench
+.PHONY: deps build lint unit fs-tests test run bench bench-report
 
 deps:
 	.ci/deps.sh
@@ -56,12 +56,19 @@ run:
 	@echo "mounting $(DATA)/ds on $(DATA)/mnt (Ctrl-C or 'fusermount3 -u $(DATA)/mnt' to stop)"
 	"$(TESSERA)" mount "$(DATA)/ds" "$(DATA)/mnt"
 
-# Benchmarks (root; need ../shared/tools/peers, fio, jq, bindfs, btrfs-progs; nfs.sh installs
-# nfs-ganesha and builds the corpus if missing): see benches/README.md.
+# Benchmarks (root; need ../shared/tools/peers, fio, jq, bindfs, btrfs-progs; nfs.sh and
+# nfs_meta.sh install nfs-ganesha, nfs.sh builds the corpus if missing): see benches/README.md.
+# Each writes benches/results/<script>.json; bench-report turns them into the tables of
+# benches/README.md and the summary in README.md (between the bench:begin/end markers).
 bench: build
-	BENCH_MB=1024 $(CARGO) bench $(CARGO_FLAGS) --bench engine
+	BENCH_MIB=1024 $(CARGO) bench $(CARGO_FLAGS) --bench engine
 	benches/clone.sh
 	benches/fio.sh
 	benches/rss.sh
 	benches/nfs.sh
+	benches/nfs_meta.sh
 	benches/space.sh
+	$(MAKE) bench-report
+
+bench-report:
+	python3 benches/report.py

@@ -3,15 +3,22 @@
 # durable commit) for files of 64 MiB, 4 GiB and 64 GiB (CLONE_SIZES in MiB), and
 # `--count 1000` of a VM folder. Reference, same run: btrfs `cp --reflink=always` of the same
 # sizes on the ../shared peers btrfs mount (skipped if btrfs cannot be mounted).
-# Needs root. Env: CLONE_SIZES (default "64 4096 65536"), COUNT (1000), REPS (5).
+# Needs root. Env: CLONE_SIZES (default "64 4096 65536"), COUNT (1000), REPS (5),
+# BENCH_RESULTS_DIR (benches/results). Writes benches/results/clone.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 TESSERA=${TESSERA:-$PWD/target/release/tessera}
 PEERS_DIR=${PEERS_DIR:-$(realpath ../shared/tools/peers 2>/dev/null || true)}
 SIZES=${CLONE_SIZES:-64 4096 65536}
 COUNT=${COUNT:-1000}
 REPS=${REPS:-5}
 [ -x "$TESSERA" ] || cargo build --release --locked
+bench_begin clone
+bench_binary "$TESSERA"
+bench_param CLONE_SIZES "$SIZES" "64 4096 65536"
+bench_param COUNT "$COUNT" 1000
+bench_param REPS "$REPS" 5
 W=$(mktemp -d /var/tmp/tessera-clonebench.XXXXXX)
 MNT=$W/mnt
 BTRFS=/mnt/peer-btrfs
@@ -71,3 +78,16 @@ for s in $SIZES; do
 done
 echo
 echo "--count $COUNT of a 3-file VM folder: $count_ms ms"
+
+for s in $SIZES; do
+    h=0; [ "$s" = 4096 ] && h=1
+    bench_metric "clone_$s" ms "clone of a $s MiB file, median of $REPS (end to end from the CLI)" \
+        subject=tessera refs=btrfs better=lower headline=$h \
+        note="btrfs: cp --reflink=always + sync of the same file; n/a when it does not fit the btrfs image"
+    bench_value "clone_$s" tessera "${T[$s]}"
+    bench_value "clone_$s" btrfs "${B[$s]:-}"
+done
+bench_metric count_ms ms "clone --count $COUNT of a 3-file VM folder (one call)" better=lower \
+    target="< 5000 ms" headline=1
+bench_value count_ms tessera "$count_ms"
+bench_finish

@@ -1,11 +1,15 @@
 //! Engine ingest and read benchmark (no FUSE): hash + dedup + compress + pack append.
 //!
-//! Writes BENCH_MB MiB (default 1024) of unique, compressible data into a datastore under
-//! BENCH_DIR (default /var/tmp), then the same data again (already stored: dedup hits), then
-//! reads it back after a reopen; the reference is the same bytes written and read with plain
-//! file I/O (+ fdatasync) in the same folder, in the same run. Prints a markdown table.
+//! Writes BENCH_MIB MiB (2^20 bytes; default 1024; BENCH_MB is an older name of the same knob,
+//! also in MiB) of unique, compressible data into a datastore under BENCH_DIR (default
+//! /var/tmp), then the same data again (already stored: dedup hits), then reads it back after a
+//! reopen; the reference is the same bytes written and read with plain file I/O (+ fdatasync) in
+//! the same folder, in the same run. Rates are MB/s (10^6 bytes per second). Prints a markdown
+//! table and writes benches/results/engine.json (or $BENCH_RESULTS_DIR/engine.json) through
+//! benches/results.py, like the scripts' benches/lib.sh. The reads are "cold" only if dropping
+//! the page cache worked (needs root); otherwise they are labelled warm.
 //!
-//! Run: `cargo bench --bench engine` (or `BENCH_MB=4096 cargo bench --bench engine`).
+//! Run: `cargo bench --bench engine` (or `BENCH_MIB=4096 cargo bench --bench engine`).
 
 use std::io::{Read, Write};
 use std::time::Instant;
@@ -65,15 +69,62 @@ fn image_block(tpl: &[u8], n: u64, out: &mut [u8]) {
     }
 }
 
+/// MB/s: 10^6 bytes per second.
 fn mbps(bytes: usize, secs: f64) -> f64 {
-    bytes as f64 / MIB as f64 / secs
+    bytes as f64 / 1e6 / secs
+}
+
+/// sync, then drop the page cache; false (and a warning) if the kernel refused (not root, or
+/// /proc/sys read-only): what follows is then not a cold read.
+fn drop_caches() -> bool {
+    let ok = std::process::Command::new("sh")
+        .args(["-c", "sync; echo 3 > /proc/sys/vm/drop_caches"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("engine bench: dropping the page cache failed: the read is warm, not cold");
+    }
+    ok
+}
+
+/// The figures of this run, as benches/lib.sh records them (see benches/results.py).
+struct Record(String);
+
+impl Record {
+    fn line(&mut self, fields: &[&str]) {
+        self.0.push_str(&fields.join("\t"));
+        self.0.push('\n');
+    }
+    fn metric(&mut self, id: &str, unit: &str, label: &str, extra: &[&str]) {
+        let mut f = vec!["metric", id, unit, label];
+        f.extend_from_slice(extra);
+        self.line(&f);
+    }
+    fn value(&mut self, id: &str, system: &str, v: f64) {
+        self.line(&["value", id, system, &format!("{v:.6}")]);
+    }
 }
 
 fn main() {
-    let mb: usize = std::env::var("BENCH_MB")
+    let mb: usize = std::env::var("BENCH_MIB")
+        .or_else(|_| std::env::var("BENCH_MB"))
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1024);
+    let started = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    // The commit and work tree measured, taken now rather than when the run ends.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = std::process::Command::new("python3")
+        .arg(root.join("benches/results.py"))
+        .arg("source")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let base = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
     let tmp = tempfile::Builder::new()
         .prefix("tessera-bench")
@@ -96,9 +147,7 @@ fn main() {
     }
     let plain_w = mbps(total, t.elapsed().as_secs_f64());
     // Drop the page cache of the reference file so its read comes from disk, like ours.
-    let _ = std::process::Command::new("sh")
-        .args(["-c", "sync; echo 3 > /proc/sys/vm/drop_caches"])
-        .status();
+    let plain_cold = drop_caches();
     let t = Instant::now();
     {
         let mut f = std::fs::File::open(&plain).unwrap();
@@ -155,9 +204,7 @@ fn main() {
     let stats = e.stats().unwrap();
     drop(e);
 
-    let _ = std::process::Command::new("sh")
-        .args(["-c", "sync; echo 3 > /proc/sys/vm/drop_caches"])
-        .status();
+    let tessera_cold = drop_caches();
     let e = Engine::open(&ds, Tuning::default()).unwrap();
     let t = Instant::now();
     let mut off = 0u64;
@@ -167,6 +214,12 @@ fn main() {
     }
     let read = mbps(total, t.elapsed().as_secs_f64());
 
+    let cold = plain_cold && tessera_cold;
+    let read_label = if cold {
+        "read after reopen, cold (MB/s)"
+    } else {
+        "read after reopen, WARM: page-cache drop failed (MB/s)"
+    };
     println!(
         "engine benchmark: {mb} MiB, datastore in {base}, {} cores",
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -184,7 +237,7 @@ fn main() {
         dup_w / plain_w
     );
     println!(
-        "| read after reopen, cold (MB/s) | {read:.0} | {plain_r:.0} | {:.2}x |",
+        "| {read_label} | {read:.0} | {plain_r:.0} | {:.2}x |",
         read / plain_r
     );
     println!("| clone of the {mb} MiB file (µs) | {clone_us:.0} | | |");
@@ -196,4 +249,122 @@ fn main() {
         stats.dedup_ratio,
         stats.compression_ratio
     );
+
+    // Results file, through benches/results.py (commit, date, machine added there).
+    let mut r = Record(String::new());
+    r.line(&["started", &started]);
+    let cmd = format!("BENCH_MIB={mb} cargo bench --bench engine");
+    r.line(&["command", &cmd]);
+    if !source.is_empty() {
+        r.line(&["source", &source]);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let built = std::process::Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%dT%H:%M:%SZ")
+            .arg("-r")
+            .arg(&exe)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        r.line(&["binary", &exe.to_string_lossy(), &built]);
+    }
+    r.line(&["param", "BENCH_MIB", &mb.to_string(), "1024"]);
+    let refs = ["subject=tessera", "refs=plain file", "better=higher"];
+    let ingest = [
+        (
+            "ingest_text",
+            "ingest, unique text-like data (~5x compressible)",
+            unique_w,
+            ">= 500 MB/s",
+        ),
+        (
+            "ingest_image",
+            "ingest, unique image-like data (~2x compressible)",
+            image_w,
+            ">= 500 MB/s",
+        ),
+        (
+            "ingest_dup",
+            "ingest, data already stored",
+            dup_w,
+            ">= 2000 MB/s",
+        ),
+    ];
+    for (id, label, v, target) in ingest {
+        let target = format!("target={target}");
+        let mut extra = refs.to_vec();
+        extra.push(&target);
+        if id != "ingest_image" {
+            extra.push("headline=1");
+        }
+        if id == "ingest_text" {
+            extra.push("note=plain file: the same bytes written with write(2) + fdatasync");
+        }
+        r.metric(id, "MB/s", label, &extra);
+        r.value(id, "tessera", v);
+        r.value(id, "plain file", plain_w);
+    }
+    let cache = if cold { "cache=cold" } else { "cache=warm" };
+    r.metric(
+        "read",
+        "MB/s",
+        "read after reopen",
+        &[refs[0], refs[1], refs[2], cache],
+    );
+    r.value("read", "tessera", read);
+    r.value("read", "plain file", plain_r);
+    r.metric(
+        "clone_us",
+        "µs",
+        &format!("clone of the {mb} MiB file (engine call)"),
+        &["better=lower"],
+    );
+    r.value("clone_us", "tessera", clone_us);
+    r.metric(
+        "stored_mib",
+        "MiB",
+        "stored in packs (compressed)",
+        &["better=lower"],
+    );
+    r.value(
+        "stored_mib",
+        "tessera",
+        stats.stored_bytes as f64 / MIB as f64,
+    );
+    r.metric("referenced_mib", "MiB", "referenced by the files", &[]);
+    r.value(
+        "referenced_mib",
+        "tessera",
+        stats.referenced_bytes as f64 / MIB as f64,
+    );
+    r.metric(
+        "dedup_ratio",
+        "x",
+        "dedup ratio (referenced / unique)",
+        &["better=higher"],
+    );
+    r.value("dedup_ratio", "tessera", stats.dedup_ratio);
+    r.metric(
+        "compression_ratio",
+        "x",
+        "compression ratio (unique / stored)",
+        &["better=higher"],
+    );
+    r.value("compression_ratio", "tessera", stats.compression_ratio);
+
+    let out = std::env::var("BENCH_RESULTS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("benches/results"));
+    let rec = tmp.path().join("engine.rec");
+    std::fs::write(&rec, &r.0).unwrap();
+    let ok = std::process::Command::new("python3")
+        .arg(root.join("benches/results.py"))
+        .args(["write", "engine"])
+        .arg(&rec)
+        .arg(&out)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "benches/results.py failed: no results file written");
 }

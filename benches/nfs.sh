@@ -11,11 +11,14 @@
 #              the datastore's packs and metadata; not its compaction reserve)
 #
 # Needs root, the corpus (../shared/tools/corpus/make-corpus.sh; built if missing) and, when
-# missing, installs nfs-ganesha nfs-ganesha-vfs rpcbind. Port 111 and 2049 must be free:
-# the two servers run one after the other.
-# Env: CORPUS (/var/tmp/corpus), OPS (random ops, 20000), MNT_ROOT (/mnt), PEERS_DIR.
+# missing, installs nfs-ganesha nfs-ganesha-vfs rpcbind. Ports 111 and 2049 must be free (the
+# script waits until they are): the two servers run one after the other.
+# Env: CORPUS (/var/tmp/corpus), IMAGE (the image copied; default the corpus golden image, a
+#      smaller file for development runs), OPS (random ops, 20000), MNT_ROOT (/mnt), PEERS_DIR,
+#      BENCH_RESULTS_DIR (benches/results). Writes benches/results/nfs.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 PEERS_DIR=${PEERS_DIR:-$(realpath ../shared/tools/peers)}
 CORPUS=${CORPUS:-/var/tmp/corpus}
 OPS=${OPS:-20000}
@@ -24,9 +27,9 @@ TESSERA=${TESSERA:-$PWD/target/release/tessera}
 [ -x "$TESSERA" ] || cargo build --release --locked
 EXT4=$MNT_ROOT/peer-ext4
 WORK=$(mktemp -d /var/tmp/tessera-nfs-bench.XXXXXX)
-GOLDEN=$CORPUS/golden.raw
+GOLDEN=${IMAGE:-$CORPUS/golden.raw}
 
-if [ ! -f "$GOLDEN" ]; then
+if [ ! -f "$GOLDEN" ] && [ -z "${IMAGE:-}" ]; then
     ../shared/tools/corpus/make-corpus.sh "$CORPUS" 1
 fi
 for p in nfs-ganesha nfs-ganesha-vfs rpcbind; do
@@ -34,12 +37,23 @@ for p in nfs-ganesha nfs-ganesha-vfs rpcbind; do
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$p" </dev/null >/dev/null
 done
 
-TPID=
+bench_begin nfs
+bench_binary "$TESSERA"
+gv=$(dpkg-query -W -f='${Version}' nfs-ganesha)
+bench_param nfs-ganesha "$gv" "$gv" # the version measured against, not a knob
+bench_param OPS "$OPS" 20000
+bench_param IMAGE "$GOLDEN" "$CORPUS/golden.raw"
+
+TPID= GPID= RPCPID=
+stop_pid() { # stop_pid PID: TERM, wait up to 60 s
+    [ -n "$1" ] || return 0
+    kill "$1" 2>/dev/null || return 0
+    timeout 60 tail --pid="$1" -f /dev/null || kill -9 "$1" 2>/dev/null || true
+}
 cleanup() {
-    [ -n "$TPID" ] && kill "$TPID" 2>/dev/null && timeout 60 tail --pid="$TPID" -f /dev/null || true
-    [ -f "$WORK/ganesha.pid" ] && kill "$(cat "$WORK/ganesha.pid")" 2>/dev/null || true
-    pkill -x rpcbind 2>/dev/null || true
-    sleep 1
+    stop_pid "$TPID"
+    stop_pid "$GPID"
+    stop_pid "$RPCPID"
     "$PEERS_DIR/umount-peer.sh" ext4 "$EXT4" >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
@@ -59,19 +73,18 @@ open(f"{work}/r.cmds", "w").write("".join(f"aio_read {o} 4k\n" for o in offs) + 
 PY
 
 now() { date +%s.%N; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-declare -A R=()
+declare -A R=() C=()
 
 # run_suite NAME URL STORE...: STORE are the files/folders that hold the image
 run_suite() {
     local name=$1 url=$2 t0 t1 n
     local store=("${@:3}")
-    drop_caches
+    drop_caches || true # the write's speed does not depend on it
     t0=$(now)
     qemu-img convert -O raw "$GOLDEN" "$url/golden.raw"
     t1=$(now)
     R[$name.seqwrite]=$(echo "$(stat -c %s "$GOLDEN") / ($t1 - $t0) / 1000000" | bc -l)
-    drop_caches
+    if drop_caches; then C[$name.seqread]=cold; else C[$name.seqread]=warm; fi
     t0=$(now)
     qemu-img convert -O raw "$url/golden.raw" "$WORK/back.raw"
     t1=$(now)
@@ -86,7 +99,7 @@ run_suite() {
     n=$(grep -o 'wrote 4096/4096' "$WORK/w.out" | wc -l)
     [ "$n" = "$OPS" ] || { tail "$WORK/w.out" >&2; echo "bench: $name: only $n of $OPS writes" >&2; exit 1; }
     R[$name.randwrite]=$(echo "$OPS / ($t1 - $t0)" | bc -l)
-    drop_caches
+    if drop_caches; then C[$name.randread]=cold; else C[$name.randread]=warm; fi
     t0=$(now)
     qemu-io -f raw "$url/golden.raw" <"$WORK/r.cmds" >"$WORK/r.out" 2>&1
     t1=$(now)
@@ -99,6 +112,7 @@ run_suite() {
 }
 
 # ---- nfs-ganesha, VFS export of a folder on the ext4 disk
+wait_ports_free 2049 111
 mkdir -p "$EXT4/ganesha"
 cat >"$WORK/ganesha.conf" <<EOF
 NFS_CORE_PARAM { Protocols = 3; Bind_addr = 127.0.0.1; Enable_NLM = false; Enable_RQUOTA = false; Mount_Path_Pseudo = true; }
@@ -109,31 +123,46 @@ EXPORT {
     FSAL { Name = VFS; }
 }
 EOF
-rpcbind -w
-ganesha.nfsd -f "$WORK/ganesha.conf" -L "$WORK/ganesha.log" -p "$WORK/ganesha.pid" -N NIV_EVENT
-for _ in $(seq 1 100); do nfs-ls nfs://127.0.0.1/gan/ >/dev/null 2>&1 && break; sleep 0.2; done
+rpcbind -f -w &
+RPCPID=$!
+ganesha.nfsd -F -f "$WORK/ganesha.conf" -L "$WORK/ganesha.log" -p "$WORK/ganesha.pid" -N NIV_EVENT &
+GPID=$!
+up=
+for _ in $(seq 1 100); do nfs-ls nfs://127.0.0.1/gan/ >/dev/null 2>&1 && { up=1; break; }; sleep 0.2; done
+[ -n "$up" ] && listens_on "$GPID" 2049 || { tail "$WORK/ganesha.log" >&2; echo "bench: ganesha did not come up" >&2; exit 1; }
 run_suite ganesha nfs://127.0.0.1/gan "$EXT4/ganesha"
-kill "$(cat "$WORK/ganesha.pid")"; rm -f "$WORK/ganesha.pid"
-pkill -x rpcbind || true
-sleep 2
+stop_pid "$GPID"; GPID=
+stop_pid "$RPCPID"; RPCPID=
 rm -rf "$EXT4/ganesha"
 
 # ---- Tessera, datastore on the same ext4 disk
+wait_ports_free 2049 111
 "$TESSERA" init "$EXT4/ds" >/dev/null
 "$TESSERA" serve "$EXT4/ds" --nfs 127.0.0.1:2049 2>"$WORK/tessera.log" &
 TPID=$!
-for _ in $(seq 1 100); do nfs-ls nfs://127.0.0.1/ds/ >/dev/null 2>&1 && break; sleep 0.2; done
+up=
+for _ in $(seq 1 100); do nfs-ls nfs://127.0.0.1/ds/ >/dev/null 2>&1 && { up=1; break; }; sleep 0.2; done
+[ -n "$up" ] && listens_on "$TPID" 2049 || { tail "$WORK/tessera.log" >&2; echo "bench: tessera did not come up" >&2; exit 1; }
 run_suite tessera nfs://127.0.0.1/ds "$EXT4/ds/packs" "$EXT4/ds/meta.redb"
-kill "$TPID"; wait "$TPID" || true; TPID=
+stop_pid "$TPID"; TPID=
 rm -rf "$EXT4/ds"
 
-echo
-echo "| test | ganesha | tessera | tessera / ganesha |"
-echo "|---|---|---|---|"
-for t in seqwrite seqread randwrite randread; do
-    unit=$([[ $t == seq* ]] && echo MB/s || echo IOPS)
-    printf '| %s | %.0f %s | %.0f %s | %.2fx |\n' "$t" "${R[ganesha.$t]}" "$unit" "${R[tessera.$t]}" "$unit" \
-        "$(echo "${R[tessera.$t]} / ${R[ganesha.$t]}" | bc -l)"
+# ---- results: benches/results/nfs.json, and the table
+cache() { [ "${C[ganesha.$1]}" = cold ] && [ "${C[tessera.$1]}" = cold ] && echo cold || echo warm; }
+size_mb=$(echo "$(stat -c %s "$GOLDEN") / 1000000" | bc)
+bench_metric seqwrite MB/s "seq write (qemu-img convert of the $size_mb MB image onto the export)" \
+    subject=tessera refs=ganesha better=higher target=">= 0.7x ganesha" headline=1
+bench_metric seqread MB/s "seq read (qemu-img convert back)" subject=tessera refs=ganesha better=higher \
+    cache="$(cache seqread)" headline=1
+bench_metric randwrite IOPS "random 4 KiB writes (qemu-io aio, then a flush = COMMIT)" subject=tessera \
+    refs=ganesha better=higher headline=1
+bench_metric randread IOPS "random 4 KiB reads (qemu-io aio)" subject=tessera refs=ganesha better=higher \
+    cache="$(cache randread)" headline=1
+bench_metric stored MiB "space the image takes on the server's disk" subject=tessera refs=ganesha \
+    better=lower headline=1
+for s in ganesha tessera; do
+    for t in seqwrite seqread randwrite randread; do bench_value "$t" "$s" "${R[$s.$t]}"; done
+    bench_value stored "$s" "$(echo "${R[$s.stored]} / 1048576" | bc -l)"
 done
-printf '| stored | %s | %s | %.2fx |\n' "$(numfmt --to=iec "${R[ganesha.stored]}")" \
-    "$(numfmt --to=iec "${R[tessera.stored]}")" "$(echo "${R[tessera.stored]} / ${R[ganesha.stored]}" | bc -l)"
+bench_finish
+python3 benches/report.py --print nfs

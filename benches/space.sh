@@ -14,14 +14,17 @@
 #              the space is back on the disk, and the disk's usage before and after
 #
 # Needs root, fio, jq. Env: PARTS ("gc vdi scrub delete"), VDI_RUNTIME (30), GC_RATE (64 MiB/s),
-# CLONES (100), MNT_ROOT (/mnt).
+# CLONES (100), POOL_FILES (40: files of 64 MiB per pool), MNT_ROOT (/mnt), BENCH_RESULTS_DIR.
+# Writes benches/results/space.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 PEERS_DIR=${PEERS_DIR:-$(realpath ../shared/tools/peers)}
 MNT_ROOT=${MNT_ROOT:-/mnt}
 export VDI_RUNTIME=${VDI_RUNTIME:-30}
 GC_RATE=${GC_RATE:-64}
 CLONES=${CLONES:-100}
+POOL_FILES=${POOL_FILES:-40}
 PARTS=${PARTS:-gc vdi scrub delete}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 TESSERA=${TESSERA:-$PWD/target/release/tessera}
@@ -32,8 +35,15 @@ MNT=$MNT_ROOT/tessera-space
 export RAW_ROOT=${RAW_ROOT:-/tmp/tessera-space-raw}
 TPID=
 
+bench_begin space
+bench_binary "$TESSERA"
+bench_param PARTS "$PARTS" "gc vdi scrub delete"
+bench_param VDI_RUNTIME "$VDI_RUNTIME" 30
+bench_param GC_RATE "$GC_RATE" 64
+bench_param CLONES "$CLONES" 100
+bench_param POOL_FILES "$POOL_FILES" 40
+
 now() { date +%s.%N; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 used() { df -B1 --output=used "$EXT4" | tail -n 1; }
 mb() { echo "$1 / 1000000" | bc -l | xargs printf '%.0f'; }
 
@@ -78,7 +88,7 @@ delete_half() { find "$1" -name 'f*[02468].raw' -delete; sync; }
 
 # ---- gc throughput
 mount_ds --gc-interval 0
-write_pool "$MNT/pool1" 40
+write_pool "$MNT/pool1" "$POOL_FILES"
 if part gc; then
 delete_half "$MNT/pool1"
 t0=$(now)
@@ -88,12 +98,22 @@ secs=$(echo "$t1 - $t0" | bc -l)
 moved=$(jq .bytes_moved "$RAW_ROOT/gc.json"); freed=$(jq .bytes_freed "$RAW_ROOT/gc.json")
 chunks=$(jq .chunks_moved "$RAW_ROOT/gc.json")
 fi
+if part gc; then
+    bench_metric gc_moved MB/s "tessera gc --min-live 0.6 after deleting half of $POOL_FILES x 64 MiB files: bytes moved per second" better=higher headline=1
+    bench_value gc_moved tessera "$(echo "$moved / $secs / 1000000" | bc -l)"
+    bench_metric gc_chunks chunks/s "same: chunks moved per second" better=higher
+    bench_value gc_chunks tessera "$(echo "$chunks / $secs" | bc -l)"
+    bench_metric gc_freed MB/s "same: pack bytes freed per second" better=higher
+    bench_value gc_freed tessera "$(echo "$freed / $secs / 1000000" | bc -l)"
+    bench_metric gc_moved_total MB "same: bytes moved in all"
+    bench_value gc_moved_total tessera "$(echo "$moved / 1000000" | bc -l)"
+fi
 part gc && echo "bench: gc $(printf '%.1f' "$secs") s: moved $(mb "$moved") MB ($(mb "$(echo "$moved / $secs" | bc -l)") MB/s, $(printf '%.0f' "$(echo "$chunks / $secs" | bc -l)") chunks/s), freed $(mb "$freed") MB ($(mb "$(echo "$freed / $secs" | bc -l)") MB/s)"
 
 # ---- VDI profile alone, then during compaction
 if part vdi; then
 TESTS=vdi VDI_MODES=libaio "$PEERS_DIR/bench.sh" "$MNT" vdi-alone | tee "$RAW_ROOT/vdi-alone.txt"
-write_pool "$MNT/pool2" 40
+write_pool "$MNT/pool2" "$POOL_FILES"
 delete_half "$MNT/pool2"
 (
     while :; do "$TESSERA" gc "$DS" --min-live 0.99 --max-rate "$GC_RATE" --json >>"$RAW_ROOT/gc-during.json" 2>/dev/null || true; sleep 0.2; done
@@ -104,6 +124,12 @@ kill "$GCLOOP"; wait "$GCLOOP" 2>/dev/null || true
 iops() { grep -o ' iops=[0-9]*' "$1" | head -n 1 | cut -d= -f2; }
 a=$(iops "$RAW_ROOT/vdi-alone.txt"); b=$(iops "$RAW_ROOT/vdi-gc.txt")
 moved_during=$(jq -s 'map(.bytes_moved) | add' "$RAW_ROOT/gc-during.json")
+bench_metric vdi_gc IOPS "fio VDI profile (libaio QD16, ${VDI_RUNTIME} s) while gc --max-rate $GC_RATE compacts, against it alone" \
+    subject="during gc" refs=alone better=higher target=">= 0.8x (<= 20 % loss)" headline=1
+bench_value vdi_gc alone "$a"
+bench_value vdi_gc "during gc" "$b"
+bench_metric vdi_gc_moved MB "bytes gc moved during that fio run"
+bench_value vdi_gc_moved "during gc" "$(echo "$moved_during / 1000000" | bc -l)"
 echo "bench: vdi libaio alone $a IOPS, during gc (--max-rate $GC_RATE) $b IOPS: $(printf '%.2f' "$(echo "$b / $a" | bc -l)")x; gc moved $(mb "$moved_during") MB meanwhile"
 fi
 umount_ds
@@ -112,18 +138,23 @@ umount_ds
 # both read the same bytes)
 if part scrub; then
 "$TESSERA" gc "$DS" --min-live 1.0 >/dev/null
-drop_caches
+cache=cold
+drop_caches || cache=warm
 pack_bytes=$(du -cb "$DS"/packs/*.pack | tail -n 1 | cut -f1)
 t0=$(now); cat "$DS"/packs/*.pack >/dev/null; t1=$(now)
 disk=$(echo "$pack_bytes / ($t1 - $t0)" | bc -l)
-drop_caches
+drop_caches || cache=warm
 t0=$(now); "$TESSERA" scrub "$DS" --json >"$RAW_ROOT/scrub.json"; t1=$(now)
 scrub=$(echo "$pack_bytes / ($t1 - $t0)" | bc -l)
+bench_metric scrub MB/s "tessera scrub vs cat of the same pack files, in pack bytes per second" \
+    subject=scrub refs="cat of the packs" better=higher cache=$cache target=">= 0.7x" headline=1
+bench_value scrub scrub "$(echo "$scrub / 1000000" | bc -l)"
+bench_value scrub "cat of the packs" "$(echo "$disk / 1000000" | bc -l)"
 echo "bench: scrub $(mb "$scrub") MB/s of packs ($(mb "$pack_bytes") MB of packs, $(mb "$(jq .bytes_checked "$RAW_ROOT/scrub.json")") MB verified after decompression) vs sequential read $(mb "$disk") MB/s: $(printf '%.2f' "$(echo "$scrub / $disk" | bc -l)")x"
 fi
 
 # ---- delete 100 diverged clones, background reclamation with its defaults
-part delete || exit 0
+part delete || { bench_finish; exit 0; }
 rm -rf "$DS"; "$TESSERA" init "$DS" >/dev/null
 mount_ds
 mkdir -p "$MNT/templates" "$MNT/desktops"
@@ -163,3 +194,13 @@ t1=$(now)
 after=$(used)
 echo "bench: delete $CLONES clones diverged by 50 MiB: disk used $(mb "$template_used") MB (template) -> $(mb "$before") MB (with clones) -> $(mb "$after") MB, space back $(printf '%.0f' "$(echo "$t1 - $t0" | bc -l)") s after the delete (background gc, defaults)"
 umount_ds
+bench_metric delete_back s "delete $CLONES clones of a 512 MiB template diverged by 50 MiB each: time until the space is back (background gc, defaults)" \
+    better=lower headline=1 note="at most the 60 s interval plus the copy time: depends on where the interval is when the delete happens"
+bench_value delete_back tessera "$(echo "$t1 - $t0" | bc -l)"
+bench_metric disk_template MB "disk used with the template alone" better=lower
+bench_value disk_template tessera "$(echo "$template_used / 1000000" | bc -l)"
+bench_metric disk_clones MB "disk used with the template and the clones" better=lower
+bench_value disk_clones tessera "$(echo "$before / 1000000" | bc -l)"
+bench_metric disk_after MB "disk used after the delete, once the space is back" better=lower
+bench_value disk_after tessera "$(echo "$after / 1000000" | bc -l)"
+bench_finish

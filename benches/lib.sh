@@ -1,0 +1,88 @@
+# shellcheck shell=bash
+# benches/lib.sh: sourced by the benchmark scripts (from the repository root). Records what a
+# run measures and writes it, at the end, to $BENCH_RESULTS_DIR/<script>.json through
+# benches/results.py (commit, date, machine, each figure with its unit and its references from
+# the same run). `make bench-report` turns those files into the tables of benches/README.md.
+#
+#   bench_begin NAME                      start recording (call once, early)
+#   bench_binary PATH                     the tessera binary measured (path, build time)
+#   bench_param NAME VALUE DEFAULT        a size/knob of this run (a run whose knobs are all at
+#                                         their defaults is "full size"; others are marked small)
+#   bench_metric ID UNIT LABEL [k=v ...]  declare a figure; k: subject=tessera refs=a,b
+#                                         better=higher|lower target=TEXT cache=cold|warm
+#                                         note=TEXT headline=1 (also in README.md's summary)
+#   bench_value ID SYSTEM VALUE           a measured value (a number, or null when not measured)
+#   bench_finish                          write the results file
+#   drop_caches                           sync + drop the page cache; returns non-zero (and says
+#                                         so) if the kernel refused: the caller must not call
+#                                         what follows "cold"
+#   wait_ports_free PORT...               wait (up to PORT_WAIT s, default 3600) until nothing
+#                                         listens on these TCP/UDP ports on any address
+#
+# Env: BENCH_RESULTS_DIR (default benches/results; point it elsewhere for development runs).
+BENCH_RESULTS_DIR=${BENCH_RESULTS_DIR:-$PWD/benches/results}
+BENCH_NAME=
+BENCH_REC=
+
+bench_begin() {
+    BENCH_NAME=$1
+    BENCH_REC=$(mktemp /tmp/tessera-bench-rec.XXXXXX)
+    printf 'started\t%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$BENCH_REC"
+    printf 'command\t%s\n' "${BENCH_COMMAND:-benches/$1.sh}" >>"$BENCH_REC"
+    printf 'source\t%s\n' "$(python3 benches/results.py source)" >>"$BENCH_REC"
+}
+# bench_binary PATH: the binary measured (its build time goes into the results file: a binary
+# older than the commit's changes to src/ would not be what the commit says)
+bench_binary() { printf 'binary\t%s\t%s\n' "$1" "$(date -u -r "$1" +%Y-%m-%dT%H:%M:%SZ)" >>"$BENCH_REC"; }
+bench_param() { printf 'param\t%s\t%s\t%s\n' "$1" "$2" "${3:-$2}" >>"$BENCH_REC"; }
+bench_metric() {
+    local id=$1 unit=$2 label=$3
+    shift 3
+    local IFS=$'\t'
+    printf 'metric\t%s\t%s\t%s\t%s\n' "$id" "$unit" "$label" "$*" >>"$BENCH_REC"
+}
+bench_value() {
+    local v=${3:-null}
+    [[ $v =~ ^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$ ]] || v=null
+    printf 'value\t%s\t%s\t%s\n' "$1" "$2" "$v" >>"$BENCH_REC"
+}
+bench_finish() {
+    python3 benches/results.py write "$BENCH_NAME" "$BENCH_REC" "$BENCH_RESULTS_DIR"
+    rm -f "$BENCH_REC"
+}
+
+drop_caches() {
+    sync
+    if ! { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null; then
+        echo "bench: dropping the page cache failed: the next measurement is not cold" >&2
+        return 1
+    fi
+}
+
+# ports_busy PORT...: prints the listeners on those ports (TCP listen or UDP bound)
+ports_busy() {
+    local p pat=""
+    for p in "$@"; do pat+="${pat:+|}:$p\$"; done
+    ss -Htuln | awk -v pat="$pat" '$5 ~ pat'
+}
+wait_ports_free() {
+    local deadline=$((SECONDS + ${PORT_WAIT:-3600})) said=
+    while [ -n "$(ports_busy "$@")" ]; do
+        [ -n "$said" ] || { echo "bench: waiting for ports $* to be free:" >&2; ports_busy "$@" >&2; said=1; }
+        [ "$SECONDS" -lt "$deadline" ] || { echo "bench: ports $* still busy after ${PORT_WAIT:-3600} s" >&2; return 1; }
+        sleep 2
+    done
+}
+# listens_on PID PORT: PID (or a child of it) holds the TCP listening socket PORT; guards
+# against measuring somebody else's server that took the port first
+listens_on() {
+    local pids
+    pids=$(ss -Hltnp "sport = :$2" | grep -o 'pid=[0-9]*' | cut -d= -f2 || true)
+    local p
+    for p in $pids; do
+        [ "$p" = "$1" ] && return 0
+        [ "$(ps -o ppid= -p "$p" | tr -d ' ')" = "$1" ] && return 0
+    done
+    echo "bench: port $2 is not held by process $1 (${pids:-nobody})" >&2
+    return 1
+}
