@@ -14,7 +14,7 @@
 # hostile RPC input (each case answered with its expected error or dropped); bounded memory per
 # client (a slow reader pipelining 3000 1 MiB READs keeps the server under 512 MiB while others
 # are served, READDIR/READDIRPLUS replies <= 1 MiB whatever the client asks, 2000 pipelined
-# calls all answered, 256 connections at most); dead clients dropped (a stalled reply, an idle
+# COMMITs all answered, 256 connections at most); dead clients dropped (a stalled reply, an idle
 # connection); read-only export refusing every change with NFS3ERR_ROFS; the client allow-list
 # for NFS and the portmapper (TCP and UDP); loopback bind by default and a warning when exposed
 # without --allow; fsck clean at the end.

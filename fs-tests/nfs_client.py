@@ -27,7 +27,7 @@ Subcommands (HOST is an IPv4 address; NFS and MOUNT are on PORT, default 2049):
                                      procedures, garbage handles; each case expects either a
                                      given error reply or the connection dropped, and the server
                                      up after it
-  pipeline HOST FH N                 N GETATTRs sent back to back on one connection before any
+  pipeline HOST FH N                 N COMMITs sent back to back on one connection before any
                                      reply is read: every one answered NFS3_OK, once
   slowreader HOST FH PID SECS MIB    pipeline 3000 READs of 1 MiB on one connection and never
                                      read the replies; for SECS seconds sample the server's
@@ -558,11 +558,11 @@ def call_record(rpc, prog, vers, proc, args):
 
 
 def pipeline(host, fh, n):
-    """N GETATTRs pipelined on one connection before any reply is read: the server serves
-    128 at a time and TCP pushes back on the rest; none may fail (upstream answered
-    SYSTEM_ERR past 256 active calls)."""
-    r = Rpc(host, timeout=30)
-    calls = [call_record(r, NFS, 3, 1, opaque(fh)) for _ in range(n)]
+    """N COMMITs (an fsync each: slow, so many are active at once) pipelined on one
+    connection before any reply is read: the server serves 128 at a time and TCP pushes back
+    on the rest; none may fail (upstream answered SYSTEM_ERR past 256 active calls)."""
+    r = Rpc(host, timeout=60)
+    calls = [call_record(r, NFS, 3, 21, opaque(fh) + struct.pack(">QI", 0, 0)) for _ in range(n)]
     want = {struct.unpack(">I", c[:4])[0] for c in calls}
     sent = [0]
     t = threading.Thread(target=send_calls, args=(r, calls, sent), daemon=True)
@@ -574,14 +574,15 @@ def pipeline(host, fh, n):
         assert mtype == 1 and stat == 0, f"xid {xid}: not an accepted reply"
         (vlen,) = struct.unpack(">I", rep[16:20])
         off = 20 + vlen + (-vlen % 4)
-        accept, nfsst = struct.unpack(">II", rep[off:off + 8])
-        assert accept == 0, f"xid {xid}: accept_stat {accept} (SYSTEM_ERR is 5)"
+        (accept,) = struct.unpack(">I", rep[off:off + 4])
+        assert accept == 0, f"xid {xid}: accept_stat {accept} (SYSTEM_ERR is 5) after {len(seen)} answers"
+        (nfsst,) = struct.unpack(">I", rep[off + 4:off + 8])
         assert nfsst == 0, f"xid {xid}: {ERRNAMES.get(nfsst, nfsst)}"
         assert xid in want and xid not in seen, f"unexpected or repeated xid {xid}"
         seen.add(xid)
     t.join(10)
     assert sent[0] == n
-    print(f"pipeline: {n} GETATTRs sent before reading, {len(seen)} answered NFS3_OK")
+    print(f"pipeline: {n} COMMITs sent before reading a reply, {len(seen)} answered NFS3_OK")
 
 
 def rss_kib(pid):
