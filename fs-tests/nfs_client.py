@@ -24,14 +24,34 @@ Subcommands (HOST is an IPv4 address; NFS and MOUNT are on PORT, default 2049):
   pmap HOST                          GETPORT of NFS v3/TCP and MOUNT v3/TCP from the portmapper
                                      (port 111), over TCP and over UDP; print the four ports
   hostile HOST EXPORT                send malformed records, huge lengths, unknown programs and
-                                     procedures, garbage handles; check the server answers
-                                     each sanely (or drops the connection) and stays up
+                                     procedures, garbage handles; each case expects either a
+                                     given error reply or the connection dropped, and the server
+                                     up after it
+  pipeline HOST FH N                 N COMMITs sent back to back on one connection before any
+                                     reply is read: every one answered NFS3_OK, once
+  slowreader HOST FH PID SECS MIB    pipeline 3000 READs of 1 MiB on one connection and never
+                                     read the replies; for SECS seconds sample the server's
+                                     (PID) VmRSS, which must stay under MIB, and check that
+                                     another connection is served meanwhile
+  conncap HOST N CAP [PORT]          open N connections to PORT (default NFS; 111: the
+                                     portmapper): exactly CAP are served (a NULL call) and the
+                                     rest are closed by the server; after closing them all, a
+                                     new connection is served
+  idle HOST SECS                     a connection with no call is closed by the server within
+                                     SECS seconds
+  readdircap HOST DIRFH LIMIT        READDIR (count) and READDIRPLUS (dircount, maxcount) of
+                                     4 GiB - 1: both replies at most LIMIT bytes and not eof
+                                     (the listing continues), NFS3_OK
+  rofs HOST EXPORT DIRFH FH          every change procedure answers NFS3ERR_ROFS
+  refused HOST [PORT]                the server closes a new connection without answering NULL
+  pmap_refused HOST                  the portmapper answers no GETPORT: TCP closed, UDP silent
 Exit status: 0 ok, 3 an NFS error, 1 anything else.
 """
 import os
 import socket
 import struct
 import sys
+import threading
 import time
 
 PORT = int(os.environ.get("NFS_PORT", "2049"))
@@ -204,7 +224,7 @@ def create(rpc, dirfh, name):
 
 
 def mkdir(rpc, dirfh, name):
-    sattr = struct.pack(">IIIIII", 1, 0o755, 0, 0, 0, 0)
+    sattr = struct.pack(">IIIIIII", 1, 0o755, 0, 0, 0, 0, 0)
     body = rpc.call(NFS, 3, 9, opaque(dirfh) + opaque(name.encode()) + sattr)
     o = status_of(body)
     present, o = u32(body, o)
@@ -309,6 +329,8 @@ def pmap_getport(host, udp):
         if udp:
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.settimeout(5)
+            if os.environ.get("NFS_SRC"):
+                s.bind((os.environ["NFS_SRC"], 0))
             s.sendto(call, (host, 111))
             r, _ = s.recvfrom(4096)
         else:
@@ -336,13 +358,25 @@ def alive(host):
     assert accept == 0, f"NULL not accepted ({accept})"
 
 
-def expect_dropped_or_error(fn, what):
+class Dropped(Exception):
+    """The server closed (or reset) the connection."""
+
+
+def read_until_closed(sock, timeout):
+    """Bytes the server sends until it closes the connection; AssertionError if it keeps it
+    open for `timeout` seconds (a hang is not a drop)."""
+    sock.settimeout(timeout)
+    got = b""
     try:
-        res = fn()
-    except (ConnectionError, socket.timeout, OSError, AssertionError) as e:
-        print(f"  {what}: connection dropped ({type(e).__name__})")
-        return
-    print(f"  {what}: answered {res!r:.80}")
+        while True:
+            c = sock.recv(65536)
+            if not c:
+                return got
+            got += c
+    except ConnectionResetError:
+        return got
+    except socket.timeout:
+        raise AssertionError(f"connection still open after {timeout} s (want it dropped)")
 
 
 def hostile(host, export):
@@ -350,26 +384,53 @@ def hostile(host, export):
     checks = []
 
     def rec(name, fn):
-        expect_dropped_or_error(fn, name)
+        # fn asserts its own expectation (a given error reply, or the connection dropped);
+        # an AssertionError ends the run, and the server must still answer afterwards.
+        res = fn()
+        print(f"  {name}: {res}")
         alive(host)
         checks.append(name)
 
-    def raw(payload_parts, expect_reply=False):
-        r = Rpc(host, timeout=5)
-        for p in payload_parts:
-            r.s.sendall(p)
-        r.s.shutdown(socket.SHUT_WR)
-        return r.recv_record() if expect_reply else r.s.recv(64)
+    def dropped(parts, shut=False, timeout=5):
+        """Send parts on a new connection; the server must close it without a reply."""
+        r = Rpc(host, timeout=timeout)
+        try:
+            for p in parts:
+                r.s.sendall(p)
+            if shut:
+                r.s.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            return "dropped (while sending)"
+        got = read_until_closed(r.s, timeout)
+        assert got == b"", f"got {len(got)} bytes of reply, want the connection dropped"
+        return "dropped"
 
-    # record marking abuse
-    rec("2 GiB record header then close", lambda: raw([struct.pack(">I", 0xFFFFFFFF)]))
-    rec("1 GiB record, 1 KiB sent", lambda: raw([struct.pack(">I", 0x80000000 | (1 << 30)), b"x" * 1024]))
+    # record marking abuse: the write side stays open, so only the server's own limits
+    # (not an EOF from the client) can end these connections
+    limit = 1024 * 1024 + 64 * 1024
+    rec("2 GiB record header", lambda: dropped([struct.pack(">I", 0xFFFFFFFF)]))
+    rec("1 GiB record, 1 KiB sent", lambda: dropped([struct.pack(">I", 0x80000000 | (1 << 30)), b"x" * 1024]))
+    rec("record of 1 MiB + 64 KiB + 4 (one over the limit) announced",
+        lambda: dropped([struct.pack(">I", 0x80000000 | (limit + 4))]))
     rec("many fragments past the limit",
-        lambda: raw([struct.pack(">I", 60000) + b"\0" * 60000 for _ in range(40)]))
-    rec("truncated record", lambda: raw([struct.pack(">I", 0x80000000 | 100), b"\1" * 10]))
-    rec("random garbage record", lambda: raw([struct.pack(">I", 0x80000000 | 256), os.urandom(256)]))
-    rec("zero-length record", lambda: raw([struct.pack(">I", 0x80000000)]))
-    rec("reply instead of call", lambda: raw([struct.pack(">I", 0x80000000 | 12), struct.pack(">III", 1, 1, 0)]))
+        lambda: dropped([struct.pack(">I", 60000) + b"\0" * 60000 for _ in range(40)]))
+
+    def at_limit():
+        # a NULL call padded to exactly the limit is read and answered
+        r = Rpc(host, timeout=10)
+        r.xid += 1
+        call = struct.pack(">IIIIII", r.xid, 0, 2, NFS, 3, 0) + auth_unix() + struct.pack(">II", 0, 0)
+        r.send_record(call + b"\0" * (limit - len(call)))
+        rep = r.recv_record()
+        xid, mtype = struct.unpack(">II", rep[:8])
+        assert (xid, mtype) == (r.xid, 1), "no reply to a record of exactly 1 MiB + 64 KiB"
+        return "answered"
+
+    rec("record of exactly 1 MiB + 64 KiB", at_limit)
+    rec("truncated record, then EOF", lambda: dropped([struct.pack(">I", 0x80000000 | 100), b"\1" * 10], shut=True))
+    rec("garbage record", lambda: dropped([struct.pack(">I", 0x80000000 | 256), b"\xff" * 256]))
+    rec("zero-length record", lambda: dropped([struct.pack(">I", 0x80000000)]))
+    rec("reply instead of call", lambda: dropped([struct.pack(">I", 0x80000000 | 12), struct.pack(">III", 1, 1, 0)]))
 
     def rpc_status(prog, vers, proc, args, rpcvers=2):
         r = Rpc(host, timeout=10)
@@ -377,14 +438,32 @@ def hostile(host, export):
 
     def must(res, accept, what):
         assert res[0] == accept, f"{what}: got {res[0]}, want {accept}"
-        return res[0]
+        return what
 
-    rec("wrong RPC version", lambda: rpc_status(NFS, 3, 0, b"", rpcvers=7))
+    def rpc_mismatch():
+        res = rpc_status(NFS, 3, 0, b"", rpcvers=7)
+        assert res[0] == "denied", f"got {res!r:.60}, want MSG_DENIED"
+        rej, low, high = struct.unpack(">III", res[1][:12])
+        assert (rej, low, high) == (0, 2, 2), f"got reject {rej} ({low}, {high}), want RPC_MISMATCH (2, 2)"
+        return "RPC_MISMATCH 2..2"
+
+    rec("wrong RPC version", rpc_mismatch)
     rec("unknown program", lambda: must(rpc_status(123456, 1, 0, b""), 1, "PROG_UNAVAIL"))
     rec("NFS version 4 call", lambda: must(rpc_status(NFS, 4, 0, b""), 2, "PROG_MISMATCH"))
     rec("unknown NFS procedure", lambda: must(rpc_status(NFS, 3, 99, b""), 3, "PROC_UNAVAIL"))
     rec("GETATTR without arguments", lambda: must(rpc_status(NFS, 3, 1, b""), 4, "GARBAGE_ARGS"))
-    rec("GETATTR handle length 1000", lambda: rpc_status(NFS, 3, 1, struct.pack(">I", 1000) + b"\0" * 1000))
+
+    def long_handle():
+        # over NFS3_FHSIZE (64): undecodable (GARBAGE_ARGS) or a bad handle, never served
+        accept, body = rpc_status(NFS, 3, 1, struct.pack(">I", 1000) + b"\0" * 1000)
+        if accept == 4:
+            return "GARBAGE_ARGS"
+        assert accept == 0, f"accept_stat {accept}"
+        st = ERRNAMES.get(struct.unpack(">I", body[:4])[0])
+        assert st in ("NFS3ERR_BADHANDLE", "NFS3ERR_STALE"), f"got {st}, want GARBAGE_ARGS, BADHANDLE or STALE"
+        return st
+
+    rec("GETATTR handle length 1000", long_handle)
 
     def nfs_status(proc, args):
         accept, body = rpc_status(NFS, 3, proc, args)
@@ -414,8 +493,13 @@ def hostile(host, export):
         assert len(data) == 5000 and eof, f"read {len(data)} bytes, eof {eof}"
         return "5000 bytes, eof"
 
+    def read_past_end():
+        data, eof = read(Rpc(host), fh, 2**64 - 1, 4096)
+        assert data == b"" and eof, f"read {len(data)} bytes, eof {eof}"
+        return "0 bytes, eof"
+
     rec("READ count 4 GiB", read_huge)
-    rec("READ at offset 2^64-1", lambda: nfs_status(6, opaque(fh) + struct.pack(">QI", 2**64 - 1, 4096)))
+    rec("READ at offset 2^64-1", read_past_end)
     rec("WRITE at offset 2^63",
         lambda: must_fail(7, opaque(fh) + struct.pack(">QII", 2**63, 4, 2) + opaque(b"abcd"),
                           ("NFS3ERR_FBIG", "NFS3ERR_INVAL")))
@@ -423,7 +507,7 @@ def hostile(host, export):
         lambda: must_fail(2, opaque(fh) + struct.pack(">IIIIQII", 0, 0, 0, 1, 2**63, 0, 0) + struct.pack(">I", 0),
                           ("NFS3ERR_FBIG", "NFS3ERR_INVAL")))
     rec("WRITE count says 1 MiB, carries 4 bytes",
-        lambda: nfs_status(7, opaque(root) + struct.pack(">QII", 0, 1 << 20, 2) + opaque(b"abcd")))
+        lambda: must_fail(7, opaque(fh) + struct.pack(">QII", 0, 1 << 20, 2) + opaque(b"abcd"), ("NFS3ERR_INVAL",)))
     rec("WRITE to a directory",
         lambda: must_fail(7, opaque(root) + struct.pack(">QII", 0, 4, 2) + opaque(b"abcd"),
                           ("NFS3ERR_INVAL", "NFS3ERR_ISDIR")))
@@ -436,9 +520,239 @@ def hostile(host, export):
     rec("CREATE named ..",
         lambda: must_fail(8, opaque(root) + opaque(b"..") + struct.pack(">I", 0) + b"\0" * 24,
                           ("NFS3ERR_EXIST", "NFS3ERR_INVAL")))
-    rec("MNT of a path outside the export", lambda: rpc_status(MOUNT, 3, 1, opaque(b"/elsewhere/x")))
-    rec("portmap SET (refused)", lambda: rpc_status(100000, 2, 1, struct.pack(">IIII", 1, 1, 6, 1)))
-    print(f"hostile: {len(checks)} cases, server alive after each")
+
+    def mnt_outside():
+        accept, body = rpc_status(MOUNT, 3, 1, opaque(b"/elsewhere/x"))
+        assert accept == 0, f"accept_stat {accept}"
+        (st,) = struct.unpack(">I", body[:4])
+        assert st in (2, 13), f"mountstat {st}, want MNT3ERR_NOENT (2) or MNT3ERR_ACCES (13)"
+        return f"mountstat {st}"
+
+    def pmap_set():
+        accept, body = rpc_status(100000, 2, 1, struct.pack(">IIII", 1, 1, 6, 1))
+        if accept == 0:
+            (ok,) = struct.unpack(">I", body[:4])
+            assert ok == 0, "portmap SET through the NFS port answered TRUE"
+            return "FALSE"
+        assert accept in (1, 3), f"accept_stat {accept}"
+        return f"accept_stat {accept}"
+
+    rec("MNT of a path outside the export", mnt_outside)
+    rec("portmap SET (refused)", pmap_set)
+    print(f"hostile: {len(checks)} cases, each answered as expected, server alive after each")
+
+
+def send_calls(rpc, calls, sent):
+    """Send pre-built call records back to back (in a thread); stop at the first error."""
+    try:
+        for c in calls:
+            rpc.send_record(c)
+            sent[0] += 1
+    except OSError:
+        pass
+
+
+def call_record(rpc, prog, vers, proc, args):
+    rpc.xid += 1
+    return struct.pack(">IIIIII", rpc.xid, 0, 2, prog, vers, proc) + auth_unix() + struct.pack(">II", 0, 0) + args
+
+
+def pipeline(host, fh, n):
+    """N COMMITs (an fsync each: slow, so many are active at once) pipelined on one
+    connection before any reply is read: the server serves 128 at a time and TCP pushes back
+    on the rest; none may fail (upstream answered SYSTEM_ERR past 256 active calls)."""
+    r = Rpc(host, timeout=60)
+    calls = [call_record(r, NFS, 3, 21, opaque(fh) + struct.pack(">QI", 0, 0)) for _ in range(n)]
+    want = {struct.unpack(">I", c[:4])[0] for c in calls}
+    sent = [0]
+    t = threading.Thread(target=send_calls, args=(r, calls, sent), daemon=True)
+    t.start()
+    seen = set()
+    for _ in range(n):
+        rep = r.recv_record()
+        xid, mtype, stat = struct.unpack(">III", rep[:12])
+        assert mtype == 1 and stat == 0, f"xid {xid}: not an accepted reply"
+        (vlen,) = struct.unpack(">I", rep[16:20])
+        off = 20 + vlen + (-vlen % 4)
+        (accept,) = struct.unpack(">I", rep[off:off + 4])
+        assert accept == 0, f"xid {xid}: accept_stat {accept} (SYSTEM_ERR is 5) after {len(seen)} answers"
+        (nfsst,) = struct.unpack(">I", rep[off + 4:off + 8])
+        assert nfsst == 0, f"xid {xid}: {ERRNAMES.get(nfsst, nfsst)}"
+        assert xid in want and xid not in seen, f"unexpected or repeated xid {xid}"
+        seen.add(xid)
+    t.join(10)
+    assert sent[0] == n
+    print(f"pipeline: {n} COMMITs sent before reading a reply, {len(seen)} answered NFS3_OK")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def slow_reader(host, fh, pid, seconds, limit_mib, n=3000):
+    """A client that pipelines N READs of 1 MiB and never reads a reply. The server must
+    stop reading its calls (TCP backpressure) instead of queuing gigabytes of replies."""
+    size = getattr_size(Rpc(host), fh)
+    mib = size >> 20
+    assert mib >= 64, f"the file has {size} bytes; want 64 MiB or more"
+    base = rss_kib(pid)
+    r = Rpc(host, timeout=30)
+    calls = [call_record(r, NFS, 3, 6, opaque(fh) + struct.pack(">QI", (i % mib) << 20, 1 << 20)) for i in range(n)]
+    sent = [0]
+    t = threading.Thread(target=send_calls, args=(r, calls, sent), daemon=True)
+    t.start()
+    peak, other, t0 = base, None, time.time()
+    while time.time() - t0 < seconds:
+        peak = max(peak, rss_kib(pid))
+        if other is None and time.time() - t0 > seconds / 2:
+            # another client is served meanwhile: a 1 MiB READ on a new connection
+            o = Rpc(host, timeout=10)
+            data, _eof = read(o, fh, 0, 1 << 20)
+            assert len(data) == 1 << 20, f"the other client read {len(data)} bytes"
+            other = round(time.time() - t0, 1)
+        time.sleep(0.2)
+    print(f"slow reader: {sent[0]} of {n} READ calls of 1 MiB sent, none read; server VmRSS "
+          f"{base >> 10} MiB before, peak {peak >> 10} MiB over {seconds} s (limit {limit_mib} MiB); "
+          f"another client read 1 MiB at {other} s")
+    assert other is not None, "the other client was not tried"
+    assert peak < limit_mib << 10, f"server VmRSS reached {peak >> 10} MiB (limit {limit_mib} MiB)"
+    r.s.close()
+
+
+def conn_cap(host, n, cap, port=PORT):
+    """Open N connections to PORT (NFS, or the portmapper on 111): exactly CAP are served."""
+    prog, vers = (100000, 2) if port == 111 else (NFS, 3)
+    conns, served, dropped = [], 0, 0
+    for _ in range(n):
+        r = Rpc(host, port, timeout=10)
+        conns.append(r)
+        try:
+            accept, _ = r.call_raw(prog, vers, 0, b"")
+            assert accept == 0, f"NULL accept_stat {accept}"
+            served += 1
+        except socket.timeout:
+            raise AssertionError("a connection got neither an answer nor closed in 10 s")
+        except (ConnectionError, OSError):
+            dropped += 1
+    print(f"conncap: {n} connections to port {port} opened: {served} served, {dropped} closed by the server")
+    assert served == cap, f"{served} connections served, want exactly {cap}"
+    for r in conns:
+        r.s.close()
+    deadline = time.time() + 10
+    while True:
+        try:
+            if port == 111:
+                pmap_getport(host, False)
+            else:
+                alive(host)
+            break
+        except (ConnectionError, OSError):
+            assert time.time() < deadline, "no new connection served 10 s after closing them all"
+            time.sleep(0.2)
+    print("conncap: a new connection is served after they closed")
+
+
+def idle(host, secs):
+    r = Rpc(host, timeout=10)
+    accept, _ = r.call_raw(NFS, 3, 0, b"")
+    assert accept == 0
+    t0 = time.time()
+    got = read_until_closed(r.s, secs)
+    assert got == b"", "unexpected bytes on an idle connection"
+    print(f"idle: closed by the server after {time.time() - t0:.1f} s without a call")
+
+
+def readdir_cap(host, dirfh, limit):
+    big = 0xFFFFFFFF
+    for name, proc, args in (
+        ("READDIR", 16, opaque(dirfh) + struct.pack(">Q", 0) + b"\0" * 8 + struct.pack(">I", big)),
+        ("READDIRPLUS", 17, opaque(dirfh) + struct.pack(">Q", 0) + b"\0" * 8 + struct.pack(">II", big, big)),
+    ):
+        r = Rpc(host, timeout=30)
+        r.send_record(call_record(r, NFS, 3, proc, args))
+        rep = r.recv_record()
+        (vlen,) = struct.unpack(">I", rep[16:20])
+        off = 20 + vlen + (-vlen % 4)
+        accept, st = struct.unpack(">II", rep[off:off + 8])
+        assert accept == 0 and st == 0, f"{name}: accept_stat {accept}, {ERRNAMES.get(st, st)}"
+        body = rep[off + 4:]
+        o = skip_post_op_attr(body, 4) + 8
+        entries = 0
+        while True:
+            more, o = u32(body, o)
+            if not more:
+                break
+            _fileid, o = u64(body, o)
+            _name, o = take_opaque(body, o)
+            _cookie, o = u64(body, o)
+            if proc == 17:
+                o = skip_post_op_attr(body, o)
+                has_fh, o = u32(body, o)
+                if has_fh:
+                    _fh, o = take_opaque(body, o)
+            entries += 1
+        eof, o = u32(body, o)
+        print(f"readdircap: {name} asking 4 GiB: reply of {len(rep)} bytes, {entries} entries, eof {eof}")
+        assert len(rep) <= limit, f"{name} reply of {len(rep)} bytes (limit {limit})"
+        assert not eof, f"{name} listed the whole directory in one reply; the test needs one larger than {limit}"
+
+
+def rofs(host, export, dirfh, fh):
+    """Every change procedure on a read-only export answers NFS3ERR_ROFS."""
+    sattr_mode = struct.pack(">IIIIIII", 1, 0o600, 0, 0, 0, 0, 0)  # mode set; uid gid size atime mtime not
+    name = lambda n: opaque(n.encode())
+    cases = [
+        ("SETATTR", 2, opaque(fh) + sattr_mode + struct.pack(">I", 0)),
+        ("WRITE", 7, opaque(fh) + struct.pack(">QII", 0, 4, 2) + opaque(b"abcd")),
+        ("CREATE", 8, opaque(dirfh) + name("ro-new") + struct.pack(">I", 0) + sattr_mode),
+        ("MKDIR", 9, opaque(dirfh) + name("ro-dir") + sattr_mode),
+        ("SYMLINK", 10, opaque(dirfh) + name("ro-link") + struct.pack(">IIIIII", 0, 0, 0, 0, 0, 0) + name("x")),
+        ("REMOVE", 12, opaque(dirfh) + name("one.bin")),
+        ("RMDIR", 13, opaque(dirfh) + name("big")),
+        ("RENAME", 14, opaque(dirfh) + name("one.bin") + opaque(dirfh) + name("ro-renamed")),
+    ]
+    for what, proc, args in cases:
+        accept, body = Rpc(host).call_raw(NFS, 3, proc, args)
+        assert accept == 0, f"{what}: accept_stat {accept}"
+        (st,) = struct.unpack(">I", body[:4])
+        assert st == 30, f"{what} on a read-only export answered {ERRNAMES.get(st, st)}, want NFS3ERR_ROFS"
+        print(f"  {what}: NFS3ERR_ROFS")
+    print(f"rofs: {len(cases)} change procedures refused with NFS3ERR_ROFS")
+
+
+def refused(host, port=PORT, call=None):
+    """The server closes a new connection without answering (allow-list, connection cap)."""
+    try:
+        r = Rpc(host, port, timeout=10)
+        r.send_record(call or call_record(r, NFS, 3, 0, b""))
+        got = r.s.recv(4096)
+    except (ConnectionResetError, BrokenPipeError):
+        got = b""
+    except socket.timeout:
+        raise AssertionError("the connection was neither answered nor closed in 10 s")
+    assert got == b"", f"the server answered ({len(got)} bytes)"
+    print("refused: dropped without an answer")
+
+
+def pmap_refused(host):
+    call = struct.pack(">IIIIII", 78, 0, 2, 100000, 2, 3) + struct.pack(">IIII", 0, 0, 0, 0)
+    call += struct.pack(">IIII", NFS, 3, 6, 0)
+    refused(host, 111, call)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if os.environ.get("NFS_SRC"):
+        s.bind((os.environ["NFS_SRC"], 0))
+    s.settimeout(3)
+    s.sendto(call, (host, 111))
+    try:
+        r, _ = s.recvfrom(4096)
+    except socket.timeout:
+        print("pmap_refused: TCP dropped, UDP unanswered")
+        return
+    raise AssertionError(f"the portmapper answered a refused peer over UDP ({len(r)} bytes)")
 
 
 def main(argv):
@@ -503,6 +817,22 @@ def main(argv):
             print(*(pmap_getport(host, False) + pmap_getport(host, True)))
         elif cmd == "hostile":
             hostile(host, a[0])
+        elif cmd == "pipeline":
+            pipeline(host, bytes.fromhex(a[0]), int(a[1]))
+        elif cmd == "slowreader":
+            slow_reader(host, bytes.fromhex(a[0]), int(a[1]), float(a[2]), int(a[3]))
+        elif cmd == "conncap":
+            conn_cap(host, int(a[0]), int(a[1]), int(a[2]) if len(a) > 2 else PORT)
+        elif cmd == "idle":
+            idle(host, float(a[0]))
+        elif cmd == "readdircap":
+            readdir_cap(host, bytes.fromhex(a[0]), int(a[1]))
+        elif cmd == "rofs":
+            rofs(host, a[0], bytes.fromhex(a[1]), bytes.fromhex(a[2]))
+        elif cmd == "refused":
+            refused(host, int(a[0]) if a else PORT)
+        elif cmd == "pmap_refused":
+            pmap_refused(host)
         else:
             print(__doc__)
             return 1

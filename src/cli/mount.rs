@@ -25,6 +25,7 @@ pub fn run(a: Args) -> Result<()> {
         read_only: false,
         allow: Vec::new(),
         portmap: 0,
+        limits: Default::default(),
         daemon: a.daemon,
     })
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use nfs3_server::tcp::{NFSTcp, NFSTcpListener};
+use nfs3_server::tcp::{ConnectionLimits, NFSTcp, NFSTcpListener};
 use tessera::control::{self, LockError};
 use tessera::fs::InodeId;
 use tessera::fs::{Engine, Tuning, META_BACKUP, META_FILE};
@@ -63,7 +63,36 @@ pub struct Args {
     #[arg(long, default_value_t = 111, value_name = "PORT")]
     pub portmap: u16,
     #[command(flatten)]
+    pub limits: NfsLimits,
+    #[command(flatten)]
     pub daemon: DaemonArgs,
+}
+
+/// Per-connection limits of the NFS server. Hidden: the defaults suit any datastore; tests
+/// lower them to check them in seconds.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NfsLimits {
+    /// NFS connections served at once; more are closed at accept and logged.
+    #[arg(long, default_value_t = nfs3_server::tcp::MAX_CONNECTIONS, hide = true)]
+    pub nfs_max_connections: usize,
+    /// Seconds an NFS reply may wait without the client reading a byte before its
+    /// connection is dropped.
+    #[arg(long, default_value_t = 60, hide = true, value_name = "SECONDS")]
+    pub nfs_write_timeout: u64,
+    /// Seconds an NFS connection with no call outstanding may stay silent before it is
+    /// closed.
+    #[arg(long, default_value_t = 15 * 60, hide = true, value_name = "SECONDS")]
+    pub nfs_idle_timeout: u64,
+}
+
+impl Default for NfsLimits {
+    fn default() -> Self {
+        NfsLimits {
+            nfs_max_connections: nfs3_server::tcp::MAX_CONNECTIONS,
+            nfs_write_timeout: 60,
+            nfs_idle_timeout: 15 * 60,
+        }
+    }
 }
 
 /// Options of a serving process, shared by `serve` and `mount`.
@@ -292,6 +321,11 @@ fn start_nfs(
             )
         })?;
     listener.with_export_name(&export);
+    listener.with_max_connections(a.limits.nfs_max_connections.max(1));
+    listener.with_connection_limits(ConnectionLimits {
+        write_stall: Duration::from_secs(a.limits.nfs_write_timeout.max(1)),
+        idle: Duration::from_secs(a.limits.nfs_idle_timeout.max(1)),
+    });
     let filter = allow.clone();
     listener.with_client_filter(Arc::new(move |ip: IpAddr| filter.allows(ip)));
     let nfs_port = listener.get_listen_port();

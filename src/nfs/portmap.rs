@@ -22,6 +22,10 @@ pub const IPPROTO_UDP: u32 = 17;
 const MAX_RECORD: usize = 8 * 1024;
 /// An idle TCP client is dropped after this long.
 const IDLE: Duration = Duration::from_secs(30);
+/// TCP clients served at once; more are closed at accept. A client asks once or twice and
+/// leaves, so this only matters against a peer opening connections in a loop (each lives up
+/// to 4 x IDLE and holds up to MAX_RECORD bytes).
+const MAX_TCP_CLIENTS: usize = 64;
 
 /// What the portmapper knows: the port of NFS v3 and MOUNT v1/v3 (TCP only) and its own.
 #[derive(Clone, Copy, Debug)]
@@ -151,13 +155,22 @@ pub async fn serve(addr: SocketAddr, svc: Services, allow: AllowList) -> std::io
             }
         }
     });
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CLIENTS));
     tokio::spawn(async move {
         loop {
             match tcp.accept().await {
                 Ok((_, peer)) if !allow.allows(peer.ip()) => {}
-                Ok((s, _)) => {
+                Ok((s, peer)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tracing::warn!(
+                            "portmapper: refusing a connection from {peer}: \
+                             {MAX_TCP_CLIENTS} connections already open (the limit)"
+                        );
+                        continue;
+                    };
                     tokio::spawn(async move {
                         let _ = tokio::time::timeout(IDLE * 4, serve_tcp(s, svc)).await;
+                        drop(slot);
                     });
                 }
                 Err(e) => {

@@ -8,8 +8,8 @@ use tracing::{debug, error, trace, warn};
 
 use crate::context::RPCContext;
 use crate::nfs_ext::{BoundedEntryPlusList, CookieVerfExt};
-use crate::rpcwire::handle;
 use crate::rpcwire::messages::{HandleResult, IncomingRpcMessage};
+use crate::rpcwire::{MAX_REPLY_DATA, handle};
 use crate::vfs::{NextResult, NfsFileSystem, VFSCapabilities};
 
 #[allow(clippy::enum_glob_use)]
@@ -151,11 +151,10 @@ where
     let handle = read3args.file;
     let id = fh_to_id!(context, &handle);
     let file_attributes = nfs_option_from_result(context.vfs.getattr(&id).await);
-    match context
-        .vfs
-        .read(&id, read3args.offset, read3args.count)
-        .await
-    {
+    // Tessera patch: never more than MAX_REPLY_DATA per READ, whatever count the client
+    // asks: the per-connection byte budget (rpcwire.rs) reserves at most that much per call.
+    let count = read3args.count.min(MAX_REPLY_DATA);
+    match context.vfs.read(&id, read3args.offset, count).await {
         Ok((bytes, eof)) => {
             debug!(" {xid} --> read {} bytes, eof: {eof}", bytes.len());
             READ3res::Ok(READ3resok {
@@ -361,7 +360,12 @@ where
         error!("readdirplus error {xid} --> {stat}");
         return READDIRPLUS3res::Err((stat, READDIRPLUS3resfail { dir_attributes }));
     }
-    let max_bytes_allowed = args.maxcount as usize - 128;
+    // Tessera patch: the reply is at most MAX_REPLY_DATA (the server's rtmax) whatever
+    // maxcount and dircount the client asks (up to 4 GiB), so one call cannot build a
+    // reply of a whole huge directory in memory.
+    let maxcount = args.maxcount.min(MAX_REPLY_DATA);
+    let dircount = args.dircount.min(MAX_REPLY_DATA);
+    let max_bytes_allowed = maxcount as usize - 128;
 
     let iter = context.vfs.readdirplus(&dirid, args.cookie).await;
 
@@ -375,7 +379,7 @@ where
 
     // this is a wrapper around a writer that also just counts the number of bytes
     // written
-    let mut entries_result = BoundedEntryPlusList::new(args.dircount as usize, max_bytes_allowed);
+    let mut entries_result = BoundedEntryPlusList::new(dircount as usize, max_bytes_allowed);
     loop {
         match iter.next().await {
             NextResult::Ok(dir_entry_plus) => {
@@ -460,8 +464,10 @@ where
         reply: dirlist3::default(),
     };
 
+    // Tessera patch: the reply is at most MAX_REPLY_DATA whatever count the client asks.
+    let count = readdir3args.count.min(MAX_REPLY_DATA) as usize;
     let empty_len = xid.packed_size() + resok.packed_size();
-    if empty_len > readdir3args.count as usize {
+    if empty_len > count {
         // we have no space to write anything
         return READDIR3res::Err((
             nfsstat3::NFS3ERR_TOOSMALL,
@@ -470,7 +476,7 @@ where
             },
         ));
     }
-    let max_bytes_allowed = readdir3args.count as usize - empty_len;
+    let max_bytes_allowed = count - empty_len;
 
     let iter = context.vfs.readdir(&dirid, readdir3args.cookie).await;
     if let Err(stat) = iter {

@@ -1,5 +1,6 @@
 use std::io::Cursor;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use messages::{CompleteRpcMessage, HandleResult, IncomingRpcMessage, PackedRpcMessage};
@@ -9,7 +10,7 @@ use nfs3_types::rpc::{
 use nfs3_types::xdr_codec::{Pack, Unpack};
 use nfs3_types::{nfs3 as nfs, portmap};
 use tokio::io::{AsyncWriteExt, DuplexStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{error, info, trace, warn};
 
 use crate::context::RPCContext;
@@ -152,41 +153,182 @@ fn lock_transaction(
     }
 }
 
+/// Tessera patch: writes one reply record, giving up when the socket accepts no byte
+/// for `stall` (a client that stopped reading its replies). Upstream waited forever, so
+/// a dead client pinned the memory of every reply queued for it.
 #[allow(clippy::cast_possible_truncation)]
 pub async fn write_fragment<IO: tokio::io::AsyncWrite + Unpin>(
     socket: &mut IO,
     buf: CompleteRpcMessage,
+    stall: Duration,
 ) -> Result<(), anyhow::Error> {
     // TODO: split into many fragments
     let buf = buf.into_inner();
     assert!(buf.len() < (1 << 31));
     let fragment_header = fragment_header::new(buf.len() as u32, true);
     let header_buf = fragment_header.into_xdr_buf();
-    socket.write_all(&header_buf).await?;
+    write_all_progressing(socket, &header_buf, stall).await?;
     trace!("Writing fragment length: {}", buf.len());
-    socket.write_all(&buf).await?;
+    write_all_progressing(socket, &buf, stall).await?;
     Ok(())
 }
 
-pub type SocketMessageType = Result<CompleteRpcMessage, anyhow::Error>;
+/// Tessera patch: `write_all` that fails with `TimedOut` when one write makes no progress
+/// for `stall`.
+async fn write_all_progressing<IO: tokio::io::AsyncWrite + Unpin>(
+    socket: &mut IO,
+    mut data: &[u8],
+    stall: Duration,
+) -> std::io::Result<()> {
+    while !data.is_empty() {
+        match tokio::time::timeout(stall, socket.write(data)).await {
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no progress writing a reply for {} s", stall.as_secs()),
+                ));
+            }
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => data = &data[n..],
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Tessera patch: a reply waiting to be written, with the connection's call slot and
+/// byte budget it holds until it has left for the socket.
+pub struct QueuedReply {
+    pub reply: CompleteRpcMessage,
+    pub held: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+pub type SocketMessageType = Result<QueuedReply, anyhow::Error>;
 
 /// Tessera patch: calls served at once per connection (below the transaction tracker's
-/// limit of 256 active calls per client).
-const MAX_INFLIGHT_CALLS: usize = 128;
+/// limit of 256 active calls per client). A call holds its slot until its reply has been
+/// written to the socket, not just computed.
+pub const MAX_INFLIGHT_CALLS: usize = 128;
+
+/// Tessera patch: the most READ data, and the largest READDIR/READDIRPLUS reply, the
+/// server makes for one call (bytes; the rtmax Tessera announces), whatever count the
+/// client asks.
+pub const MAX_REPLY_DATA: u32 = 1024 * 1024;
+
+/// Tessera patch: bytes of calls and replies one connection may hold at once (received
+/// calls being served plus replies not yet written to the socket). Each call reserves
+/// the larger of its record and the largest reply it can get (about 1 MiB for a READ or
+/// a READDIR, 4 KiB for other procedures) before it is served, and keeps the reservation
+/// until its reply is written. So a client that pipelines 1 MiB READs and never reads
+/// the replies pins at most 32 MiB (32 READs), plus one record being received
+/// (<= 1 MiB + 64 KiB) and the 256 KiB pipe below; TCP pushes back on the rest.
+pub const CONNECTION_BYTE_BUDGET: usize = 32 * 1024 * 1024;
+
+/// Budget permits are KiB: a 32 MiB budget is 32768 permits.
+const BUDGET_UNIT: usize = 1024;
+/// Reply room reserved for a procedure without bulk data (attributes, handles, a name or
+/// a symlink target of at most 4 KiB, RPC headers).
+const SMALL_REPLY: usize = 8 * 1024;
+/// RPC header, attributes and lengths around the data of a READ or READDIR reply.
+const REPLY_OVERHEAD: usize = 1024;
+
+/// Tessera patch: the largest reply a call record can get, read from its header and
+/// arguments without decoding the whole call. Unparsable records get `SMALL_REPLY`: they
+/// are answered with an error, or end the connection.
+fn reply_bound(call: &[u8]) -> usize {
+    reply_bound_of(call).unwrap_or(SMALL_REPLY)
+}
+
+fn reply_bound_of(call: &[u8]) -> Option<usize> {
+    let mut x = WireReader(call);
+    let _xid = x.u32()?;
+    let _msg_type = x.u32()?;
+    let _rpcvers = x.u32()?;
+    let (prog, vers, procedure) = (x.u32()?, x.u32()?, x.u32()?);
+    x.opaque()?; // credential: flavor, body
+    x.opaque()?; // verifier
+    if prog != nfs::PROGRAM || vers != nfs::VERSION {
+        return Some(SMALL_REPLY);
+    }
+    let count = match procedure {
+        // READ: file handle, offset, count
+        6 => {
+            x.opaque_body()?;
+            x.u32()?;
+            x.u32()?;
+            x.u32()?
+        }
+        // READDIR: dir handle, cookie, cookie verifier, count
+        16 => {
+            x.opaque_body()?;
+            x.skip(16)?;
+            x.u32()?
+        }
+        // READDIRPLUS: dir handle, cookie, cookie verifier, dircount, maxcount
+        17 => {
+            x.opaque_body()?;
+            x.skip(16)?;
+            x.u32()?;
+            x.u32()?
+        }
+        _ => return Some(SMALL_REPLY),
+    };
+    Some(count.min(MAX_REPLY_DATA) as usize + REPLY_OVERHEAD)
+}
+
+/// XDR reader over a call record; every getter fails cleanly on short input.
+struct WireReader<'a>(&'a [u8]);
+
+impl WireReader<'_> {
+    fn u32(&mut self) -> Option<u32> {
+        let (h, t) = self.0.split_first_chunk::<4>()?;
+        self.0 = t;
+        Some(u32::from_be_bytes(*h))
+    }
+    fn skip(&mut self, n: usize) -> Option<()> {
+        self.0 = self.0.get(n..)?;
+        Some(())
+    }
+    /// An opaque body: length, then the bytes padded to 4.
+    fn opaque_body(&mut self) -> Option<()> {
+        let len = self.u32()? as usize;
+        self.skip(len.checked_next_multiple_of(4)?)
+    }
+    /// An opaque_auth: flavor, then its body.
+    fn opaque(&mut self) -> Option<()> {
+        self.u32()?;
+        self.opaque_body()
+    }
+}
 
 /// The Socket Message Handler reads from a `TcpStream` and spawns off
 /// subtasks to handle each message. replies are queued into the
 /// `reply_send_channel`.
 #[derive(Debug)]
 pub struct SocketMessageHandler<T: NfsFileSystem + 'static> {
-    // Tessera patch: calls of this connection being served at once. When all are taken
-    // the reader waits, so TCP pushes back on the client; upstream spawned without bound
-    // and answered SYSTEM_ERR past 256 active calls, failing deep-queue clients.
-    inflight: std::sync::Arc<tokio::sync::Semaphore>,
+    // Tessera patch: calls of this connection being served or waiting for their reply
+    // to be written. When all are taken the reader waits, so TCP pushes back on the
+    // client; upstream spawned without bound and answered SYSTEM_ERR past 256 active
+    // calls, failing deep-queue clients, and released the slot before the reply was
+    // written, so replies to a client that did not read piled up without bound.
+    inflight: Arc<Semaphore>,
+    // Tessera patch: CONNECTION_BYTE_BUDGET, in BUDGET_UNIT permits.
+    budget: Arc<Semaphore>,
     cur_fragment: PackedRpcMessage,
     socket_receive_channel: DuplexStream,
     reply_send_channel: mpsc::UnboundedSender<SocketMessageType>,
     context: RPCContext<T>,
+}
+
+/// Tessera patch: tells whether a connection has calls outstanding (idle timeout).
+#[derive(Clone, Debug)]
+pub struct CallProbe(Arc<Semaphore>);
+
+impl CallProbe {
+    /// No call is being served and no reply waits to be written.
+    pub fn idle(&self) -> bool {
+        self.0.available_permits() == MAX_INFLIGHT_CALLS
+    }
 }
 
 impl<T> SocketMessageHandler<T>
@@ -202,10 +344,13 @@ where
         mpsc::UnboundedReceiver<SocketMessageType>,
     ) {
         let (socksend, sockrecv) = tokio::io::duplex(256 * KIBIBYTE as usize);
+        // Unbounded in messages, but bounded by what each message holds: at most
+        // MAX_INFLIGHT_CALLS replies and CONNECTION_BYTE_BUDGET bytes.
         let (msgsend, msgrecv) = mpsc::unbounded_channel();
         (
             Self {
-                inflight: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_CALLS)),
+                inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_CALLS)),
+                budget: Arc::new(Semaphore::new(CONNECTION_BYTE_BUDGET / BUDGET_UNIT)),
                 cur_fragment: PackedRpcMessage::new(),
                 socket_receive_channel: sockrecv,
                 reply_send_channel: msgsend,
@@ -214,6 +359,11 @@ where
             socksend,
             msgrecv,
         )
+    }
+
+    /// Tessera patch: a probe of this connection's outstanding calls.
+    pub fn call_probe(&self) -> CallProbe {
+        CallProbe(self.inflight.clone())
     }
 
     /// Reads a fragment from the socket. This should be looped.
@@ -233,14 +383,29 @@ where
 
             let context = self.context.clone();
             let send = self.reply_send_channel.clone();
-            let permit = self.inflight.clone().acquire_owned().await?;
+            // Tessera patch: reserve the call's slot and its bytes before serving it;
+            // both are released when its reply has been written (or when it has none).
+            let bytes = message
+                .as_bytes()
+                .len()
+                .max(reply_bound(message.as_bytes()));
+            let units = bytes
+                .div_ceil(BUDGET_UNIT)
+                .min(CONNECTION_BYTE_BUDGET / BUDGET_UNIT);
+            let slot = self.inflight.clone().acquire_owned().await?;
+            let reserved = self
+                .budget
+                .clone()
+                .acquire_many_owned(u32::try_from(units)?)
+                .await?;
             tokio::spawn(async move {
                 let result = handle_rpc_message(context, message).await;
-                drop(permit);
-
                 match result {
                     Ok(HandleResult::Reply(reply)) => {
-                        let _ = send.send(Ok(reply));
+                        let _ = send.send(Ok(QueuedReply {
+                            reply,
+                            held: (slot, reserved),
+                        }));
                     }
                     Ok(HandleResult::NoReply) => {
                         // No reply needed

@@ -7,10 +7,10 @@ use anyhow;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::context::RPCContext;
-use crate::rpcwire::{SocketMessageHandler, write_fragment};
+use crate::rpcwire::{QueuedReply, SocketMessageHandler, write_fragment};
 use crate::transaction_tracker::{Cleaner, TransactionTracker};
 use crate::units::KIBIBYTE;
 use crate::vfs::adapters::ReadOnlyAdapter;
@@ -28,6 +28,9 @@ pub struct NFSTcpListener<T: NfsFileSystem + 'static> {
     stop_notify: Arc<tokio::sync::Notify>,
     // Tessera patch: which peers may connect (None: all)
     client_filter: Option<ClientFilter>,
+    // Tessera patch: connections served at once, and their stall limits
+    max_connections: usize,
+    limits: ConnectionLimits,
 }
 
 /// Tessera patch: decides from the peer address whether a connection is served.
@@ -48,17 +51,62 @@ pub fn generate_host_ip(hostnum: u16) -> String {
     )
 }
 
+/// Tessera patch: how long a connection may stall before it is dropped.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// A reply the socket accepts no byte of for this long drops the connection (the
+    /// client stopped reading, or is gone without a reset).
+    pub write_stall: Duration,
+    /// A connection that sends nothing for this long while it has no call outstanding is
+    /// closed (a dead client); clients reconnect on their own.
+    pub idle: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            write_stall: Duration::from_secs(60),
+            idle: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// Tessera patch: concurrent connections served by default; more are closed at accept.
+/// With `CONNECTION_BYTE_BUDGET` (32 MiB) each, replies and calls of all clients hold at
+/// most about 8 GiB even in the worst case; a datastore has a handful of hypervisors.
+pub const MAX_CONNECTIONS: usize = 256;
+
 /// processes an established socket
+// Tessera patch: only the test re-export uses it now; the listener passes its limits.
+#[cfg_attr(not(feature = "__test_reexports"), allow(dead_code))]
 pub(crate) async fn process_socket<IO, T>(
-    mut socket: IO,
+    socket: IO,
     context: RPCContext<T>,
 ) -> Result<(), anyhow::Error>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
     T: NfsFileSystem + 'static,
 {
+    process_socket_limited(socket, context, ConnectionLimits::default()).await
+}
+
+/// Tessera patch: reading calls and writing replies run side by side (upstream wrote
+/// replies from the reading loop, so a reply the client did not read also stopped the
+/// reading, and a reader waiting for call slots would have blocked the writes that free
+/// them). Replies are written with a stall timeout and the connection closes when idle.
+async fn process_socket_limited<IO, T>(
+    socket: IO,
+    context: RPCContext<T>,
+    limits: ConnectionLimits,
+) -> Result<(), anyhow::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+    T: NfsFileSystem + 'static,
+{
+    let client = context.client_addr.clone();
     let (mut message_handler, mut socksend, mut msgrecvchan) =
         SocketMessageHandler::new(context.clone());
+    let calls = message_handler.call_probe();
 
     tokio::spawn(async move {
         loop {
@@ -68,46 +116,67 @@ where
             }
         }
     });
-    let mut buf = vec![0u8; 128 * KIBIBYTE as usize].into_boxed_slice();
-    loop {
-        tokio::select! {
-            result = socket.read(&mut buf) => {
-                match result {
-                    Ok(0) => {
-                        return Ok(());
-                    }
-                    Ok(n) => {
-                        // Tessera patch: when the message loop has ended (a
-                        // malformed or oversized record), close the connection
-                        // instead of reading into a pipe nobody drains.
-                        if socksend.write_all(&buf[..n]).await.is_err() {
-                            return Err(anyhow::anyhow!("message loop ended"));
-                        }
-                    }
-                    Err(ref e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        debug!("Message handling closed : {e}");
-                        return Err(e.into());
-                    }
+    let (mut rd, mut wr) = tokio::io::split(socket);
+    let reading = async {
+        let mut buf = vec![0u8; 128 * KIBIBYTE as usize].into_boxed_slice();
+        loop {
+            let n = match tokio::time::timeout(limits.idle, rd.read(&mut buf)).await {
+                Err(_) if calls.idle() => {
+                    info!(
+                        "closing the connection from {client}: no call for {} s",
+                        limits.idle.as_secs()
+                    );
+                    return Ok(());
                 }
-            },
-            reply = msgrecvchan.recv() => {
-                match reply {
-                    Some(Err(e)) => {
-                        debug!("Message handling closed : {e}");
+                Err(_) => continue,
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(n)) => n,
+                Ok(Err(ref e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(Err(e)) => {
+                    debug!("Message handling closed : {e}");
+                    return Err(e.into());
+                }
+            };
+            // Tessera patch: when the message loop has ended (a malformed or oversized
+            // record), close the connection instead of reading into a pipe nobody drains.
+            if socksend.write_all(&buf[..n]).await.is_err() {
+                return Err(anyhow::anyhow!("message loop ended"));
+            }
+        }
+    };
+    let writing = async {
+        loop {
+            match msgrecvchan.recv().await {
+                Some(Err(e)) => {
+                    debug!("Message handling closed : {e}");
+                    return Err(e);
+                }
+                Some(Ok(QueuedReply { reply, held })) => {
+                    // Upstream logged a failed write and went on, with a partial record
+                    // on the wire; the connection is useless after it.
+                    if let Err(e) = write_fragment(&mut wr, reply, limits.write_stall).await {
+                        let stalled = e
+                            .downcast_ref::<io::Error>()
+                            .is_some_and(|e| e.kind() == io::ErrorKind::TimedOut);
+                        if stalled {
+                            warn!("dropping the connection from {client}: {e}");
+                        } else {
+                            debug!("connection from {client} failed: {e}");
+                        }
                         return Err(e);
                     }
-                    Some(Ok(msg)) => {
-                        if let Err(e) = write_fragment(&mut socket, msg).await {
-                            error!("Write error {e}");
-                        }
-                    }
-                    None => {
-                        return Err(anyhow::anyhow!("Unexpected socket context termination"));
-                    }
+                    // the reply has left for the socket: its slot and bytes are free
+                    drop(held);
+                }
+                None => {
+                    return Err(anyhow::anyhow!("Unexpected socket context termination"));
                 }
             }
         }
+    };
+    tokio::select! {
+        r = reading => r,
+        w = writing => w,
     }
 }
 
@@ -237,6 +306,8 @@ impl<T: NfsFileSystem + 'static> NFSTcpListener<T> {
             stop_notify: Arc::new(tokio::sync::Notify::new()),
             file_handle_converter,
             client_filter: None,
+            max_connections: MAX_CONNECTIONS,
+            limits: ConnectionLimits::default(),
         })
     }
 
@@ -256,6 +327,17 @@ impl<T: NfsFileSystem + 'static> NFSTcpListener<T> {
     /// `filter`; others are closed at once, before any RPC is read.
     pub fn with_client_filter(&mut self, filter: ClientFilter) {
         self.client_filter = Some(filter);
+    }
+
+    /// Tessera patch: serve at most `max` connections at once (default
+    /// `MAX_CONNECTIONS`); more are closed at accept and logged.
+    pub fn with_max_connections(&mut self, max: usize) {
+        self.max_connections = max;
+    }
+
+    /// Tessera patch: the stall and idle limits of each connection.
+    pub fn with_connection_limits(&mut self, limits: ConnectionLimits) {
+        self.limits = limits;
     }
 
     /// Sets an optional NFS export name.
@@ -308,6 +390,8 @@ impl<T: NfsFileSystem + 'static> NFSTcp for NFSTcpListener<T> {
         )
         .run();
         tokio::spawn(cleaner_future);
+        // Tessera patch: one permit per connection being served.
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
 
         loop {
             // Tessera patch: an accept error (EMFILE, ECONNABORTED...) must not
@@ -327,6 +411,16 @@ impl<T: NfsFileSystem + 'static> NFSTcp for NFSTcpListener<T> {
                     continue;
                 }
             }
+            // Tessera patch: a cap on connections, so many clients (or one opening
+            // connections in a loop) cannot exhaust memory or file descriptors.
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                warn!(
+                    "refusing a connection from {peer}: {} connections already open (the limit)",
+                    self.max_connections
+                );
+                drop(socket);
+                continue;
+            };
             let context = RPCContext {
                 local_port: self.port,
                 client_addr: peer.to_string(),
@@ -339,9 +433,11 @@ impl<T: NfsFileSystem + 'static> NFSTcp for NFSTcpListener<T> {
             };
             info!("Accepting connection from {}", context.client_addr);
             debug!("Accepting socket {:?} {:?}", socket, context);
+            let limits = self.limits;
             tokio::spawn(async move {
                 let _ = socket.set_nodelay(true);
-                let _ = process_socket(socket, context).await;
+                let _ = process_socket_limited(socket, context, limits).await;
+                drop(slot);
             });
         }
     }

@@ -71,6 +71,11 @@ impl CompleteRpcMessage {
     pub fn into_inner(self) -> Vec<u8> {
         self.0
     }
+
+    /// Tessera patch: the record, to size its reservation before it is served.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 pub struct IncomingRpcMessage {
