@@ -34,12 +34,14 @@ limit_of() {
 # Detach FUSE mounts left under the suites' scratch dirs.
 sweep_mounts() {
     local m
-    for m in $(awk '$3 ~ "^fuse" && $2 ~ "^/var/tmp/tessera-test[.]" { print $2 }' /proc/self/mounts); do
+    for m in $(awk -v run="$FS_TESTS_RUN" '$3 ~ "^fuse" && index($2, "/tessera-test." run ".") { print $2 }' /proc/self/mounts); do
         echo "run-all: WARNING: $1 left $m mounted; detaching it" >&2
         timeout 10 fusermount3 -u -z -- "$m" 2>/dev/null || timeout 10 umount -l -- "$m" 2>/dev/null || true
     done
 }
 
+# Scratch dirs of this run are named tessera-test.RUN.*: the sweep leaves other runs' mounts alone.
+export FS_TESTS_RUN=run$$
 declare -A result=() took=()
 failed=0
 for s in "${suites[@]}"; do
