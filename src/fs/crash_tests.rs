@@ -9,6 +9,7 @@
 //! - power loss: the disk holds what was synced plus any subset of the later writes (page
 //!   cache write-back has no order); packs keep their synced bytes plus a torn prefix of the
 //!   rest.
+//!
 //! A property test runs random operation sequences with crashes between operations and checks
 //! every acknowledged-durable operation and byte after each one, then fsck.
 
@@ -391,16 +392,13 @@ fn apply(
     match op.clone() {
         Op::Create { f } => {
             let n = name(f);
-            if !m.contains_key(&n) {
-                e.mknod(r, n.as_bytes(), Kind::File, 0o644, 0, Ctx::ROOT)
+            if let std::collections::btree_map::Entry::Vacant(v) = m.entry(n) {
+                e.mknod(r, v.key().as_bytes(), Kind::File, 0o644, 0, Ctx::ROOT)
                     .unwrap();
-                m.insert(
-                    n,
-                    MFile {
-                        mode: 0o644,
-                        ..MFile::default()
-                    },
-                );
+                v.insert(MFile {
+                    mode: 0o644,
+                    ..MFile::default()
+                });
             }
         }
         Op::Write { f, off, len, seed } => {
@@ -510,7 +508,7 @@ fn apply(
         }
         Op::PowerLoss { seed } => {
             let mut rng = XorShift(seed | 1);
-            let img = disk.power_image(|| rng.next() % 2 == 0);
+            let img = disk.power_image(|| rng.next().is_multiple_of(2));
             io.crash_torn(|n| {
                 if n == 0 {
                     0
