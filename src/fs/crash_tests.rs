@@ -653,3 +653,27 @@ fn punch_of_the_largest_range_is_cheap() {
     let r = e.fsck(&|_, _| {}).unwrap();
     assert!(r.problems.is_empty(), "{:#?}", r.problems);
 }
+
+/// Protects: the metadata changes of a request (an NFS call: a create and a setattr) are
+/// durable when the request ends, with one durable commit for the request.
+#[test]
+fn a_request_is_durable_when_it_ends() {
+    let (e, disk, io) = new_engine();
+    let r = InodeId::ROOT;
+    e.request(|| -> FsResult<()> {
+        let a = e.mknod(r, b"vm.raw", Kind::File, 0o644, 0, Ctx::ROOT)?;
+        let s = SetAttr {
+            mode: Some(0o600),
+            ..Default::default()
+        };
+        e.setattr(a.ino, &s)?;
+        Ok(())
+    })
+    .unwrap();
+    let img = disk.power_image(|| false);
+    io.crash();
+    drop(e);
+    let e = open(&CrashDisk::from_image(img), &io);
+    let a = e.lookup(r, b"vm.raw").expect("the create survives");
+    assert_eq!(a.inode.perm & 0o7777, 0o600, "the setattr survives");
+}

@@ -144,6 +144,14 @@ pub const RESERVE_FILE: &str = "reserve";
 pub const META_BACKUP: &str = "meta.redb.bak";
 pub const PACK_DIR: &str = "packs";
 
+thread_local! {
+    /// Inside `Engine::request` on this thread: `Some(true)` once a metadata operation has
+    /// committed and waits to be made durable when the request ends. The engine is synchronous,
+    /// so a request runs on one thread from start to end (the NFS adapter runs it inside
+    /// `block_in_place`).
+    static DEFERRED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
 /// The engine over one datastore.
 pub struct Engine {
     db: Database,
@@ -495,8 +503,34 @@ impl Engine {
     /// concurrent creates cost one fsync between them, not one each.
     pub(crate) fn meta_txn<T>(&self, f: impl FnOnce(&mut W<'_>) -> FsResult<T>) -> FsResult<T> {
         let out = self.txn(false, f)?;
-        self.make_durable()?;
+        let deferred = DEFERRED.with(|d| match d.get() {
+            Some(_) => {
+                d.set(Some(true));
+                true
+            }
+            None => false,
+        });
+        if !deferred {
+            self.make_durable()?;
+        }
         Ok(out)
+    }
+
+    /// Run several engine operations as one request: their metadata changes are made durable
+    /// once, when `f` returns (whether it succeeded or not), instead of once per operation. An
+    /// NFS CREATE is a create plus a setattr, and its reply waits for one fsync, not two.
+    /// Requests that change nothing cost nothing. Nests: the outermost call makes it durable.
+    pub fn request<T, E: From<FsError>>(&self, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let outer = DEFERRED.with(|d| d.replace(Some(false)));
+        let out = f();
+        let changed = DEFERRED.with(|d| d.replace(outer)) == Some(true);
+        if changed {
+            match outer {
+                Some(_) => DEFERRED.with(|d| d.set(Some(true))),
+                None => self.make_durable()?,
+            }
+        }
+        out
     }
 
     pub(crate) fn read_txn(&self) -> FsResult<Snapshot<'_>> {

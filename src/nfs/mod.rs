@@ -162,17 +162,22 @@ impl TesseraNfs {
     /// Run one engine operation. Engine calls block (disk I/O, fsync), so they run with the
     /// runtime told to move other tasks off this worker thread.
     fn run<T>(&self, op: &str, f: impl FnOnce(&Engine) -> Result<T, Fail>) -> Result<T, nfsstat3> {
-        tokio::task::block_in_place(|| f(&self.engine)).map_err(|fail| match fail {
-            Fail::Stale => nfsstat3::NFS3ERR_STALE,
-            Fail::Fs(e) => {
-                match &e {
-                    FsError::Io(_) | FsError::Meta(_) | FsError::BadMeta(_) => {
-                        tracing::error!("nfs {op}: {e}")
+        // One request: metadata changes become durable once, before the reply (RFC 1813).
+        tokio::task::block_in_place(|| self.engine.request(|| f(&self.engine))).map_err(|fail| {
+            match fail {
+                Fail::Stale => nfsstat3::NFS3ERR_STALE,
+                Fail::Fs(e) => {
+                    match &e {
+                        FsError::Io(_) | FsError::Meta(_) | FsError::BadMeta(_) => {
+                            tracing::error!("nfs {op}: {e}")
+                        }
+                        FsError::NoSpace | FsError::Corrupt { .. } => {
+                            tracing::warn!("nfs {op}: {e}")
+                        }
+                        _ => tracing::debug!("nfs {op}: {e}"),
                     }
-                    FsError::NoSpace | FsError::Corrupt { .. } => tracing::warn!("nfs {op}: {e}"),
-                    _ => tracing::debug!("nfs {op}: {e}"),
+                    nfsstat(&e)
                 }
-                nfsstat(&e)
             }
         })
     }

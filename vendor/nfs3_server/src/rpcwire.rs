@@ -10,7 +10,7 @@ use nfs3_types::rpc::{
 use nfs3_types::xdr_codec::{Pack, Unpack};
 use nfs3_types::{nfs3 as nfs, portmap};
 use tokio::io::{AsyncWriteExt, DuplexStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc};
 use tracing::{error, info, trace, warn};
 
 use crate::context::RPCContext;
@@ -200,7 +200,11 @@ async fn write_all_progressing<IO: tokio::io::AsyncWrite + Unpin>(
 /// byte budget it holds until it has left for the socket.
 pub struct QueuedReply {
     pub reply: CompleteRpcMessage,
-    pub held: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    pub held: (
+        OwnedSemaphorePermit,
+        OwnedSemaphorePermit,
+        SemaphorePermit<'static>,
+    ),
 }
 
 pub type SocketMessageType = Result<QueuedReply, anyhow::Error>;
@@ -223,6 +227,15 @@ pub const MAX_REPLY_DATA: u32 = 1024 * 1024;
 /// the replies pins at most 32 MiB (32 READs), plus one record being received
 /// (<= 1 MiB + 64 KiB) and the 256 KiB pipe below; TCP pushes back on the rest.
 pub const CONNECTION_BYTE_BUDGET: usize = 32 * 1024 * 1024;
+
+/// Tessera patch: bytes of calls and replies all connections of the process may hold at once,
+/// on top of each connection's own budget: four connections whose clients stopped reading
+/// fill it, and the others wait until the write-stall timeout drops them. So the server's
+/// memory stays bounded whatever any number of clients do (the engine's own caches and
+/// write-back buffer come on top: README, "Bounded memory").
+pub const SERVER_BYTE_BUDGET: usize = 128 * 1024 * 1024;
+
+static SERVER_BUDGET: Semaphore = Semaphore::const_new(SERVER_BYTE_BUDGET / BUDGET_UNIT);
 
 /// Budget permits are KiB: a 32 MiB budget is 32768 permits.
 const BUDGET_UNIT: usize = 1024;
@@ -398,13 +411,14 @@ where
                 .clone()
                 .acquire_many_owned(u32::try_from(units)?)
                 .await?;
+            let server = SERVER_BUDGET.acquire_many(u32::try_from(units)?).await?;
             tokio::spawn(async move {
                 let result = handle_rpc_message(context, message).await;
                 match result {
                     Ok(HandleResult::Reply(reply)) => {
                         let _ = send.send(Ok(QueuedReply {
                             reply,
-                            held: (slot, reserved),
+                            held: (slot, reserved, server),
                         }));
                     }
                     Ok(HandleResult::NoReply) => {
