@@ -265,6 +265,9 @@ sleep 5
 tmo nfs-ls "$URL/" | grep -q ' one.bin$' || fail "nfs-ls not served while a slow reader holds its connection"
 wait "$slow" || { cat "$W/slow.out" >&2; fail "slow reader"; }
 cat "$W/slow.out" >&2
+# 16 connections that stop reading: the budget shared by all connections (128 MiB) holds,
+# where 16 per-connection budgets alone would allow 512 MiB of replies.
+nfsc slowreader "$NFS_HOST" "$rawfh" "$SERVE_PID" 15 512 16 >&2 || fail "16 slow readers"
 mkdir "$MNT/long"
 python3 -c "
 import os, sys
