@@ -28,7 +28,7 @@ use chunk::{ChunkId, Codec};
 use pack::{PackId, PackIo, RECORD_HEADER_LEN};
 
 /// A pack is closed and a new one started once it reaches this size (bytes). 256 MiB keeps
-/// compaction units small while keeping the number of open files low (4 per GiB stored).
+/// compaction units small; pack files are kept open in a bounded cache (`pack::MAX_OPEN_PACKS`).
 pub const PACK_TARGET_BYTES: u64 = 256 << 20;
 /// Reads of more chunks than this decode on all cores.
 const PARALLEL_DECODE_MIN: usize = 16;
