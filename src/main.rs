@@ -58,3 +58,31 @@ fn raise_nofile_limit() {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Protects: the soft open-file limit ends up at the hard limit (packs, NFS clients and
+    /// FUSE all need descriptors).
+    #[test]
+    fn open_file_limit_is_raised_to_the_hard_limit() {
+        let get = || {
+            let mut r = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: `r` is a valid, writable rlimit.
+            assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) }, 0);
+            r
+        };
+        let hard = get().rlim_max;
+        // Start from a low soft limit, as a login shell gives.
+        let low = libc::rlimit {
+            rlim_cur: hard.min(256),
+            rlim_max: hard,
+        };
+        // SAFETY: lowering the soft limit below the hard one is always permitted.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
+        super::raise_nofile_limit();
+        assert_eq!(get().rlim_cur, hard);
+    }
+}
