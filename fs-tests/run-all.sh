@@ -3,12 +3,12 @@
 # release binary, each under a time limit, and report pass/fail per suite.
 # Suites: cli (the README flow), space (du, background reclamation), corrupt (damaged packs and
 # metadata), fulldisk (ENOSPC on a small loop disk), nfs (the NFSv3 export with real clients), crash (kill -9
-# durability), pjdfstest (POSIX).
-# Exits non-zero if any suite failed. pjdfstest and fulldisk need root: outside CI
+# durability), pjdfstest (POSIX), security (private datastore modes, control socket peer check).
+# Exits non-zero if any suite failed. pjdfstest, fulldisk and security need root: outside CI
 # (CI=true) it is skipped, and reported as skipped, when run as a user. After each suite, any Tessera mount it
 # left under a scratch dir (e.g. killed by its time limit) is detached.
 #
-# Env: FS_TESTS (suites to run, default "cli trust space corrupt fulldisk nfs crash pjdfstest"; or pass them as
+# Env: FS_TESTS (suites to run, default "cli trust space corrupt fulldisk nfs crash pjdfstest security"; or pass them as
 #      arguments), TIMEOUT_CLI (600), TIMEOUT_NFS (900), TIMEOUT_CRASH (1200), TIMEOUT_PJDFSTEST
 #      (1200) in seconds, TESSERA (binary), plus each suite's own knobs.
 set -euo pipefail
@@ -16,7 +16,7 @@ cd -- "$(dirname -- "$0")/.."
 export TESSERA=${TESSERA:-$PWD/target/release/tessera}
 [ -x "$TESSERA" ] || { echo "run-all: no tessera binary at $TESSERA (make build)" >&2; exit 1; }
 
-if [ $# -gt 0 ]; then suites=("$@"); else read -r -a suites <<<"${FS_TESTS:-cli trust space corrupt fulldisk nfs crash pjdfstest}"; fi
+if [ $# -gt 0 ]; then suites=("$@"); else read -r -a suites <<<"${FS_TESTS:-cli trust space corrupt fulldisk nfs crash pjdfstest security}"; fi
 
 limit_of() {
     case $1 in
@@ -49,7 +49,7 @@ for s in "${suites[@]}"; do
     [ -x "$script" ] || { echo "run-all: no such suite: $s" >&2; exit 2; }
     limit=$(limit_of "$s")
     printf '\n==================== fs-tests: %s (limit %ss) ====================\n' "$s" "$limit"
-    if [[ $s == pjdfstest || $s == fulldisk ]] && [ "$(id -u)" != 0 ] && [ "${CI:-}" != true ]; then
+    if [[ $s == pjdfstest || $s == fulldisk || $s == security ]] && [ "$(id -u)" != 0 ] && [ "${CI:-}" != true ]; then
         echo "run-all: $s needs root; skipped"
         result[$s]="SKIP (needs root)" took[$s]=0
         continue

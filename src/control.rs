@@ -5,7 +5,7 @@
 //! `DS/control.sock`; the CLI sends it one JSON request per connection and reads one JSON
 //! response, so `tessera clone` and `tessera stats` work while the datastore is mounted.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -37,9 +37,10 @@ pub enum LockError {
     Io(#[from] io::Error),
 }
 
-/// Take the datastore's lock without waiting.
+/// Take the datastore's lock without waiting. The owner of the lock also makes the datastore
+/// private if it is not yet (see [`crate::private::tighten_datastore`]).
 pub fn lock(dir: &Path) -> Result<DatastoreLock, LockError> {
-    let mut f = OpenOptions::new()
+    let mut f = crate::private::open_options()
         .read(true)
         .write(true)
         .create(true)
@@ -49,6 +50,7 @@ pub fn lock(dir: &Path) -> Result<DatastoreLock, LockError> {
         Ok(()) => {
             f.set_len(0)?;
             write!(f, "{}", std::process::id())?;
+            crate::private::tighten_datastore(dir, crate::fs::PACK_DIR);
             Ok(DatastoreLock { _file: f })
         }
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -153,10 +155,109 @@ fn handle(engine: &Engine, req: Request) -> Response {
     }
 }
 
-fn serve_one(engine: &Engine, stream: UnixStream) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut line = String::new();
-    BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
+/// Limits of the control socket.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; more are answered "busy" and closed. Each holds a thread
+    /// for as long as its request runs (a scrub or gc can take hours).
+    pub max_conns: usize,
+    /// Time a client has to send its whole request; an idle client cannot hold a slot.
+    pub request_timeout: Duration,
+    /// Time a client has to take the response.
+    pub write_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_conns: 16,
+            request_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The uid of the process at the other end of a Unix socket (SO_PEERCRED: the credentials it
+/// had when it connected).
+pub fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the descriptor is open for the life of `stream`; `cred` is a writable ucred and
+    // `len` holds its exact size, which is what SO_PEERCRED fills in (and nothing more).
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Who may use the control socket: root, the owner of the datastore folder, and the user the
+/// serving process runs as (who can read the datastore anyway).
+pub fn peer_allowed(peer: u32, owner: u32, server: u32) -> bool {
+    peer == 0 || peer == owner || peer == server
+}
+
+/// Answer with an error and close (refused or busy connections, on the accepting thread: the
+/// answer is one short line, which fits in the socket buffer).
+fn refuse(stream: &UnixStream, error: String) {
+    let resp = Response {
+        ok: false,
+        result: serde_json::Value::Null,
+        error,
+    };
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    if let Ok(mut out) = serde_json::to_vec(&resp) {
+        out.push(b'\n');
+        let _ = (&*stream).write_all(&out);
+    }
+}
+
+/// Read one request line, which must arrive whole within `timeout`.
+fn read_request(stream: &UnixStream, timeout: Duration) -> io::Result<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while !buf.contains(&b'\n') {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request not received in time",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = (&*stream).read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() as u64 > MAX_REQUEST {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request too long",
+            ));
+        }
+    }
+    let end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    buf.truncate(end);
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn serve_one(engine: &Engine, stream: UnixStream, limits: &Limits) -> io::Result<()> {
+    let line = read_request(&stream, limits.request_timeout)?;
     let resp = match serde_json::from_str::<Request>(&line) {
         Ok(req) => handle(engine, req),
         Err(e) => Response {
@@ -167,28 +268,83 @@ fn serve_one(engine: &Engine, stream: UnixStream) -> io::Result<()> {
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
+    stream.set_write_timeout(Some(limits.write_timeout))?;
     (&stream).write_all(&out)
+}
+
+/// One of the control socket's connection slots, given back when dropped.
+struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Listen on the datastore's control socket until the process exits.
 pub fn serve(engine: Arc<Engine>, dir: &Path) -> io::Result<PathBuf> {
+    serve_with(engine, dir, Limits::default())
+}
+
+/// `serve` with given limits (tests use small ones).
+pub fn serve_with(engine: Arc<Engine>, dir: &Path, limits: Limits) -> io::Result<PathBuf> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let path = dir.join(SOCKET_FILE);
     // A socket left by a dead process: we hold the lock, so nobody else is listening.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
+    // bind() applies the umask; the folder is 0700, so nobody else could reach it meanwhile.
+    std::fs::set_permissions(
+        &path,
+        std::fs::Permissions::from_mode(crate::private::FILE_MODE),
+    )?;
+    let owner = std::fs::metadata(dir)?.uid();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let busy = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("tessera-control".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
+                match peer_uid(&stream) {
+                    Ok(uid) if peer_allowed(uid, owner, me) => {}
+                    who => {
+                        let who = match who {
+                            Ok(uid) => format!("uid {uid}"),
+                            Err(e) => format!("unknown user ({e})"),
+                        };
+                        tracing::warn!("control socket: refused {who}: not root nor the datastore's owner");
+                        refuse(
+                            &stream,
+                            format!("permission denied: only root or the datastore's owner (uid {owner}) may use it"),
+                        );
+                        continue;
+                    }
+                }
+                if busy.fetch_add(1, Ordering::SeqCst) >= limits.max_conns {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    refuse(
+                        &stream,
+                        format!("busy: {} control requests running; retry later", limits.max_conns),
+                    );
+                    continue;
+                }
                 let engine = engine.clone();
-                let _ = std::thread::Builder::new()
+                // Gives the slot back when the connection ends, even by a panic.
+                let slot = Slot(busy.clone());
+                let spawned = std::thread::Builder::new()
                     .name("tessera-ctl-conn".into())
                     .spawn(move || {
-                        if let Err(e) = serve_one(&engine, stream) {
+                        let _slot = slot;
+                        if let Err(e) = serve_one(&engine, stream, &limits) {
                             tracing::warn!("control request failed: {e}");
                         }
                     });
+                if let Err(e) = spawned {
+                    tracing::warn!("control socket: cannot start a thread: {e}");
+                }
             }
         })?;
     Ok(path)
@@ -205,4 +361,73 @@ pub fn call(dir: &Path, req: &Request, timeout: Duration) -> io::Result<Response
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::Format;
+    use crate::store::pack::MemPackIo;
+
+    #[test]
+    fn peer_uid_is_the_connecting_user() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(peer_uid(&a).unwrap(), unsafe { libc::geteuid() });
+    }
+
+    #[test]
+    fn only_root_the_owner_and_the_server_may_connect() {
+        assert!(peer_allowed(0, 1000, 1000));
+        assert!(peer_allowed(1000, 1000, 0));
+        assert!(peer_allowed(1001, 1000, 1001));
+        assert!(!peer_allowed(1001, 1000, 0));
+        assert!(!peer_allowed(1001, 1000, 1000));
+    }
+
+    fn ask(path: &Path) -> Response {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // A refused client may find the socket closed already; the answer is still there.
+        let _ = (&s).write_all(b"{\"op\":\"ping\"}\n");
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    #[test]
+    fn connections_are_capped_and_idle_ones_time_out() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let e =
+            Arc::new(Engine::in_memory(Format::default(), Arc::new(MemPackIo::default())).unwrap());
+        let limits = Limits {
+            max_conns: 2,
+            // Long enough that a loaded machine still sees both idle clients in their slots.
+            request_timeout: Duration::from_secs(4),
+            write_timeout: Duration::from_secs(1),
+        };
+        let path = serve_with(e, d.path(), limits).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(ask(&path).ok);
+        // Two idle clients take both slots; the third is told to retry.
+        let idle: Vec<UnixStream> = (0..2)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let r = ask(&path);
+        assert!(!r.ok && r.error.starts_with("busy"), "{r:?}");
+        // They are dropped once their time to send a request is up.
+        let start = std::time::Instant::now();
+        while !ask(&path).ok {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "idle clients kept their slots"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(start.elapsed() > Duration::from_secs(2));
+        drop(idle);
+    }
 }

@@ -15,6 +15,8 @@
 //!   client allow-list.
 //! - [`control`]: the Unix-socket protocol by which the CLI asks a serving process to clone or
 //!   report stats, and the datastore lock.
+//! - [`private`]: file modes of a datastore (0700 folders, 0600 files), used by every layer
+//!   that creates files in it.
 //! - `cli` (in the binary): one file per subcommand.
 
 pub mod control;
@@ -23,5 +25,6 @@ pub(crate) mod deadlock;
 pub mod fs;
 pub mod fuse;
 pub mod nfs;
+pub mod private;
 pub mod schema;
 pub mod store;

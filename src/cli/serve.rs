@@ -280,10 +280,15 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// Copy `from` to `to` and make the copy durable.
+/// Copy `from` to `to` (private: mode 0600) and make the copy durable.
 fn copy_synced(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
-    std::fs::copy(from, to)?;
-    std::fs::File::open(to)?.sync_all()
+    let _ = std::fs::remove_file(to);
+    let mut out = tessera::private::open_options()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    std::io::copy(&mut std::fs::File::open(from)?, &mut out)?;
+    out.sync_all()
 }
 
 fn start_nfs(

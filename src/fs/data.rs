@@ -484,25 +484,36 @@ impl Engine {
                 Ok(encoded.iter().map(|e| e.id).zip(ls).collect())
             };
         let mut pending: Option<Vec<Encoded>> = None;
-        for group in need.chunks(256) {
-            let prev = pending.take();
-            let (encoded, appended) = rayon::join(|| encode(group), || prev.map(&mut append));
-            if let Some(a) = appended {
-                locs.extend(a?);
+        let mut appending = || -> FsResult<()> {
+            for group in need.chunks(256) {
+                let prev = pending.take();
+                let (encoded, appended) = rayon::join(|| encode(group), || prev.map(&mut append));
+                if let Some(a) = appended {
+                    locs.extend(a?);
+                }
+                pending = Some(encoded);
             }
-            pending = Some(encoded);
-        }
-        if let Some(p) = pending {
-            locs.extend(append(p)?);
+            if let Some(p) = pending.take() {
+                locs.extend(append(p)?);
+            }
+            Ok(())
+        };
+        if let Err(e) = appending() {
+            // What was appended before the failure is referenced by nothing.
+            self.settle_failed_appends(&locs);
+            return Err(e);
         }
         let mut updates = hashed;
         updates.sort_unstable_by_key(|u| u.0);
         let dirty = chunks;
-        self.txn(durable, |w| {
+        let r = self.txn(durable, |w| {
             let mut inode = match w.inode(ino) {
                 Ok(i) => i,
                 // Deleted meanwhile (NFS has no open state): its data goes with it.
-                Err(FsError::NotFound) => return Ok(()),
+                Err(FsError::NotFound) => {
+                    w.chunks.settle_appended(&locs)?;
+                    return Ok(());
+                }
                 Err(e) => return Err(e),
             };
             // A chunk seen as stored may have lost its last reference since: store it again.
@@ -531,8 +542,13 @@ impl Engine {
                 inode.mtime = t;
                 inode.ctime = t;
             }
+            w.chunks.settle_appended(&locs)?;
             w.put_inode(ino, &inode)
-        })
+        });
+        if r.is_err() {
+            self.settle_failed_appends(&locs);
+        }
+        r
     }
 
     /// Change attributes (a size change truncates or extends with a hole).

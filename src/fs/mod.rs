@@ -328,8 +328,12 @@ impl Engine {
         if std::fs::read_dir(dir)?.next().is_some() {
             return Err(FsError::Exists);
         }
-        std::fs::create_dir(dir.join(PACK_DIR))?;
+        // Private before anything is put in it (see `crate::private`).
+        crate::private::make_private(dir)?;
+        crate::private::create_dir(&dir.join(PACK_DIR))?;
         let db = Database::create(dir.join(META_FILE))?;
+        // redb creates the file with the umask's mode.
+        crate::private::make_private(&dir.join(META_FILE))?;
         Self::init_db(&db, format)?;
         std::fs::File::open(dir)?.sync_all()?;
         Ok(())
@@ -648,7 +652,7 @@ impl Engine {
             return;
         }
         let r = (|| -> std::io::Result<()> {
-            let f = std::fs::OpenOptions::new()
+            let f = crate::private::open_options()
                 .create(true)
                 .truncate(false)
                 .write(true)

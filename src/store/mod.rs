@@ -28,7 +28,7 @@ use chunk::{ChunkId, Codec};
 use pack::{PackId, PackIo, RECORD_HEADER_LEN};
 
 /// A pack is closed and a new one started once it reaches this size (bytes). 256 MiB keeps
-/// compaction units small while keeping the number of open files low (4 per GiB stored).
+/// compaction units small; pack files are kept open in a bounded cache (`pack::MAX_OPEN_PACKS`).
 pub const PACK_TARGET_BYTES: u64 = 256 << 20;
 /// Reads of more chunks than this decode on all cores.
 const PARALLEL_DECODE_MIN: usize = 16;
@@ -260,6 +260,26 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// The live records of `packs`, by pack, from one scan of the index (compaction). Lost
+    /// chunks have no record and are left out.
+    pub fn live_records(
+        &self,
+        rtx: &ReadTransaction,
+        packs: &[PackId],
+    ) -> Result<HashMap<PackId, Vec<(ChunkId, ChunkLoc)>>, StoreError> {
+        let mut live: HashMap<PackId, Vec<(ChunkId, ChunkLoc)>> =
+            packs.iter().map(|p| (*p, Vec::new())).collect();
+        for r in rtx.open_table(schema::CHUNKS)?.iter()? {
+            let (k, v) = r?;
+            if let Some(loc) = ChunkLoc::decode(v.value()) {
+                if let Some(list) = live.get_mut(&loc.pack) {
+                    list.push((ChunkId(*k.value()), loc));
+                }
+            }
+        }
+        Ok(live)
     }
 
     /// Which of these chunks are already stored? (A hint for dedup before compressing; the
@@ -649,6 +669,24 @@ impl<'txn> ChunkTables<'txn> {
         let rec = RECORD_HEADER_LEN as u64 + u64::from(loc.stored_len);
         let (live, dead) = self.packs.get(loc.pack.0)?.map_or((0, 0), |v| v.value());
         self.packs.insert(loc.pack.0, (live, dead + rec))?;
+        Ok(())
+    }
+
+    /// Account records appended for this transaction that the index does not point at: the
+    /// chunk was stored by another writer meanwhile, the file went away, or the transaction
+    /// that was to reference them failed (then call it in a follow-up transaction). They are
+    /// dead space in their packs, which compaction reclaims; uncounted, they would stay on
+    /// disk for good. Call before the transaction's reference drops are applied.
+    pub fn settle_appended<'a>(
+        &mut self,
+        appended: impl IntoIterator<Item = (&'a ChunkId, &'a ChunkLoc)>,
+    ) -> Result<(), StoreError> {
+        for (id, loc) in appended {
+            match self.get(id)? {
+                Some(cur) if cur.pack == loc.pack && cur.offset == loc.offset => {}
+                _ => self.add_dead(loc)?,
+            }
+        }
         Ok(())
     }
 

@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -122,22 +122,54 @@ fn pack_header(pack: PackId) -> [u8; 16] {
     h
 }
 
-/// An open pack file and its current length (appends take the length's lock).
-type OpenPack = Arc<(File, Mutex<u64>)>;
+/// Pack files kept open at most; others are reopened on demand (least recently used first
+/// out). Each open pack is a file descriptor: 256 cover 64 GiB of packs in use at once and
+/// leave room under the 1024 a login shell allows for FUSE, NFS clients and redb.
+pub const MAX_OPEN_PACKS: usize = 256;
+
+/// Open pack files, with the tick of their last use.
+#[derive(Default)]
+struct OpenFiles {
+    map: HashMap<PackId, (Arc<File>, u64)>,
+    tick: u64,
+}
+
+/// Where the next append to a pack goes, and the handle that wrote since the last sync (kept
+/// open until then, so `sync` reports write-back errors on the descriptor that wrote).
+struct End {
+    end: u64,
+    unsynced: Option<Arc<File>>,
+}
 
 /// Pack files in a directory of the host filesystem.
 pub struct DirPackIo {
     dir: PathBuf,
-    /// Open files; appends to one pack are serialised by the store, reads use `pread`.
-    files: Mutex<HashMap<PackId, OpenPack>>,
+    /// Most files kept in `open`.
+    max_open: usize,
+    /// Reads use `pread` on these; a handle evicted while a read uses it closes after it.
+    open: Mutex<OpenFiles>,
+    /// Packs appended to by this process (a few bytes each). Appends to one pack are
+    /// serialised by the store; this lock orders them with `len` and `sync`. Lock order:
+    /// `open`, then `ends`.
+    ends: Mutex<HashMap<PackId, End>>,
 }
 
 impl DirPackIo {
     pub fn new(dir: &Path) -> io::Result<DirPackIo> {
-        std::fs::create_dir_all(dir)?;
+        Self::with_max_open(dir, MAX_OPEN_PACKS)
+    }
+
+    /// As `new`, keeping at most `max_open` (at least 1) pack files open.
+    pub fn with_max_open(dir: &Path, max_open: usize) -> io::Result<DirPackIo> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(crate::private::DIR_MODE)
+            .create(dir)?;
         Ok(DirPackIo {
             dir: dir.to_path_buf(),
-            files: Mutex::new(HashMap::new()),
+            max_open: max_open.max(1),
+            open: Mutex::new(OpenFiles::default()),
+            ends: Mutex::new(HashMap::new()),
         })
     }
 
@@ -145,19 +177,34 @@ impl DirPackIo {
         self.dir.join(format!("{:08x}.pack", pack.0))
     }
 
-    fn file(&self, pack: PackId) -> io::Result<OpenPack> {
-        let mut files = self.files.lock();
-        if let Some(f) = files.get(&pack) {
+    /// Remember an open file, closing the least recently used one past the cap.
+    fn keep(&self, files: &mut OpenFiles, pack: PackId, f: Arc<File>) {
+        files.tick += 1;
+        files.map.insert(pack, (f, files.tick));
+        if files.map.len() > self.max_open {
+            // O(open files), only when a pack had to be opened (a syscall anyway).
+            if let Some(old) = files.map.iter().min_by_key(|(_, (_, t))| *t).map(|e| *e.0) {
+                files.map.remove(&old);
+            }
+        }
+    }
+
+    fn file(&self, pack: PackId) -> io::Result<Arc<File>> {
+        let mut files = self.open.lock();
+        files.tick += 1;
+        let tick = files.tick;
+        if let Some((f, used)) = files.map.get_mut(&pack) {
+            *used = tick;
             return Ok(f.clone());
         }
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(self.path(pack))?;
-        let len = f.metadata()?.len();
-        let entry = Arc::new((f, Mutex::new(len)));
-        files.insert(pack, entry.clone());
-        Ok(entry)
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.path(pack))?,
+        );
+        self.keep(&mut files, pack, f.clone());
+        Ok(f)
     }
 }
 
@@ -168,7 +215,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl PackIo for DirPackIo {
     fn create(&self, pack: PackId) -> io::Result<()> {
         let path = self.path(pack);
-        let f = OpenOptions::new()
+        let f = crate::private::open_options()
             .read(true)
             .write(true)
             .create_new(true)
@@ -177,36 +224,67 @@ impl PackIo for DirPackIo {
         f.sync_all()?;
         // The new name must be durable before any metadata commit can reference the pack.
         sync_dir(&self.dir)?;
-        self.files
-            .lock()
-            .insert(pack, Arc::new((f, Mutex::new(PACK_HEADER_LEN))));
+        let f = Arc::new(f);
+        self.keep(&mut self.open.lock(), pack, f);
+        self.ends.lock().insert(
+            pack,
+            End {
+                end: PACK_HEADER_LEN,
+                unsynced: None,
+            },
+        );
         Ok(())
     }
 
     fn append(&self, pack: PackId, data: &[u8]) -> io::Result<u64> {
         let f = self.file(pack)?;
-        let mut end = f.1.lock();
-        let off = *end;
+        let mut ends = self.ends.lock();
+        let e = match ends.entry(pack) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(End {
+                end: f.metadata()?.len(),
+                unsynced: None,
+            }),
+        };
+        let off = e.end;
+        e.unsynced.get_or_insert(f).write_all_at(data, off)?;
         // A short write (full disk) leaves a torn record past `end`; the next append
         // overwrites it, and nothing references it.
-        f.0.write_all_at(data, off)?;
-        *end = off + data.len() as u64;
+        e.end = off + data.len() as u64;
         Ok(off)
     }
 
     fn read_at(&self, pack: PackId, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let f = self.file(pack)?;
         let mut buf = vec![0u8; len];
-        f.0.read_exact_at(&mut buf, offset)?;
+        f.read_exact_at(&mut buf, offset)?;
         Ok(buf)
     }
 
     fn sync(&self, pack: PackId) -> io::Result<()> {
-        self.file(pack)?.0.sync_data()
+        let written = self
+            .ends
+            .lock()
+            .get_mut(&pack)
+            .and_then(|e| e.unsynced.take());
+        let r = match &written {
+            Some(f) => f.sync_data(),
+            None => self.file(pack)?.sync_data(),
+        };
+        if r.is_err() {
+            // Keep the descriptor that wrote so a retry reports on it too.
+            if let Some(e) = self.ends.lock().get_mut(&pack) {
+                e.unsynced = e.unsynced.take().or(written);
+            }
+        }
+        r
     }
 
     fn len(&self, pack: PackId) -> io::Result<u64> {
-        Ok(*self.file(pack)?.1.lock())
+        if let Some(e) = self.ends.lock().get(&pack) {
+            return Ok(e.end);
+        }
+        Ok(self.file(pack)?.metadata()?.len())
     }
 
     fn list(&self) -> io::Result<Vec<PackId>> {
@@ -225,7 +303,8 @@ impl PackIo for DirPackIo {
     }
 
     fn remove(&self, pack: PackId) -> io::Result<()> {
-        self.files.lock().remove(&pack);
+        self.open.lock().map.remove(&pack);
+        self.ends.lock().remove(&pack);
         std::fs::remove_file(self.path(pack))?;
         sync_dir(&self.dir)
     }
@@ -361,5 +440,55 @@ mod tests {
         assert_eq!(off, PACK_HEADER_LEN);
         assert_eq!(io.read_at(PackId(7), off, 3).unwrap(), b"xyz");
         assert_eq!(io.list().unwrap(), vec![PackId(7)]);
+    }
+
+    /// Descriptors this process holds on files under `dir`.
+    fn fds_under(dir: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(dir)))
+            .count()
+    }
+
+    #[test]
+    fn dir_io_keeps_a_bounded_number_of_packs_open() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().canonicalize().unwrap();
+        let io = DirPackIo::with_max_open(&dir, 4).unwrap();
+        for p in 1..=40 {
+            io.create(PackId(p)).unwrap();
+            io.append(PackId(p), &p.to_le_bytes()).unwrap();
+            io.sync(PackId(p)).unwrap();
+            assert!(fds_under(&dir) <= 4, "{} packs open", fds_under(&dir));
+        }
+        // Read every pack twice: each is reopened on demand, the oldest closed.
+        for _ in 0..2 {
+            for p in 1..=40u32 {
+                let b = io.read_at(PackId(p), PACK_HEADER_LEN, 4).unwrap();
+                assert_eq!(b, p.to_le_bytes());
+                assert_eq!(io.len(PackId(p)).unwrap(), PACK_HEADER_LEN + 4);
+            }
+            assert!(fds_under(&dir) <= 4, "{} packs open", fds_under(&dir));
+        }
+        // Appends after a reopen go to the end, not over it.
+        let off = io.append(PackId(1), b"more").unwrap();
+        assert_eq!(off, PACK_HEADER_LEN + 4);
+        io.sync(PackId(1)).unwrap();
+        let fresh = DirPackIo::with_max_open(&dir, 4).unwrap();
+        assert_eq!(fresh.len(PackId(1)).unwrap(), PACK_HEADER_LEN + 8);
+        assert_eq!(fresh.append(PackId(2), b"x").unwrap(), PACK_HEADER_LEN + 4);
+    }
+
+    #[test]
+    fn dir_io_creates_private_packs() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("packs");
+        let io = DirPackIo::new(&dir).unwrap();
+        io.create(PackId(1)).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir) & 0o077, 0);
+        assert_eq!(mode(&dir.join("00000001.pack")) & 0o077, 0);
     }
 }
