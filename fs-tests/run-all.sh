@@ -3,12 +3,13 @@
 # release binary, each under a time limit, and report pass/fail per suite.
 # Suites: cli (the README flow), space (du, background reclamation), corrupt (damaged packs and
 # metadata), fulldisk (ENOSPC on a small loop disk), nfs (the NFSv3 export with real clients), crash (kill -9
-# durability), pjdfstest (POSIX).
+# durability), promises (README numbers: clone --count durable, 5 s flush, bounded write-back, scrub
+# pacing), pjdfstest (POSIX).
 # Exits non-zero if any suite failed. pjdfstest and fulldisk need root: outside CI
 # (CI=true) it is skipped, and reported as skipped, when run as a user. After each suite, any Tessera mount it
 # left under a scratch dir (e.g. killed by its time limit) is detached.
 #
-# Env: FS_TESTS (suites to run, default "cli space corrupt fulldisk nfs crash pjdfstest"; or pass them as
+# Env: FS_TESTS (suites to run, default "cli space corrupt fulldisk nfs crash promises pjdfstest"; or pass them as
 #      arguments), TIMEOUT_CLI (600), TIMEOUT_NFS (900), TIMEOUT_CRASH (1200), TIMEOUT_PJDFSTEST
 #      (1200) in seconds, TESSERA (binary), plus each suite's own knobs.
 set -euo pipefail
@@ -16,7 +17,7 @@ cd -- "$(dirname -- "$0")/.."
 export TESSERA=${TESSERA:-$PWD/target/release/tessera}
 [ -x "$TESSERA" ] || { echo "run-all: no tessera binary at $TESSERA (make build)" >&2; exit 1; }
 
-if [ $# -gt 0 ]; then suites=("$@"); else read -r -a suites <<<"${FS_TESTS:-cli space corrupt fulldisk nfs crash pjdfstest}"; fi
+if [ $# -gt 0 ]; then suites=("$@"); else read -r -a suites <<<"${FS_TESTS:-cli space corrupt fulldisk nfs crash promises pjdfstest}"; fi
 
 limit_of() {
     case $1 in
@@ -26,6 +27,7 @@ limit_of() {
     corrupt) echo "${TIMEOUT_CORRUPT:-600}" ;;
     fulldisk) echo "${TIMEOUT_FULLDISK:-600}" ;;
     crash) echo "${TIMEOUT_CRASH:-1200}" ;;
+    promises) echo "${TIMEOUT_PROMISES:-600}" ;;
     pjdfstest) echo "${TIMEOUT_PJDFSTEST:-1200}" ;;
     *) echo 900 ;;
     esac
