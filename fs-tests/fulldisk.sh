@@ -70,7 +70,8 @@ read -r fill_synced fill_sha <"$TEST_TMP/fill.sum"
 # check_acked WHEN: every fsynced byte reads back (the prefix of fill.raw, keep.raw)
 check_acked() {
     local got
-    got=$(tmo head -c "$fill_synced" -- "$MNT/fill.raw" | sha256sum | awk '{ print $1 }')
+    got=$(tmo head -c "$fill_synced" -- "$MNT/fill.raw" | sha256sum | awk '{ print $1 }') \
+        || fail "$1: reading the $fill_synced fsynced bytes of fill.raw failed"
     [ "$got" = "$fill_sha" ] || fail "$1: the $fill_synced fsynced bytes of fill.raw read back differently (lost to ENOSPC?)"
     cmp "$TEST_TMP/keep.bin" "$MNT/keep.raw" || fail "$1: keep.raw changed"
     log "ok ($1): fill.raw's $((fill_synced / MiB)) fsynced MiB and keep.raw read back intact"
