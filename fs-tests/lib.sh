@@ -43,6 +43,8 @@ make_tmp() {
     chmod 0755 "$TEST_TMP"
     TEST_TMP=$(realpath -- "$TEST_TMP")
     mkdir -p "$TEST_TMP/logs"
+    # run-all.sh sweeps leftover mounts only in scratch dirs of its own run
+    [ -z "${TESSERA_RUN_ID:-}" ] || echo "$TESSERA_RUN_ID" >"$TEST_TMP/.run-id"
     log "scratch dir $TEST_TMP"
 }
 

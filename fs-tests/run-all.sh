@@ -12,8 +12,6 @@
 # Env: FS_TESTS (suites to run, default "cli space corrupt fulldisk nfs crash promises pjdfstest"; or pass them as
 #      arguments), TIMEOUT_CLI (600), TIMEOUT_NFS (900), TIMEOUT_CRASH (1200), TIMEOUT_PJDFSTEST
 #      (1200) in seconds, TESSERA (binary), plus each suite's own knobs.
-#      TESSERA_TEST_TMP (parent of the scratch dirs; default: a fresh /var/tmp/tessera-run.XXXXXX of this run,
-#      so that the sweep of leftover mounts after each suite cannot touch another run's mounts).
 set -euo pipefail
 cd -- "$(dirname -- "$0")/.."
 export TESSERA=${TESSERA:-$PWD/target/release/tessera}
@@ -35,21 +33,18 @@ limit_of() {
     esac
 }
 
-# The suites' scratch dirs go into a directory of this run's own (TESSERA_TEST_TMP), so that
-# sweeping leftover mounts never touches another run's mounts on the same machine.
-RUN_TMP=
-if [ -z "${TESSERA_TEST_TMP:-}" ]; then
-    RUN_TMP=$(mktemp -d /var/tmp/tessera-run.XXXXXX)
-    chmod 0755 "$RUN_TMP"
-    export TESSERA_TEST_TMP=$RUN_TMP
-    trap 'rmdir -- "$RUN_TMP" 2>/dev/null || true' EXIT
-fi
-TEST_ROOT=$(realpath -- "$TESSERA_TEST_TMP")
+# Each suite's scratch dir records this run's id (lib.sh: .run-id), so the sweep after a suite
+# detaches only this run's leftover mounts, never those of another run on the same machine.
+export TESSERA_RUN_ID=${TESSERA_RUN_ID:-run-$$-$(date +%s%N)}
+TEST_ROOT=$(realpath -- "${TESSERA_TEST_TMP:-/var/tmp}")
 
 # Detach FUSE mounts left under this run's scratch dirs.
 sweep_mounts() {
-    local m
+    local m d
     for m in $(awk -v p="$TEST_ROOT/tessera-test." '$3 ~ "^fuse" && index($2, p) == 1 { print $2 }' /proc/self/mounts); do
+        d=${m#"$TEST_ROOT/"}
+        d=$TEST_ROOT/${d%%/*}      # the scratch dir the mount is in
+        [ "$(cat "$d/.run-id" 2>/dev/null)" = "$TESSERA_RUN_ID" ] || continue
         echo "run-all: WARNING: $1 left $m mounted; detaching it" >&2
         timeout 10 fusermount3 -u -z -- "$m" 2>/dev/null || timeout 10 umount -l -- "$m" 2>/dev/null || true
     done
