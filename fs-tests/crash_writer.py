@@ -711,7 +711,7 @@ def main():
         except OSError as e:  # the daemon was killed: ENOTCONN / EIO
             if args.cmd == "meta" and e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
                 # every op is valid on the model: any other error is a wrong namespace
-                print("meta: FAIL unexpected error %s" % e, file=sys.stderr)
+                print("meta: FAIL unexpected error %s at %.6f" % (e, time.time()), file=sys.stderr)
                 return 4
             print("%s: stopped by %s" % ("writer" if args.cmd == "write" else "meta", e), file=sys.stderr)
             return 3
