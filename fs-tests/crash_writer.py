@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Writer and verifier for the kill -9 crash test (fs-tests/crash.sh).
 
-Protects the durability promise: every byte written before a successful
-fsync()/fdatasync() survives a crash of the Tessera daemon, byte for byte.
+Protects the durability promises: every byte written before a successful
+fsync()/fdatasync() survives a crash of the Tessera daemon, byte for byte;
+every namespace operation that returned survives it too (meta, verify-meta).
 
   crash_writer.py write  --dir D --journal J --seed S [--files N] [--span BYTES]
                          [--max-seconds T] [--mbps R]
@@ -31,12 +32,34 @@ landed, wholly or partly. So every byte must equal the durable image (zero
 beyond its end) or the content of one of those later writes that covers it,
 and the size must lie between the durable size and the furthest later write.
 --update-base then copies the verified files into B for the next round.
+
+  crash_writer.py meta        --dir D --journal J --seed S [--base-model M]
+                              [--max-seconds T] [--ops-per-sec R]
+  crash_writer.py verify-meta --dir D --base-model M [--journal J] [--update-base]
+
+meta: starting from the namespace model M (the state verified last round;
+absent = empty), performs a deterministic random sequence of namespace ops in
+D, each valid on the model (so any error but ENOTCONN/ECONNABORTED, the
+daemon's death, is a failure: exit 4): create, mkdir, symlink, link, rename
+(files and dirs, to new names or over existing files / empty dirs), chmod,
+unlink, rmdir, truncate (ftruncate: a setattr of the size), utime. No fsync
+anywhere: an op that returned must be durable. The journal J gets
+{"b": i, "t": time, "op": {...}} before op i and {"d": i} after it returned.
+
+verify-meta: the namespace under D (names, kinds, modes, symlink targets,
+link counts, file sizes, mtimes set by utime and not changed since) must equal
+the model M plus every op marked done, or plus also the one op begun but not
+done (in flight at the kill). Without --journal, exactly M. On a mismatch it
+names the differences and which journaled state the namespace matches (how
+many completed ops were lost). --update-base stores the matching model in M.
 """
 
 import argparse
+import errno
 import json
 import os
 import random
+import stat
 import sys
 import time
 
@@ -312,6 +335,346 @@ def verify_cmd(args):
     return 0
 
 
+# ---------------------------------------------------------------- metadata worker
+#
+# The namespace model: {"next": N, "names": {relpath: ino}, "inodes": {str(ino): inode}} with
+# inode = {"kind": "file"|"dir"|"symlink", "mode": M, "size": S, "target": T, "mtime_ns": X|None}.
+# Paths are relative to the worker's folder ("" is the folder itself, never in "names").
+
+NAME_POOL = ["n%d" % i for i in range(24)]
+FILE_MODES = [0o600, 0o644, 0o640, 0o755, 0o444, 0o4755, 0o2750]
+DIR_MODES = [0o755, 0o700, 0o750, 0o775, 0o1777]
+
+
+def empty_model():
+    return {"next": 1, "names": {}, "inodes": {}}
+
+
+def parent_of(p):
+    return p.rsplit("/", 1)[0] if "/" in p else ""
+
+
+def join(parent, name):
+    return name if parent == "" else parent + "/" + name
+
+
+def children(model, d):
+    return [p for p in model["names"] if parent_of(p) == d]
+
+
+def apply_meta(model, op):
+    """Apply one journaled namespace op to the model (the same effect the filesystem must show)."""
+    names, inodes = model["names"], model["inodes"]
+    k = op["op"]
+    if k in ("create", "mkdir", "symlink"):
+        ino = str(model["next"])
+        model["next"] += 1
+        kind = {"create": "file", "mkdir": "dir", "symlink": "symlink"}[k]
+        inodes[ino] = {"kind": kind, "mode": op.get("mode", 0o777), "size": 0,
+                       "target": op.get("target"), "mtime_ns": None}
+        names[op["path"]] = ino
+    elif k == "link":
+        names[op["path"]] = names[op["src"]]
+    elif k in ("unlink", "rmdir"):
+        ino = names.pop(op["path"])
+        if ino not in names.values():
+            del inodes[ino]
+    elif k == "rename":
+        src, dst = op["src"], op["path"]
+        if dst in names:
+            old = names.pop(dst)
+            if old not in names.values() and old != names[src]:
+                del inodes[old]
+        moved = {p: i for p, i in names.items() if p == src or p.startswith(src + "/")}
+        for p in moved:
+            del names[p]
+        for p, i in moved.items():
+            names[dst + p[len(src):]] = i
+    elif k == "chmod":
+        inodes[names[op["path"]]]["mode"] = op["mode"]
+    elif k == "truncate":
+        ino = inodes[names[op["path"]]]
+        ino["size"] = op["size"]
+        ino["mtime_ns"] = None  # now: unknown
+    elif k == "utime":
+        inodes[names[op["path"]]]["mtime_ns"] = op["mtime_ns"]
+    else:
+        raise ValueError("unknown op %r" % op)
+
+
+def choose_meta_op(rng, model):
+    """A random op that is valid on the model (so any error from the filesystem is a failure)."""
+    names, inodes = model["names"], model["inodes"]
+    kind_of = lambda p: inodes[names[p]]["kind"]
+    dirs = [""] + [p for p in names if kind_of(p) == "dir"]
+    files = [p for p in names if kind_of(p) == "file"]
+    nondirs = [p for p in names if kind_of(p) != "dir"]
+
+    def new_path(max_depth=3):
+        for _ in range(20):
+            d = rng.choice(dirs)
+            if d.count("/") + 1 >= max_depth:
+                continue
+            p = join(d, rng.choice(NAME_POOL))
+            if p not in names:
+                return p
+        return None
+
+    for _ in range(50):
+        k = rng.choices(["create", "mkdir", "symlink", "link", "rename", "chmod", "unlink", "rmdir",
+                         "truncate", "utime"], [14, 6, 5, 5, 16, 8, 9, 4, 8, 6])[0]
+        if k == "create":
+            p = new_path()
+            if p:
+                return {"op": k, "path": p, "mode": rng.choice(FILE_MODES)}
+        elif k == "mkdir":
+            p = new_path(2)
+            if p:
+                return {"op": k, "path": p, "mode": rng.choice(DIR_MODES)}
+        elif k == "symlink":
+            p = new_path()
+            if p:
+                t = rng.choice(["target-%d" % rng.randrange(1000), "../" + rng.choice(NAME_POOL),
+                                "/nonexistent/" + "x" * rng.randrange(1, 200)])
+                return {"op": k, "path": p, "target": t}
+        elif k == "link" and files:
+            p = new_path()
+            if p:
+                return {"op": k, "src": rng.choice(files), "path": p}
+        elif k == "rename" and names:
+            src = rng.choice(list(names))
+            sk = kind_of(src)
+            if rng.random() < 0.4:  # over an existing target
+                if sk == "dir":
+                    cands = [p for p in dirs if p and not children(model, p)]
+                else:
+                    cands = nondirs
+                cands = [p for p in cands if names[p] != names[src]]
+            else:
+                p = new_path()
+                cands = [p] if p else []
+            cands = [p for p in cands if p != src and not p.startswith(src + "/")
+                     and not src.startswith(p + "/")]
+            if sk == "dir":  # keep the tree shallow: a moved dir and its subtree at depth <= 3
+                depth = max(q.count("/") for q in names if q == src or q.startswith(src + "/")) - src.count("/")
+                cands = [p for p in cands if p.count("/") + depth <= 2]
+            if cands:
+                return {"op": k, "src": src, "path": rng.choice(cands)}
+        elif k == "chmod":
+            cands = [p for p in names if kind_of(p) != "symlink"]
+            if cands:
+                p = rng.choice(cands)
+                modes = DIR_MODES if kind_of(p) == "dir" else FILE_MODES
+                return {"op": k, "path": p, "mode": rng.choice(modes)}
+        elif k == "unlink" and nondirs:
+            return {"op": k, "path": rng.choice(nondirs)}
+        elif k == "rmdir":
+            cands = [p for p in dirs if p and not children(model, p)]
+            if cands:
+                return {"op": k, "path": rng.choice(cands)}
+        elif k == "truncate" and files:
+            size = rng.choice([0, 1, 4095, 4096, 16384, 16385, rng.randrange(1 << 20), rng.randrange(1 << 30)])
+            return {"op": k, "path": rng.choice(files), "size": size}
+        elif k == "utime" and files:
+            return {"op": k, "path": rng.choice(files),
+                    "mtime_ns": rng.randrange(1_000_000_000, 2_000_000_000) * 10**9 + rng.randrange(10**9)}
+    return {"op": "create", "path": "spill-%d" % model["next"], "mode": 0o644}
+
+
+def do_meta(root, op):
+    """Perform one op on the filesystem (no fsync: the op returning is the promise). Paths are
+    relative to `root`, an open fd of the worker's folder: after the kill, every op fails with
+    ENOTCONN instead of landing in the directory under the detached mount."""
+    k, p = op["op"], op["path"]
+    if k == "create":
+        os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, op["mode"], dir_fd=root))
+    elif k == "mkdir":
+        os.mkdir(p, op["mode"], dir_fd=root)
+    elif k == "symlink":
+        os.symlink(op["target"], p, dir_fd=root)
+    elif k == "link":
+        os.link(op["src"], p, src_dir_fd=root, dst_dir_fd=root, follow_symlinks=False)
+    elif k == "unlink":
+        os.unlink(p, dir_fd=root)
+    elif k == "rmdir":
+        os.rmdir(p, dir_fd=root)
+    elif k == "rename":
+        os.rename(op["src"], p, src_dir_fd=root, dst_dir_fd=root)
+    elif k == "chmod":
+        os.chmod(p, op["mode"], dir_fd=root)
+    elif k == "truncate":
+        fd = os.open(p, os.O_WRONLY, dir_fd=root)
+        try:
+            os.ftruncate(fd, op["size"])  # a setattr(size)
+        finally:
+            os.close(fd)
+    elif k == "utime":
+        os.utime(p, ns=(op["mtime_ns"], op["mtime_ns"]), dir_fd=root)
+
+
+def load_model(path):
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return empty_model()
+
+
+def meta_cmd(args):
+    os.umask(0)
+    rng = random.Random(args.seed)
+    model = load_model(args.base_model)
+    journal = Journal(args.journal)
+    if not os.path.isdir(args.dir):
+        os.mkdir(args.dir, 0o755)
+    root = os.open(args.dir, os.O_RDONLY | os.O_DIRECTORY)
+    journal.add({"op": "start", "seed": args.seed})
+    n = 0
+    start = time.monotonic()
+    while time.monotonic() - start < args.max_seconds:
+        op = choose_meta_op(rng, model)
+        journal.add({"b": n, "t": time.time(), "op": op})
+        do_meta(root, op)
+        journal.add({"d": n})  # it returned: from now on it must survive a kill -9
+        apply_meta(model, op)
+        n += 1
+        if args.ops_per_sec > 0:
+            ahead = n / args.ops_per_sec - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    print("meta: time limit reached after %d ops" % n, file=sys.stderr)
+    return 0
+
+
+def scan(root):
+    """The namespace under root as {relpath: (kind, mode, size, target, nlink, mtime_ns)}."""
+    out = {}
+    if not os.path.isdir(root):
+        return out
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            full = os.path.join(dirpath, n)
+            st = os.lstat(full)
+            rel = os.path.relpath(full, root)
+            if stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode), None, None, st.st_nlink, None)
+            elif stat.S_ISLNK(st.st_mode):
+                out[rel] = ("symlink", None, None, os.readlink(full), None, None)
+            elif stat.S_ISREG(st.st_mode):
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_size, None, st.st_nlink, st.st_mtime_ns)
+            else:
+                out[rel] = ("other %o" % st.st_mode, None, None, None, None, None)
+    return out
+
+
+def expected(model):
+    """What scan() must show for the model (an mtime of None matches any value)."""
+    names, inodes = model["names"], model["inodes"]
+    nlinks = {}
+    for i in names.values():
+        nlinks[i] = nlinks.get(i, 0) + 1
+    out = {}
+    for p, i in names.items():
+        ino = inodes[i]
+        if ino["kind"] == "dir":
+            subdirs = sum(1 for q in children(model, p) if inodes[names[q]]["kind"] == "dir")
+            out[p] = ("dir", ino["mode"], None, None, 2 + subdirs, None)
+        elif ino["kind"] == "symlink":
+            out[p] = ("symlink", None, None, ino["target"], None, None)
+        else:
+            out[p] = ("file", ino["mode"], ino["size"], None, nlinks[i], ino["mtime_ns"])
+    return out
+
+
+def diff(actual, want):
+    errs = []
+    for p in sorted(set(actual) | set(want)):
+        a, w = actual.get(p), want.get(p)
+        if a is None:
+            errs.append("%s: missing, expected %s" % (p, fmt(w)))
+        elif w is None:
+            errs.append("%s: unexpected %s" % (p, fmt(a)))
+        elif a[:5] != w[:5] or (w[5] is not None and a[5] != w[5]):
+            errs.append("%s: is %s, expected %s" % (p, fmt(a), fmt(w)))
+    return errs
+
+
+def fmt(e):
+    kind, mode, size, target, nlink, mtime = e
+    s = kind
+    if mode is not None:
+        s += " mode %o" % mode
+    if size is not None:
+        s += " size %d" % size
+    if target is not None:
+        s += " -> %r" % target
+    if nlink is not None:
+        s += " nlink %d" % nlink
+    if mtime is not None:
+        s += " mtime_ns %d" % mtime
+    return s
+
+
+def verify_meta_cmd(args):
+    base = load_model(args.base_model)
+    recs = read_journal(args.journal) if args.journal else []
+    begun, done = [], set()
+    for r in recs:
+        if "b" in r:
+            begun.append(r)
+        elif "d" in r:
+            done.add(r["d"])
+    state = json.loads(json.dumps(base))
+    lost_from = None
+    for r in begun:
+        if r["b"] in done:
+            apply_meta(state, r["op"])
+    inflight = [r for r in begun if r["b"] not in done]
+    if len(inflight) > 1 or (inflight and inflight[0]["b"] != len(begun) - 1):
+        print("verify-meta: journal has more than one unfinished op: %s" % inflight, file=sys.stderr)
+        return 2
+    cands = [("after the last completed op", state)]
+    if inflight:
+        s2 = json.loads(json.dumps(state))
+        apply_meta(s2, inflight[0]["op"])
+        cands.append(("after the op in flight at the kill", s2))
+    actual = scan(args.dir)
+    for what, m in cands:
+        if not diff(actual, expected(m)):
+            print("verify-meta: ok, %d entries, %d ops in the journal (state %s)%s"
+                  % (len(actual), len(done), what, "" if args.journal else " [exact compare]"),
+                  file=sys.stderr)
+            if args.update_base:
+                with open(args.base_model + ".tmp", "w") as f:
+                    json.dump(m, f)
+                os.replace(args.base_model + ".tmp", args.base_model)
+            return 0
+    errs = diff(actual, expected(state))
+    for e in errs[:30]:
+        print("verify-meta: FAIL %s" % e, file=sys.stderr)
+    if len(errs) > 30:
+        print("verify-meta: ... %d differences in all" % len(errs), file=sys.stderr)
+    # How far back does the namespace match? (what the crash lost)
+    if begun:
+        t_end = begun[-1]["t"]
+        s = json.loads(json.dumps(base))
+        match = -1 if not diff(actual, expected(s)) else None
+        for r in begun:
+            if r["b"] not in done:
+                break
+            apply_meta(s, r["op"])
+            if not diff(actual, expected(s)):
+                match = r["b"]
+        if match is None:
+            print("verify-meta: the namespace matches no state the journal went through", file=sys.stderr)
+        else:
+            lost = [r for r in begun if r["b"] > match and r["b"] in done]
+            print("verify-meta: the namespace is the state %s: the last %d completed ops are lost, "
+                  "the first of them began %.2f s before the last journaled op (%s)"
+                  % ("before the round's first op" if match < 0 else "after op %d" % match,
+                     len(lost), t_end - lost[0]["t"], lost[0]["op"]), file=sys.stderr)
+    return 1
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -328,13 +691,32 @@ def main():
     v.add_argument("--base", required=True)
     v.add_argument("--journal")
     v.add_argument("--update-base", action="store_true")
+    m = sub.add_parser("meta")
+    m.add_argument("--dir", required=True)
+    m.add_argument("--journal", required=True)
+    m.add_argument("--seed", type=int, required=True)
+    m.add_argument("--base-model", help="the model verified last round (JSON; absent: empty)")
+    m.add_argument("--max-seconds", type=float, default=60)
+    m.add_argument("--ops-per-sec", type=float, default=400)
+    vm = sub.add_parser("verify-meta")
+    vm.add_argument("--dir", required=True)
+    vm.add_argument("--base-model", required=True)
+    vm.add_argument("--journal")
+    vm.add_argument("--update-base", action="store_true")
     args = ap.parse_args()
-    if args.cmd == "write":
+    if args.cmd in ("write", "meta"):
+        run = write_cmd if args.cmd == "write" else meta_cmd
         try:
-            return write_cmd(args)
+            return run(args)
         except OSError as e:  # the daemon was killed: ENOTCONN / EIO
-            print("writer: stopped by %s" % e, file=sys.stderr)
+            if args.cmd == "meta" and e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+                # every op is valid on the model: any other error is a wrong namespace
+                print("meta: FAIL unexpected error %s at %.6f" % (e, time.time()), file=sys.stderr)
+                return 4
+            print("%s: stopped by %s" % ("writer" if args.cmd == "write" else "meta", e), file=sys.stderr)
             return 3
+    if args.cmd == "verify-meta":
+        return verify_meta_cmd(args)
     return verify_cmd(args)
 
 

@@ -38,12 +38,13 @@ tmo() { timeout -k 10 "$CMD_TIMEOUT" "$@"; }
 
 # make_tmp: create the suite's scratch dir, print nothing, set TEST_TMP.
 make_tmp() {
-    # run-all.sh sets FS_TESTS_RUN so that it sweeps only its own suites' mounts.
-    TEST_TMP=$(mktemp -d "$TESSERA_TEST_TMP/tessera-test.${FS_TESTS_RUN:+$FS_TESTS_RUN.}XXXXXX")
+    TEST_TMP=$(mktemp -d "$TESSERA_TEST_TMP/tessera-test.XXXXXX")
     # Other users (pjdfstest switches to nobody/daemon) must be able to reach the mount.
     chmod 0755 "$TEST_TMP"
     TEST_TMP=$(realpath -- "$TEST_TMP")
     mkdir -p "$TEST_TMP/logs"
+    # run-all.sh sweeps leftover mounts only in scratch dirs of its own run
+    [ -z "${TESSERA_RUN_ID:-}" ] || echo "$TESSERA_RUN_ID" >"$TEST_TMP/.run-id"
     log "scratch dir $TEST_TMP"
 }
 

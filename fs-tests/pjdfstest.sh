@@ -12,10 +12,16 @@
 # test that passes is reported (remove it from the list) but only fails the
 # run with PJD_STRICT=1. Any other failure fails the run.
 #
+# Pinned result: fs-tests/pjdfstest.expected holds the number of tests that
+# pass and the list of tests expected to be skipped (README: 0 failures, 384
+# passed, 14 skipped). A full run (no TEST_PATTERN) fails when fewer tests pass
+# or when a test not in that list is skipped, naming the newly skipped tests:
+# lost coverage does not pass silently.
+#
 # Env: PJDFSTEST (binary; default pjdfstest in PATH or $CARGO_HOME/bin),
 #      PJD_NAPTIME (0.01), PJD_TIMEOUT (1200 s), PJD_LOG (full log; default
 #      /var/tmp/tessera-pjdfstest.log), PJD_EXCLUDE (the exclude file), PJD_STRICT,
-#      TESSERA, KEEP_TMP.
+#      PJD_EXPECTED (the pinned result file), TESSERA, KEEP_TMP.
 set -euo pipefail
 . "$(dirname -- "$0")/lib.sh"
 
@@ -23,6 +29,8 @@ set -euo pipefail
 PJDFSTEST=${PJDFSTEST:-$(command -v pjdfstest || echo "${CARGO_HOME:-$HOME/.cargo}/bin/pjdfstest")}
 [ -x "$PJDFSTEST" ] || fail "pjdfstest not found (cargo install pjdfstest --locked --version 0.2.2, or .ci/deps.sh)"
 EXCLUDE=${PJD_EXCLUDE:-$FS_TESTS_DIR/pjdfstest.exclude}
+EXPECTED=${PJD_EXPECTED:-$FS_TESTS_DIR/pjdfstest.expected}
+[ -f "$EXPECTED" ] || fail "no pinned result file $EXPECTED"
 PJD_LOG=${PJD_LOG:-/var/tmp/tessera-pjdfstest.log}
 for u in nobody:nogroup daemon:daemon; do
     id -u "${u%:*}" >/dev/null 2>&1 && getent group "${u#*:}" >/dev/null \
@@ -112,6 +120,32 @@ tessera fsck "$DS" || fsck_rc=$?
 
 [ -n "$summary" ] || fail "pjdfstest did not finish (exit $rc); see $PJD_LOG"
 [ -z "$failed" ] || fail "pjdfstest: $(echo "$failed" | wc -l) test(s) failed ($summary); see $PJD_LOG"
+if [ $# = 0 ]; then
+    # the pinned result: as many passes, no skip that is not listed
+    want_passed=$(awk '$1 == "passed" { print $2 }' "$EXPECTED")
+    want_skips=$(awk '$1 == "skip" { print $2 }' "$EXPECTED" | sort)
+    [[ $want_passed =~ ^[0-9]+$ ]] || fail "$EXPECTED: no 'passed N' line"
+    got_passed=$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$summary")
+    got_skips=$(names_with skipped | sort)
+    new_skips=$(comm -13 <(echo "$want_skips") <(echo "$got_skips") | grep . || true)
+    gone_skips=$(comm -23 <(echo "$want_skips") <(echo "$got_skips") | grep . || true)
+    n_want=$(grep -c . <<<"$want_skips" || true)
+    n_got=$(grep -c . <<<"$got_skips" || true)
+    log "pinned: $want_passed passed, $n_want skipped; this run: ${got_passed:-?} passed, $n_got skipped"
+    [ -z "$gone_skips" ] || log "no longer skipped (delete them from $EXPECTED): $(echo $gone_skips)"
+    [ -n "$got_passed" ] && [ "$got_passed" -le "$want_passed" ] || [ -z "$got_passed" ] \
+        || log "more tests pass than pinned: raise 'passed' in $EXPECTED to $got_passed"
+    if [ -n "$new_skips" ]; then
+        echo "newly skipped tests (not in $EXPECTED):"
+        for n in $new_skips; do
+            printf '  %s: %s\n' "$n" "$(grep -A1 -E "^$n +skipped$" "$PJD_LOG" | sed -n '2s/^\t//p')"
+        done
+        fail "pjdfstest: $(echo "$new_skips" | wc -l) test(s) newly skipped (pinned: $n_want skipped); see above"
+    fi
+    [ "$n_got" -le "$n_want" ] || fail "pjdfstest: $n_got tests skipped, pinned $n_want"
+    [ -n "$got_passed" ] && [ "$got_passed" -ge "$want_passed" ] \
+        || fail "pjdfstest: ${got_passed:-no count of} tests passed, pinned $want_passed ($summary)"
+fi
 if [ -n "$unexpected" ] && [ "${PJD_STRICT:-0}" = 1 ]; then
     fail "pjdfstest: excluded tests passed (PJD_STRICT=1)"
 fi

@@ -3,12 +3,14 @@
 # release binary, each under a time limit, and report pass/fail per suite.
 # Suites: cli (the README flow), space (du, background reclamation), corrupt (damaged packs and
 # metadata), fulldisk (ENOSPC on a small loop disk), nfs (the NFSv3 export with real clients), crash (kill -9
-# durability), pjdfstest (POSIX), security (private datastore modes, control socket peer check).
+# durability), promises (README numbers: clone --count durable, 5 s flush, bounded write-back, scrub
+# pacing), trust (the reported hang, punch and lost-metadata failures), pjdfstest (POSIX), security
+# (private datastore modes, control socket peer check).
 # Exits non-zero if any suite failed. pjdfstest, fulldisk and security need root: outside CI
 # (CI=true) it is skipped, and reported as skipped, when run as a user. After each suite, any Tessera mount it
 # left under a scratch dir (e.g. killed by its time limit) is detached.
 #
-# Env: FS_TESTS (suites to run, default "cli trust space corrupt fulldisk nfs crash pjdfstest security"; or pass them as
+# Env: FS_TESTS (suites to run, default "cli trust space corrupt fulldisk nfs crash promises pjdfstest security"; or pass them as
 #      arguments), TIMEOUT_CLI (600), TIMEOUT_NFS (900), TIMEOUT_CRASH (1200), TIMEOUT_PJDFSTEST
 #      (1200) in seconds, TESSERA (binary), plus each suite's own knobs.
 set -euo pipefail
@@ -16,7 +18,7 @@ cd -- "$(dirname -- "$0")/.."
 export TESSERA=${TESSERA:-$PWD/target/release/tessera}
 [ -x "$TESSERA" ] || { echo "run-all: no tessera binary at $TESSERA (make build)" >&2; exit 1; }
 
-if [ $# -gt 0 ]; then suites=("$@"); else read -r -a suites <<<"${FS_TESTS:-cli trust space corrupt fulldisk nfs crash pjdfstest security}"; fi
+if [ $# -gt 0 ]; then suites=("$@"); else read -r -a suites <<<"${FS_TESTS:-cli trust space corrupt fulldisk nfs crash promises pjdfstest security}"; fi
 
 limit_of() {
     case $1 in
@@ -26,22 +28,29 @@ limit_of() {
     corrupt) echo "${TIMEOUT_CORRUPT:-600}" ;;
     fulldisk) echo "${TIMEOUT_FULLDISK:-600}" ;;
     crash) echo "${TIMEOUT_CRASH:-1200}" ;;
+    promises) echo "${TIMEOUT_PROMISES:-600}" ;;
     pjdfstest) echo "${TIMEOUT_PJDFSTEST:-1200}" ;;
     *) echo 900 ;;
     esac
 }
 
-# Detach FUSE mounts left under the suites' scratch dirs.
+# Each suite's scratch dir records this run's id (lib.sh: .run-id), so the sweep after a suite
+# detaches only this run's leftover mounts, never those of another run on the same machine.
+export TESSERA_RUN_ID=${TESSERA_RUN_ID:-run-$$-$(date +%s%N)}
+TEST_ROOT=$(realpath -- "${TESSERA_TEST_TMP:-/var/tmp}")
+
+# Detach FUSE mounts left under this run's scratch dirs.
 sweep_mounts() {
-    local m
-    for m in $(awk -v run="$FS_TESTS_RUN" '$3 ~ "^fuse" && index($2, "/tessera-test." run ".") { print $2 }' /proc/self/mounts); do
+    local m d
+    for m in $(awk -v p="$TEST_ROOT/tessera-test." '$3 ~ "^fuse" && index($2, p) == 1 { print $2 }' /proc/self/mounts); do
+        d=${m#"$TEST_ROOT/"}
+        d=$TEST_ROOT/${d%%/*}      # the scratch dir the mount is in
+        [ "$(cat "$d/.run-id" 2>/dev/null)" = "$TESSERA_RUN_ID" ] || continue
         echo "run-all: WARNING: $1 left $m mounted; detaching it" >&2
         timeout 10 fusermount3 -u -z -- "$m" 2>/dev/null || timeout 10 umount -l -- "$m" 2>/dev/null || true
     done
 }
 
-# Scratch dirs of this run are named tessera-test.RUN.*: the sweep leaves other runs' mounts alone.
-export FS_TESTS_RUN=run$$
 declare -A result=() took=()
 failed=0
 for s in "${suites[@]}"; do
