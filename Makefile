@@ -61,7 +61,7 @@ run:
 # Each writes benches/results/<script>.json; bench-report turns them into the tables of
 # benches/README.md and the summary in README.md (between the bench:begin/end markers).
 bench: build
-	BENCH_MIB=1024 $(CARGO) bench $(CARGO_FLAGS) --bench engine
+	BENCH_MIB=1024 $(CARGO) bench --locked --bench engine
 	benches/clone.sh
 	benches/fio.sh
 	benches/rss.sh
