@@ -256,7 +256,7 @@ pub fn run(a: Args) -> Result<()> {
     });
     let fuse_result = match (session, &mnt) {
         (Some(session), Some(mnt)) => {
-            super::mount::raise_readahead(mnt.clone());
+            raise_readahead(mnt.clone());
             tracing::info!("serving {} on {}", dir.display(), mnt.display());
             // Returns when unmounted, by a signal or by fusermount3 -u; NFS stops with it.
             session.run()
@@ -364,4 +364,25 @@ fn start_nfs(
         }
     });
     Ok(rt)
+}
+
+/// Kernel readahead for the mount (KiB). FUSE starts at 128 KiB; sequential reads of VM images
+/// go about 1.5x faster with 1 MiB requests (fewer round trips, bigger coalesced pack reads).
+const READAHEAD_KB: u32 = 1024;
+
+/// Raise the mount's readahead through its backing-device entry in sysfs (best effort: needs
+/// root). Runs on its own thread because `stat` of the mount point waits for the session.
+fn raise_readahead(mnt: PathBuf) {
+    std::thread::spawn(move || {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(dev) = std::fs::metadata(&mnt).map(|m| m.dev()) else {
+            return;
+        };
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+        let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+        let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+        if let Err(e) = std::fs::write(&path, READAHEAD_KB.to_string()) {
+            tracing::debug!("could not raise readahead ({path}): {e}");
+        }
+    });
 }

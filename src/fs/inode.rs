@@ -2,6 +2,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::tree::NodeId;
+use super::tree::Root;
+
 /// Inode number. 1 is the root directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InodeId(pub u64);
@@ -98,13 +101,6 @@ impl Time {
                 + Duration::from_nanos(self.nsecs.into())
         }
     }
-}
-
-/// A chunk-map tree root: node id (0 = empty file) and height (0 = the root is a leaf).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Root {
-    pub node: super::tree::NodeId,
-    pub height: u8,
 }
 
 /// Attributes of one inode, as stored.
@@ -230,7 +226,7 @@ impl Inode {
             ctime: times[2],
             generation,
             root: Root {
-                node: super::tree::NodeId(node),
+                node: NodeId(node),
                 height,
             },
             aux,

@@ -58,7 +58,7 @@ impl Engine {
         let mut node_refs: HashMap<u64, u64> = HashMap::new();
         let mut chunk_refs: HashMap<ChunkId, u64> = HashMap::new();
         let mut broken_files: HashSet<InodeId> = HashSet::new();
-        let files: Vec<(InodeId, super::inode::Root)> = {
+        let files: Vec<(InodeId, super::tree::Root)> = {
             let rtx = self.read_txn()?;
             let nodes = rtx.open_table(NODES)?;
             let mut files = Vec::new();

@@ -23,13 +23,20 @@ use std::collections::HashMap;
 use redb::{ReadableTable, Table};
 
 use super::error::{FsError, FsResult};
-use super::inode::Root;
 use crate::schema::ChunkLoc;
 use crate::store::chunk::ChunkId;
 use crate::store::ChunkTables;
 
 pub const FANOUT_BITS: u32 = 8;
 pub const FANOUT: usize = 1 << FANOUT_BITS;
+
+/// A file's chunk-map root, kept in its inode: node id (`NodeId::NONE` = empty file) and
+/// height (0 = the root is a leaf).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Root {
+    pub node: NodeId,
+    pub height: u8,
+}
 
 /// Identifies a chunk-map tree node (key of the `nodes` and `noderefs` tables). 0 is "none":
 /// an empty subtree, or the root of an empty file.
