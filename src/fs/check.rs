@@ -16,6 +16,7 @@ use super::tree::{self, Node};
 use super::{Engine, FsResult};
 use crate::schema::*;
 use crate::store::chunk::ChunkId;
+use crate::store::ChunkLoc;
 
 /// Result of a check: `problems` is empty for a sound datastore.
 #[derive(Clone, Debug, Default, Serialize)]

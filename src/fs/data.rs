@@ -479,7 +479,7 @@ impl Engine {
                 .collect()
         };
         let mut append =
-            |encoded: Vec<Encoded>| -> FsResult<Vec<(ChunkId, crate::schema::ChunkLoc)>> {
+            |encoded: Vec<Encoded>| -> FsResult<Vec<(ChunkId, crate::store::ChunkLoc)>> {
                 let ls = self.store.append_many(&encoded)?;
                 Ok(encoded.iter().map(|e| e.id).zip(ls).collect())
             };

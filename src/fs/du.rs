@@ -18,6 +18,7 @@ use super::{get_inode, Engine, FsError, FsResult};
 use crate::schema::*;
 use crate::store::chunk::ChunkId;
 use crate::store::pack::RECORD_HEADER_LEN;
+use crate::store::ChunkLoc;
 
 /// Space of one file or folder. Bytes throughout.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,9 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use super::pace::Pacer;
 use super::{Engine, FsResult};
-use crate::schema::{ChunkLoc, PACKS};
+use crate::schema::PACKS;
 use crate::store::chunk::ChunkId;
 use crate::store::pack::PackId;
+use crate::store::ChunkLoc;
 
 /// Live records copied per group (4096 x 16 KiB chunks: at most 64 MiB in memory).
 const GC_GROUP: usize = 4096;

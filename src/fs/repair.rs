@@ -25,6 +25,7 @@ use crate::store::chunk::{self, ChunkId};
 use crate::store::pack::{
     decode_header, record_crc_ok, PackId, PACK_HEADER_LEN, RECORD_HEADER_LEN, RECORD_MAGIC,
 };
+use crate::store::ChunkLoc;
 
 /// What a repair did. Byte counts are bytes.
 #[derive(Clone, Debug, Default, Serialize)]

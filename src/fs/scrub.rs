@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::inode::{Inode, InodeId, Kind};
 use super::pace::Pacer;
 use super::{tree, Engine, FsResult};
-use crate::schema::{ChunkLoc, CHUNKS, INODES, NODES};
+use crate::schema::{CHUNKS, INODES, NODES};
 use crate::store::chunk::ChunkId;
+use crate::store::ChunkLoc;
 
 /// Index entries verified per batch, each batch read from its own snapshot (about 40 MiB of
 /// bookkeeping: the batch and its copy for verification).

@@ -23,9 +23,8 @@ use std::collections::HashMap;
 use redb::{ReadableTable, Table};
 
 use super::error::{FsError, FsResult};
-use crate::schema::ChunkLoc;
 use crate::store::chunk::ChunkId;
-use crate::store::ChunkTables;
+use crate::store::{ChunkLoc, ChunkTables};
 
 pub const FANOUT_BITS: u32 = 8;
 pub const FANOUT: usize = 1 << FANOUT_BITS;

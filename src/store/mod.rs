@@ -13,6 +13,8 @@
 //! the same transaction that references it.
 
 pub mod chunk;
+pub mod loc;
+pub use loc::ChunkLoc;
 pub mod pack;
 
 use std::collections::{BTreeSet, HashMap};
@@ -23,7 +25,7 @@ use parking_lot::Mutex;
 use rayon::prelude::*;
 use redb::{ReadTransaction, ReadableTable, WriteTransaction};
 
-use crate::schema::{self, ChunkLoc};
+use crate::schema;
 use chunk::{ChunkId, Codec};
 use pack::{PackId, PackIo, RECORD_HEADER_LEN};
 
