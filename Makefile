@@ -7,8 +7,9 @@
 #   make unit      cargo test --release
 #   make fs-tests  fs-tests/run-all.sh against target/release/tessera (root: pjdfstest, fulldisk)
 #   make test      deps, lint, unit, fs-tests, in that order
-#   make run       build, init ./tessera-data/ds once, mount it on ./tessera-data/mnt
-#                  in the foreground (Ctrl-C or fusermount3 -u to stop)
+#   make run       build, init ./tessera-data/ds once, serve it over NFSv3 on 127.0.0.1:2049
+#                  and mount it on ./tessera-data/mnt
+#                  in the foreground (Ctrl-C or SIGTERM flushes everything and stops)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -53,8 +54,8 @@ run:
 		"$(TESSERA)" init "$(DATA)/ds"; \
 	fi
 	@mkdir -p "$(DATA)/mnt"
-	@echo "mounting $(DATA)/ds on $(DATA)/mnt (Ctrl-C or 'fusermount3 -u $(DATA)/mnt' to stop)"
-	"$(TESSERA)" mount "$(DATA)/ds" "$(DATA)/mnt"
+	@echo "serving $(DATA)/ds over NFS (nfs://127.0.0.1/ds) and on $(DATA)/mnt (Ctrl-C to stop)"
+	"$(TESSERA)" serve "$(DATA)/ds" --nfs 127.0.0.1:2049 --mount "$(DATA)/mnt"
 
 # Benchmarks (root; need ../shared/tools/peers, fio, jq, bindfs, btrfs-progs; nfs.sh and
 # nfs_meta.sh install nfs-ganesha, nfs.sh builds the corpus if missing): see benches/README.md.
