@@ -24,6 +24,7 @@ use redb::{Database, StorageBackend};
 use super::data::{Falloc, SetAttr};
 use super::dir::{Ctx, RenameFlags};
 use super::*;
+use crate::fs::testutil::{content as read_all, ino};
 use crate::store::pack::MemPackIo;
 
 /// A write or a length change the disk has seen but not synced.
@@ -312,22 +313,6 @@ fn data(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| seed.wrapping_add((i / 300) as u8) | 1)
         .collect()
-}
-
-fn ino(e: &Engine, n: &str) -> InodeId {
-    e.lookup(InodeId::ROOT, n.as_bytes()).unwrap().ino
-}
-
-fn read_all(e: &Engine, n: &str) -> Vec<u8> {
-    let i = ino(e, n);
-    let size = e.getattr(i).unwrap().inode.size;
-    let mut out = Vec::new();
-    while (out.len() as u64) < size {
-        let chunk = e.read(i, out.len() as u64, 1 << 20).unwrap();
-        assert!(!chunk.is_empty(), "short read of {n}");
-        out.extend_from_slice(&chunk);
-    }
-    out
 }
 
 /// A small deterministic generator for the power-loss choices.

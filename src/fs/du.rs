@@ -171,17 +171,8 @@ mod tests {
         .unwrap()
     }
 
-    /// `chunks` chunks of data that no other seed or chunk repeats (xorshift64).
     fn unique_data(seed: u64, chunks: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..chunks * C)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::fs::testutil::unique_data(seed, chunks, C)
     }
 
     fn file(e: &Engine, dir: InodeId, name: &str, data: &[u8]) -> InodeId {

@@ -370,17 +370,8 @@ mod tests {
         Engine::in_memory(f, io).unwrap()
     }
 
-    /// `chunks` chunks that no other seed or chunk repeats, incompressible (xorshift64).
     fn unique_data(seed: u64, chunks: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..chunks * C)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::fs::testutil::unique_data(seed, chunks, C)
     }
 
     fn file(e: &Engine, name: &str, data: &[u8]) -> InodeId {

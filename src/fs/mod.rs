@@ -57,6 +57,8 @@ pub mod scrub;
 pub mod stats;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+pub(crate) mod testutil;
 pub mod tree;
 pub mod xattr;
 

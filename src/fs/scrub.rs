@@ -222,15 +222,7 @@ mod tests {
     const C: usize = 4096;
 
     fn unique_data(seed: u64, chunks: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..chunks * C)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::fs::testutil::unique_data(seed, chunks, C)
     }
 
     /// Protects: scrub reads each batch from a fresh snapshot and takes chunks that compaction

@@ -9,6 +9,7 @@ use proptest::prelude::*;
 use super::data::{Falloc, SetAttr};
 use super::dir::{Ctx, RenameFlags};
 use super::*;
+use crate::fs::testutil::{content, ino};
 use crate::store::pack::{MemPackIo, PackIo};
 
 const C: u32 = 4096;
@@ -32,22 +33,6 @@ fn reopen(e: Engine) -> Engine {
     e.sync_all().unwrap();
     let (db, io) = e.into_parts();
     Engine::with_parts(db, io, Tuning::default()).unwrap()
-}
-
-fn ino(e: &Engine, name: &str) -> InodeId {
-    e.lookup(InodeId::ROOT, name.as_bytes()).unwrap().ino
-}
-
-fn content(e: &Engine, name: &str) -> Vec<u8> {
-    let i = ino(e, name);
-    let size = e.getattr(i).unwrap().inode.size;
-    let mut out = Vec::new();
-    while (out.len() as u64) < size {
-        let chunk = e.read(i, out.len() as u64, 1 << 20).unwrap();
-        assert!(!chunk.is_empty(), "short read");
-        out.extend_from_slice(&chunk);
-    }
-    out
 }
 
 fn assert_clean(e: &Engine) {
