@@ -86,3 +86,21 @@ listens_on() {
     echo "bench: port $2 is not held by process $1 (${pids:-nobody})" >&2
     return 1
 }
+
+# ---- shared by the scripts that run nfs-ganesha (nfs.sh, nfs_meta.sh)
+
+# need_ganesha: install nfs-ganesha, its VFS FSAL and rpcbind when missing.
+need_ganesha() {
+    local p
+    for p in nfs-ganesha nfs-ganesha-vfs rpcbind; do
+        dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' ||
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$p" </dev/null >/dev/null
+    done
+}
+
+# stop_pid PID: TERM, wait up to 60 s, then KILL.
+stop_pid() {
+    [ -n "$1" ] || return 0
+    kill "$1" 2>/dev/null || return 0
+    timeout 60 tail --pid="$1" -f /dev/null || kill -9 "$1" 2>/dev/null || true
+}

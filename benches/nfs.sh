@@ -32,10 +32,7 @@ GOLDEN=${IMAGE:-$CORPUS/golden.raw}
 if [ ! -f "$GOLDEN" ] && [ -z "${IMAGE:-}" ]; then
     ../shared/tools/corpus/make-corpus.sh "$CORPUS" 1
 fi
-for p in nfs-ganesha nfs-ganesha-vfs rpcbind; do
-    dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' ||
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$p" </dev/null >/dev/null
-done
+need_ganesha
 
 bench_begin nfs
 bench_binary "$TESSERA"
@@ -45,11 +42,6 @@ bench_param OPS "$OPS" 20000
 bench_param IMAGE "$GOLDEN" "$CORPUS/golden.raw"
 
 TPID= GPID= RPCPID=
-stop_pid() { # stop_pid PID: TERM, wait up to 60 s
-    [ -n "$1" ] || return 0
-    kill "$1" 2>/dev/null || return 0
-    timeout 60 tail --pid="$1" -f /dev/null || kill -9 "$1" 2>/dev/null || true
-}
 cleanup() {
     stop_pid "$TPID"
     stop_pid "$GPID"

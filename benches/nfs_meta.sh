@@ -30,10 +30,7 @@ TESSERA=${TESSERA:-$PWD/target/release/tessera}
 EXT4=$MNT_ROOT/peer-ext4
 WORK=$(mktemp -d /var/tmp/tessera-nfsmeta.XXXXXX)
 
-for p in nfs-ganesha nfs-ganesha-vfs rpcbind; do
-    dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' ||
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$p" </dev/null >/dev/null
-done
+need_ganesha
 
 bench_begin nfs_meta
 bench_binary "$TESSERA"
@@ -45,11 +42,6 @@ bench_param CLIENTS "$CLIENTS" "1 4"
 bench_param WRITE_SIZE "$WRITE_SIZE" 4096
 
 TPID= GPID= RPCPID=
-stop_pid() { # stop_pid PID: TERM, wait up to 60 s
-    [ -n "$1" ] || return 0
-    kill "$1" 2>/dev/null || return 0
-    timeout 60 tail --pid="$1" -f /dev/null || kill -9 "$1" 2>/dev/null || true
-}
 cleanup() {
     stop_pid "$TPID"
     stop_pid "$GPID"
