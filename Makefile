@@ -68,6 +68,7 @@ bench: build
 	benches/rss.sh
 	benches/nfs.sh
 	benches/nfs_meta.sh
+	benches/vdi.sh
 	benches/space.sh
 	$(MAKE) bench-report
 

@@ -104,3 +104,44 @@ stop_pid() {
     kill "$1" 2>/dev/null || return 0
     timeout 60 tail --pid="$1" -f /dev/null || kill -9 "$1" 2>/dev/null || true
 }
+
+# start_ganesha DIR WORK: serve DIR (on the disk under test) as nfs://127.0.0.1/gan with
+# nfs-ganesha's VFS FSAL and rpcbind, NFSv3 over TCP only; sets GPID and RPCPID. Ports 111 and
+# 2049 must be free (wait_ports_free first). Config and log go to WORK.
+start_ganesha() {
+    local dir=$1 work=$2 up=
+    cat >"$work/ganesha.conf" <<CONF
+NFS_CORE_PARAM { Protocols = 3; Bind_addr = 127.0.0.1; Enable_NLM = false; Enable_RQUOTA = false; Mount_Path_Pseudo = true; }
+NFSV4 { Graceless = true; }
+EXPORT {
+    Export_Id = 1; Path = $dir; Pseudo = /gan; Protocols = 3; Transports = TCP;
+    Access_Type = RW; Squash = No_Root_Squash; SecType = sys;
+    FSAL { Name = VFS; }
+}
+CONF
+    rpcbind -f -w &
+    RPCPID=$!
+    ganesha.nfsd -F -f "$work/ganesha.conf" -L "$work/ganesha.log" -p "$work/ganesha.pid" -N NIV_EVENT &
+    GPID=$!
+    for _ in $(seq 1 100); do nfs-ls nfs://127.0.0.1/gan/ >/dev/null 2>&1 && { up=1; break; }; sleep 0.2; done
+    [ -n "$up" ] && listens_on "$GPID" 2049 || {
+        tail "$work/ganesha.log" >&2
+        echo "bench: ganesha did not come up" >&2
+        return 1
+    }
+}
+
+# start_tessera_nfs DS WORK [SERVE_ARGS...]: serve the datastore DS as nfs://127.0.0.1/ds (its
+# own portmapper on 111); sets TPID; its log goes to WORK/tessera.log.
+start_tessera_nfs() {
+    local ds=$1 work=$2 up=
+    shift 2
+    "$TESSERA" serve "$ds" --nfs 127.0.0.1:2049 "$@" 2>"$work/tessera.log" &
+    TPID=$!
+    for _ in $(seq 1 100); do nfs-ls nfs://127.0.0.1/ds/ >/dev/null 2>&1 && { up=1; break; }; sleep 0.2; done
+    [ -n "$up" ] && listens_on "$TPID" 2049 || {
+        tail "$work/tessera.log" >&2
+        echo "bench: tessera did not come up" >&2
+        return 1
+    }
+}

@@ -106,22 +106,7 @@ run_suite() {
 # ---- nfs-ganesha, VFS export of a folder on the ext4 disk
 wait_ports_free 2049 111
 mkdir -p "$EXT4/ganesha"
-cat >"$WORK/ganesha.conf" <<EOF
-NFS_CORE_PARAM { Protocols = 3; Bind_addr = 127.0.0.1; Enable_NLM = false; Enable_RQUOTA = false; Mount_Path_Pseudo = true; }
-NFSV4 { Graceless = true; }
-EXPORT {
-    Export_Id = 1; Path = $EXT4/ganesha; Pseudo = /gan; Protocols = 3; Transports = TCP;
-    Access_Type = RW; Squash = No_Root_Squash; SecType = sys;
-    FSAL { Name = VFS; }
-}
-EOF
-rpcbind -f -w &
-RPCPID=$!
-ganesha.nfsd -F -f "$WORK/ganesha.conf" -L "$WORK/ganesha.log" -p "$WORK/ganesha.pid" -N NIV_EVENT &
-GPID=$!
-up=
-for _ in $(seq 1 100); do nfs-ls nfs://127.0.0.1/gan/ >/dev/null 2>&1 && { up=1; break; }; sleep 0.2; done
-[ -n "$up" ] && listens_on "$GPID" 2049 || { tail "$WORK/ganesha.log" >&2; echo "bench: ganesha did not come up" >&2; exit 1; }
+start_ganesha "$EXT4/ganesha" "$WORK"
 run_suite ganesha nfs://127.0.0.1/gan "$EXT4/ganesha"
 stop_pid "$GPID"; GPID=
 stop_pid "$RPCPID"; RPCPID=
@@ -130,11 +115,7 @@ rm -rf "$EXT4/ganesha"
 # ---- Tessera, datastore on the same ext4 disk
 wait_ports_free 2049 111
 "$TESSERA" init "$EXT4/ds" >/dev/null
-"$TESSERA" serve "$EXT4/ds" --nfs 127.0.0.1:2049 2>"$WORK/tessera.log" &
-TPID=$!
-up=
-for _ in $(seq 1 100); do nfs-ls nfs://127.0.0.1/ds/ >/dev/null 2>&1 && { up=1; break; }; sleep 0.2; done
-[ -n "$up" ] && listens_on "$TPID" 2049 || { tail "$WORK/tessera.log" >&2; echo "bench: tessera did not come up" >&2; exit 1; }
+start_tessera_nfs "$EXT4/ds" "$WORK"
 run_suite tessera nfs://127.0.0.1/ds "$EXT4/ds/packs" "$EXT4/ds/meta.redb"
 stop_pid "$TPID"; TPID=
 rm -rf "$EXT4/ds"

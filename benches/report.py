@@ -31,6 +31,7 @@ SCRIPTS = {
     "rss": ("benches/rss.sh", "memory"),
     "nfs": ("benches/nfs.sh", "NFS data path vs nfs-ganesha"),
     "nfs_meta": ("benches/nfs_meta.sh", "NFS metadata and sync vs nfs-ganesha"),
+    "vdi": ("benches/vdi.sh", "VDI profile through qemu's NFS client vs nfs-ganesha"),
     "space": ("benches/space.sh", "reclamation and scrub"),
 }
 

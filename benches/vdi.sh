@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# benches/vdi.sh: the VDI profile the way a hypervisor drives a datastore, Tessera against
+# nfs-ganesha (VFS FSAL), same run, same loop-mounted ext4 disk under both servers.
+#
+# The client is qemu's own NFS driver (libnfs): qemu-nbd --cache=none serves an nfs:// URL and
+# fio's nbd engine drives it. Each server first receives the corpus golden image (2 GiB Debian,
+# qemu-img convert), then:
+#   qd1 qd4 qd16 qd64  one client, the VDI sizing profile (4 KiB, 80 % write, 80 % random) at
+#                      queue depth 1, 4, 16 and 64: IOPS (reads + writes), write p99
+#   pool4              four clients at once (4 qemu-nbd processes on 4 clones of the image, QD16
+#                      each; `tessera clone` for Tessera, full copies for ganesha): total IOPS,
+#                      write p99 over all of them
+#   rss                Tessera's peak resident memory (VmHWM) over the whole run
+# Writes are UNSTABLE (qemu's default with cache=none); each fio run ends with a flush (COMMIT),
+# included in its time, so data acknowledged as durable is measured, not only buffered.
+#
+# Needs root, fio (nbd engine), qemu-utils, libnfs-utils, the corpus (built if missing); installs
+# nfs-ganesha, nfs-ganesha-vfs and rpcbind when missing. Ports 111 and 2049 must be free.
+# Env: CORPUS (/var/tmp/corpus), IMAGE (default the corpus golden image), RUNTIME (30 s per
+#      point), QDS ("1 4 16 64"), CLIENTS (4), MNT_ROOT (/mnt), PEERS_DIR, TESSERA,
+#      BENCH_RESULTS_DIR (benches/results). Writes benches/results/vdi.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. benches/lib.sh
+PEERS_DIR=${PEERS_DIR:-$(realpath ../shared/tools/peers)}
+CORPUS=${CORPUS:-/var/tmp/corpus}
+RUNTIME=${RUNTIME:-30}
+QDS=${QDS:-1 4 16 64}
+CLIENTS=${CLIENTS:-4}
+MNT_ROOT=${MNT_ROOT:-/mnt}
+TESSERA=${TESSERA:-$PWD/target/release/tessera}
+[ -x "$TESSERA" ] || cargo build --release --locked
+EXT4=$MNT_ROOT/peer-ext4
+WORK=$(mktemp -d /var/tmp/tessera-vdi-bench.XXXXXX)
+GOLDEN=${IMAGE:-$CORPUS/golden.raw}
+if [ ! -f "$GOLDEN" ] && [ -z "${IMAGE:-}" ]; then
+    ../shared/tools/corpus/make-corpus.sh "$CORPUS" 1
+fi
+need_ganesha
+fio --enghelp 2>/dev/null | grep -qw nbd || { echo "bench: fio has no nbd engine" >&2; exit 1; }
+
+bench_begin vdi
+bench_binary "$TESSERA"
+gv=$(dpkg-query -W -f='${Version}' nfs-ganesha)
+bench_param nfs-ganesha "$gv" "$gv" # the version measured against, not a knob
+bench_param RUNTIME "$RUNTIME" 30
+bench_param QDS "$QDS" "1 4 16 64"
+bench_param CLIENTS "$CLIENTS" 4
+bench_param IMAGE "$GOLDEN" "$CORPUS/golden.raw"
+
+TPID= GPID= RPCPID=
+NBD_PIDS=()
+stop_nbd() {
+    local p
+    for p in "${NBD_PIDS[@]}"; do stop_pid "$p"; done
+    NBD_PIDS=()
+}
+cleanup() {
+    stop_nbd
+    stop_pid "$TPID"
+    stop_pid "$GPID"
+    stop_pid "$RPCPID"
+    "$PEERS_DIR/umount-peer.sh" ext4 "$EXT4" >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+"$PEERS_DIR/umount-peer.sh" ext4 "$EXT4" >/dev/null 2>&1 || true
+"$PEERS_DIR/mount-peer.sh" ext4 "$EXT4"
+
+SIZE=$(stat -c %s "$GOLDEN")
+declare -A R=()
+
+# nbd_serve URL SOCK: qemu-nbd serving URL (qemu's NFS driver, no host cache) on a unix socket
+nbd_serve() {
+    rm -f "$2"
+    qemu-nbd --cache=none -f raw -t --shared=4 --socket="$2" "$1" 2>>"$WORK/qemu-nbd.log" &
+    NBD_PIDS+=($!)
+    for _ in $(seq 1 100); do [ -S "$2" ] && return 0; sleep 0.1; done
+    echo "bench: qemu-nbd did not come up for $1" >&2
+    tail "$WORK/qemu-nbd.log" >&2
+    return 1
+}
+
+# run_fio OUT QD SOCK...: the VDI profile, one fio job per socket, RUNTIME s, then a flush
+run_fio() {
+    local out=$1 qd=$2 i=0 s
+    shift 2
+    local args=(--output-format=json --output="$out" --group_reporting
+        --ioengine=nbd --rw=randrw --rwmixwrite=80 --percentage_random=80 --bs=4k
+        --iodepth="$qd" --size="$SIZE" --runtime="$RUNTIME" --time_based --end_fsync=1
+        --randseed=42)
+    for s in "$@"; do
+        args+=(--name="c$i" --uri="nbd+unix:///?socket=$s" --randseed=$((42 + i)))
+        i=$((i + 1))
+    done
+    fio "${args[@]}" >/dev/null
+}
+
+# summarise NAME KEY OUT: IOPS and write/read p99 (ms) of a fio run
+summarise() {
+    local v
+    v=$(python3 - "$3" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+p99 = lambda d: d["clat_ns"]["percentile"]["99.000000"] / 1e6 if d["total_ios"] else 0
+print(j["read"]["iops"] + j["write"]["iops"], p99(j["write"]), p99(j["read"]))
+PY
+    )
+    read -r R[$1.$2] R[$1.$2_wp99] R[$1.$2_rp99] <<<"$v"
+    printf 'bench: %-8s %-6s %8.0f IOPS  write p99 %6.2f ms  read p99 %6.2f ms\n' "$1" "$2" \
+        "${R[$1.$2]}" "${R[$1.$2_wp99]}" "${R[$1.$2_rp99]}"
+}
+
+# run_suite NAME URL MAKE_COPY: MAKE_COPY N makes clone N of vdi-0.raw (server's way)
+run_suite() {
+    local name=$1 url=$2 copy=$3 qd n socks=()
+    qemu-img convert -O raw "$GOLDEN" "$url/vdi-0.raw"
+    for qd in $QDS; do
+        nbd_serve "$url/vdi-0.raw" "$WORK/nbd-0.sock"
+        run_fio "$WORK/$name-qd$qd.json" "$qd" "$WORK/nbd-0.sock"
+        stop_nbd
+        summarise "$name" "qd$qd" "$WORK/$name-qd$qd.json"
+    done
+    for n in $(seq 1 $((CLIENTS - 1))); do "$copy" "$n"; done
+    for n in $(seq 0 $((CLIENTS - 1))); do
+        nbd_serve "$url/vdi-$n.raw" "$WORK/nbd-$n.sock"
+        socks+=("$WORK/nbd-$n.sock")
+    done
+    run_fio "$WORK/$name-pool.json" 16 "${socks[@]}"
+    stop_nbd
+    summarise "$name" pool "$WORK/$name-pool.json"
+}
+
+# ---- nfs-ganesha, VFS export of a folder on the ext4 disk
+wait_ports_free 2049 111
+mkdir -p "$EXT4/ganesha"
+start_ganesha "$EXT4/ganesha" "$WORK"
+ganesha_copy() { cp --sparse=always "$EXT4/ganesha/vdi-0.raw" "$EXT4/ganesha/vdi-$1.raw"; }
+run_suite ganesha nfs://127.0.0.1/gan ganesha_copy
+stop_pid "$GPID"; GPID=
+stop_pid "$RPCPID"; RPCPID=
+rm -rf "$EXT4/ganesha"
+
+# ---- Tessera, datastore on the same ext4 disk
+wait_ports_free 2049 111
+"$TESSERA" init "$EXT4/ds" >/dev/null
+start_tessera_nfs "$EXT4/ds" "$WORK"
+tessera_copy() { "$TESSERA" clone "$EXT4/ds/vdi-0.raw" "$EXT4/ds/vdi-$1.raw" >/dev/null; }
+run_suite tessera nfs://127.0.0.1/ds tessera_copy
+R[tessera.rss]=$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$TPID/status")
+echo "bench: tessera peak RSS ${R[tessera.rss]} MiB"
+stop_pid "$TPID"; TPID=
+rm -rf "$EXT4/ds"
+
+# ---- results: benches/results/vdi.json, and the table
+for qd in $QDS; do
+    t=
+    [ "$qd" = 16 ] && t=">= 1.0x ganesha"
+    bench_metric "qd$qd" IOPS "VDI profile, one client, queue depth $qd" subject=tessera refs=ganesha \
+        better=higher ${t:+target="$t"} headline=$([ "$qd" = 16 ] && echo 1 || echo 0)
+    bench_metric "qd${qd}_wp99" ms "write p99, queue depth $qd" subject=tessera refs=ganesha better=lower \
+        ${t:+target="<= 2x ganesha"}
+done
+bench_metric pool IOPS "VDI profile, $CLIENTS clients on $CLIENTS clones at once (QD16 each), total" \
+    subject=tessera refs=ganesha better=higher headline=1
+bench_metric pool_wp99 ms "write p99, $CLIENTS clients" subject=tessera refs=ganesha better=lower
+bench_metric rss MiB "Tessera's peak RSS over the run" subject=tessera better=lower target="< 512 MiB"
+for s in ganesha tessera; do
+    for qd in $QDS; do
+        bench_value "qd$qd" "$s" "${R[$s.qd$qd]:-}"
+        bench_value "qd${qd}_wp99" "$s" "${R[$s.qd${qd}_wp99]:-}"
+    done
+    bench_value pool "$s" "${R[$s.pool]:-}"
+    bench_value pool_wp99 "$s" "${R[$s.pool_wp99]:-}"
+done
+bench_value rss tessera "${R[tessera.rss]}"
+bench_finish
+python3 benches/report.py --print vdi
