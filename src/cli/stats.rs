@@ -74,5 +74,21 @@ pub fn run(a: Args) -> Result<()> {
         human(s.disk_free_bytes),
         human(s.disk_total_bytes)
     );
+    let busy: Vec<_> = s.stages.iter().filter(|t| t.calls > 0).collect();
+    if !busy.is_empty() {
+        // CPU-seconds per stage since the serving process opened the datastore.
+        println!(
+            "time per stage    (since the datastore was opened; CPU seconds over all threads)"
+        );
+        for t in busy {
+            println!(
+                "  {:<15} {:>10.3} s  {:>12} calls  {:>9.1} us/call",
+                t.stage,
+                t.seconds,
+                t.calls,
+                t.seconds * 1e6 / t.calls as f64
+            );
+        }
+    }
     Ok(())
 }

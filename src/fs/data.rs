@@ -24,9 +24,10 @@ use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
 
 use super::inode::{Inode, InodeId, Kind, Time};
+use super::timing::Stage;
 use super::{get_inode, tree, Attr, Engine, FsError, FsResult, MAX_FILE_SIZE};
 use crate::schema::{INODES, K_BARRIERS, NODES};
-use crate::store::chunk::{is_zero, ChunkId};
+use crate::store::chunk::{is_zero, ChunkId, HOT_ZSTD_LEVEL};
 use crate::store::Encoded;
 
 /// Chunk buffers by chunk index.
@@ -55,6 +56,10 @@ pub struct FileState {
     pub(crate) size: Option<u64>,
     /// Modification time (and ctime) if changed since the last flush.
     pub(crate) mtime: Option<Time>,
+    /// Chunks rewritten in part after being stored (read back to take a partial write): the
+    /// hot set, compressed at [`HOT_ZSTD_LEVEL`] when flushed. A hint only: an index left here
+    /// after its chunk was dropped costs nothing.
+    pub(crate) hot: HashSet<u64>,
 }
 
 impl FileState {
@@ -155,14 +160,26 @@ impl Engine {
 
     /// Read up to `len` bytes at `offset` (short at end of file).
     pub fn read(&self, ino: InodeId, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+        self.read_with_attr(ino, offset, len).map(|r| r.0)
+    }
+
+    /// [`Engine::read`], with the file's attributes as of the read (same snapshot): an NFS READ
+    /// answers both, and one look at the metadata costs half of two.
+    pub fn read_with_attr(&self, ino: InodeId, offset: u64, len: u32) -> FsResult<(Vec<u8>, Attr)> {
+        self.timings
+            .time(Stage::Read, || self.read_timed(ino, offset, len))
+    }
+
+    fn read_timed(&self, ino: InodeId, offset: u64, len: u32) -> FsResult<(Vec<u8>, Attr)> {
         let st = self.files.get(&ino).map(|s| s.clone());
         let g = st.as_ref().map(|s| s.state.read());
         let rtx = self.read_txn()?;
         let inode = get_inode(&rtx.open_table(INODES)?, ino)?;
         require_file(inode.kind)?;
+        let attr = self.attr_of(ino, inode.clone(), g.as_deref());
         let size = g.as_ref().and_then(|g| g.size).unwrap_or(inode.size);
         if offset >= size || len == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), attr));
         }
         let end = (offset + u64::from(len)).min(size);
         let c = self.chunk_size;
@@ -202,7 +219,7 @@ impl Engine {
                 }
             }
         }
-        Ok(out)
+        Ok((out, attr))
     }
 
     /// Write `data` at `offset`; returns the bytes written (all of them).
@@ -223,16 +240,70 @@ impl Engine {
         Ok(data.len())
     }
 
-    pub(crate) fn write_locked<'e>(
-        &'e self,
+    /// [`Engine::write`] for NFS: `admit` sees the file's attributes first (a stale handle is
+    /// refused before anything is written); returns the attributes from just before and just
+    /// after the write, all from one metadata snapshot (a WRITE reply carries both).
+    pub fn write_with_attrs<E: From<FsError>>(
+        &self,
+        ino: InodeId,
+        offset: u64,
+        data: &[u8],
+        admit: impl FnOnce(&Attr) -> Result<(), E>,
+    ) -> Result<(Attr, Attr), E> {
+        offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(FsError::TooBig)?;
+        self.relieve_pressure(ino)?;
+        let st = self.entry(ino);
+        let mut g = st.state.write();
+        let rtx = self.read_txn()?;
+        let inode = get_inode(&rtx.open_table(INODES).map_err(FsError::from)?, ino)?;
+        let before = self.attr_of(ino, inode.clone(), Some(&g));
+        admit(&before)?;
+        require_file(inode.kind)?;
+        let mut stored = Some((rtx, inode));
+        self.write_into(ino, &mut g, offset, data, &mut stored)?;
+        let (_, inode) = stored.expect("kept by write_into");
+        let after = self.attr_of(ino, inode, Some(&g));
+        Ok((before, after))
+    }
+
+    pub(crate) fn write_locked(
+        &self,
         ino: InodeId,
         g: &mut FileState,
         offset: u64,
         data: &[u8],
     ) -> FsResult<()> {
+        self.write_into(ino, g, offset, data, &mut None)
+    }
+
+    /// Copy `data` into the file's dirty chunks; `stored` is the snapshot and stored inode to
+    /// read partly covered chunks from (taken on first need when `None`).
+    fn write_into<'e>(
+        &'e self,
+        ino: InodeId,
+        g: &mut FileState,
+        offset: u64,
+        data: &[u8],
+        stored: &mut Option<(super::Snapshot<'e>, Inode)>,
+    ) -> FsResult<()> {
+        self.timings.time(Stage::Write, || {
+            self.write_into_timed(ino, g, offset, data, stored)
+        })
+    }
+
+    fn write_into_timed<'e>(
+        &'e self,
+        ino: InodeId,
+        g: &mut FileState,
+        offset: u64,
+        data: &[u8],
+        stored: &mut Option<(super::Snapshot<'e>, Inode)>,
+    ) -> FsResult<()> {
         let c = self.chunk_size;
         let end = offset + data.len() as u64;
-        let mut stored: Option<(super::Snapshot<'e>, Inode)> = None;
         let load = |stored: &mut Option<(super::Snapshot<'e>, Inode)>| -> FsResult<()> {
             if stored.is_none() {
                 let rtx = self.read_txn()?;
@@ -242,8 +313,8 @@ impl Engine {
             Ok(())
         };
         if g.size.is_none() {
-            load(&mut stored)?;
-            if let Some((_, inode)) = &stored {
+            load(stored)?;
+            if let Some((_, inode)) = &*stored {
                 require_file(inode.kind)?;
             }
         }
@@ -256,15 +327,20 @@ impl Engine {
                 let buf = if pos == cs && ce == cs + c {
                     vec![0u8; c as usize]
                 } else if let Some(b) = g.inflight.as_ref().and_then(|f| f.get(&idx)) {
+                    g.hot.insert(idx);
                     b.to_vec()
                 } else {
-                    load(&mut stored)?;
+                    load(stored)?;
                     let (rtx, inode) = stored.as_ref().expect("loaded above");
                     let nodes = rtx.open_table(NODES)?;
-                    match tree::get(&nodes, inode.root, idx)? {
+                    let stored_id = tree::get(&nodes, inode.root, idx)?;
+                    if stored_id.is_some() {
+                        g.hot.insert(idx);
+                    }
+                    match stored_id {
                         Some(id) => self
-                            .store
-                            .read(rtx, &id)
+                            .timings
+                            .time(Stage::RmwRead, || self.store.read(rtx, &id))
                             .map_err(|e| {
                                 let e = FsError::from(e).at(ino.0, cs);
                                 tracing::error!(file = %self.path_of(ino), offset = cs, "read for write failed: {e}");
@@ -332,12 +408,12 @@ impl Engine {
                 } else {
                     let batch = Arc::new(std::mem::take(&mut g.dirty));
                     g.inflight = Some(batch.clone());
-                    (Some(batch), g.size, g.mtime)
+                    (Some((batch, std::mem::take(&mut g.hot))), g.size, g.mtime)
                 }
             };
-            if let Some(batch) = batch {
+            if let Some((batch, hot)) = batch {
                 // The heavy part runs without the state lock: writers and readers go on.
-                let r = self.commit_chunks(ino, &batch, size, mtime, None, false);
+                let r = self.commit_chunks(ino, &batch, &hot, size, mtime, None, false);
                 let mut g = st.state.write();
                 g.inflight = None;
                 match r {
@@ -392,9 +468,11 @@ impl Engine {
 
     /// A durable commit: makes every earlier commit (and the packs they reference) durable.
     pub fn barrier(&self) -> FsResult<()> {
-        self.txn(true, |w| {
-            w.counter(K_BARRIERS, 0)?;
-            Ok(())
+        self.timings.time(Stage::Durable, || {
+            self.txn(true, |w| {
+                w.counter(K_BARRIERS, 0)?;
+                Ok(())
+            })
         })
     }
 
@@ -425,7 +503,7 @@ impl Engine {
         if g.is_clean() && holes.is_none() {
             return if durable { self.barrier() } else { Ok(()) };
         }
-        self.commit_chunks(ino, &g.dirty, g.size, g.mtime, holes, durable)?;
+        self.commit_chunks(ino, &g.dirty, &g.hot, g.size, g.mtime, holes, durable)?;
         let n = g.dirty.len() as u64;
         *g = FileState::default();
         self.dirty_bytes
@@ -435,10 +513,12 @@ impl Engine {
 
     /// Store `chunks` (hash, dedup, compress, append) and commit them, the size and mtime into
     /// the file's chunk map and inode in one transaction.
+    #[allow(clippy::too_many_arguments)]
     fn commit_chunks(
         &self,
         ino: InodeId,
         chunks: &Chunks,
+        hot: &HashSet<u64>,
         size: Option<u64>,
         mtime: Option<Time>,
         holes: Option<Range<u64>>,
@@ -449,7 +529,12 @@ impl Engine {
         let _appending = self.store.append_session();
         let hashed: Vec<(u64, Option<ChunkId>)> = chunks
             .par_iter()
-            .map(|(&i, b)| (i, (!is_zero(b)).then(|| ChunkId::of(b))))
+            .map(|(&i, b)| {
+                let id = self
+                    .timings
+                    .time(Stage::Hash, || (!is_zero(b)).then(|| ChunkId::of(b)));
+                (i, id)
+            })
             .collect();
         let mut need: Vec<(ChunkId, u64)> = Vec::new();
         {
@@ -475,12 +560,22 @@ impl Engine {
         let encode = |group: &[(ChunkId, u64)]| -> Vec<Encoded> {
             group
                 .par_iter()
-                .map(|(id, i)| Encoded::new(*id, &chunks[i], level))
+                .map(|(id, i)| {
+                    let level = if hot.contains(i) {
+                        HOT_ZSTD_LEVEL
+                    } else {
+                        level
+                    };
+                    self.timings
+                        .time(Stage::Compress, || Encoded::new(*id, &chunks[i], level))
+                })
                 .collect()
         };
         let mut append =
             |encoded: Vec<Encoded>| -> FsResult<Vec<(ChunkId, crate::store::ChunkLoc)>> {
-                let ls = self.store.append_many(&encoded)?;
+                let ls = self
+                    .timings
+                    .time(Stage::Append, || self.store.append_many(&encoded))?;
                 Ok(encoded.iter().map(|e| e.id).zip(ls).collect())
             };
         let mut pending: Option<Vec<Encoded>> = None;
@@ -506,6 +601,7 @@ impl Engine {
         let mut updates = hashed;
         updates.sort_unstable_by_key(|u| u.0);
         let dirty = chunks;
+        let t = super::timing::thread_cpu_ns();
         let r = self.txn(durable, |w| {
             let mut inode = match w.inode(ino) {
                 Ok(i) => i,
@@ -545,6 +641,13 @@ impl Engine {
             w.chunks.settle_appended(&locs)?;
             w.put_inode(ino, &inode)
         });
+        let stage = if durable {
+            Stage::Durable
+        } else {
+            Stage::Commit
+        };
+        self.timings
+            .add(stage, super::timing::thread_cpu_ns().saturating_sub(t));
         if r.is_err() {
             self.settle_failed_appends(&locs);
         }

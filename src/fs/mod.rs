@@ -59,6 +59,7 @@ pub mod stats;
 mod tests;
 #[cfg(test)]
 pub(crate) mod testutil;
+pub mod timing;
 pub mod tree;
 pub mod xattr;
 
@@ -180,6 +181,8 @@ pub struct Engine {
     /// flusher thread, which holds no strong reference to the engine while it waits.
     pressure: Arc<(Mutex<bool>, parking_lot::Condvar)>,
     flusher_running: AtomicBool,
+    /// CPU time per stage of the data path (`tessera stats`, the benchmarks' breakdown).
+    pub(crate) timings: timing::Timings,
 }
 
 /// A read transaction that also keeps the packs it may read from being deleted by compaction
@@ -435,6 +438,7 @@ impl Engine {
             gc_lock: Mutex::new(()),
             pressure: Arc::new((Mutex::new(false), parking_lot::Condvar::new())),
             flusher_running: AtomicBool::new(false),
+            timings: timing::Timings::default(),
         };
         e.purge_orphans()?;
         Ok(e)

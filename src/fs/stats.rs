@@ -42,6 +42,10 @@ pub struct Stats {
     pub dirty_bytes: u64,
     pub disk_total_bytes: u64,
     pub disk_free_bytes: u64,
+    /// CPU time per stage of the data path since the datastore was opened (a serving
+    /// process's figures when asked of one).
+    #[serde(default)]
+    pub stages: Vec<super::timing::StageTime>,
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -129,6 +133,7 @@ impl Engine {
             dirty_bytes: self.dirty_bytes(),
             disk_total_bytes,
             disk_free_bytes,
+            stages: self.timings.snapshot(),
         })
     }
 }

@@ -162,6 +162,64 @@ pub fn load<T: ReadableTable<u64, &'static [u8]>>(nodes: &T, id: NodeId) -> FsRe
     Node::decode(v.value()).ok_or_else(|| bad(id))
 }
 
+/// An encoded node read in place: lookups binary-search its sorted entries instead of
+/// decoding all 256 slots (a leaf decodes into 8 KiB; the read and write paths look up one
+/// or a few slots per call).
+struct View<'a> {
+    b: &'a [u8],
+    n: usize,
+    esize: usize,
+}
+
+impl<'a> View<'a> {
+    /// `None` if `b` is not a node of `height`.
+    fn new(b: &'a [u8], height: u8) -> Option<View<'a>> {
+        if *b.first()? != height {
+            return None;
+        }
+        let n = u16::from_le_bytes(b.get(1..3)?.try_into().ok()?) as usize;
+        let esize = if height == 0 { 1 + 32 } else { 1 + 16 };
+        (b.len() == 3 + n * esize).then_some(View { b, n, esize })
+    }
+
+    fn slot(&self, k: usize) -> usize {
+        self.b[3 + k * self.esize] as usize
+    }
+
+    fn payload(&self, k: usize) -> &'a [u8] {
+        &self.b[3 + k * self.esize + 1..3 + (k + 1) * self.esize]
+    }
+
+    /// Index of the first entry whose slot is at least `slot`.
+    fn first_at(&self, slot: usize) -> usize {
+        let (mut lo, mut hi) = (0, self.n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.slot(mid) < slot {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    fn find(&self, slot: usize) -> Option<&'a [u8]> {
+        let k = self.first_at(slot);
+        (k < self.n && self.slot(k) == slot).then(|| self.payload(k))
+    }
+}
+
+fn child_of(p: &[u8]) -> NodeId {
+    NodeId(u64::from_le_bytes(
+        p[..8].try_into().expect("16-byte entry"),
+    ))
+}
+
+fn chunk_of(p: &[u8]) -> ChunkId {
+    ChunkId(p.try_into().expect("32-byte entry"))
+}
+
 /// The chunk at slot `idx`, if any.
 pub fn get<T: ReadableTable<u64, &'static [u8]>>(
     nodes: &T,
@@ -173,14 +231,14 @@ pub fn get<T: ReadableTable<u64, &'static [u8]>>(
     }
     let (mut id, mut h) = (root.node, root.height);
     loop {
-        match load(nodes, id)? {
-            Node::Leaf(s) => return Ok(s[(idx as usize) & (FANOUT - 1)]),
-            Node::Interior(_, s) => {
-                let slot = ((idx >> (FANOUT_BITS * u32::from(h))) as usize) & (FANOUT - 1);
-                if s[slot].0.is_none() {
-                    return Ok(None);
-                }
-                id = s[slot].0;
+        let v = nodes.get(id.0)?.ok_or_else(|| bad(id))?;
+        let view = View::new(v.value(), h).ok_or_else(|| bad(id))?;
+        let slot = ((idx >> (FANOUT_BITS * u32::from(h))) as usize) & (FANOUT - 1);
+        match view.find(slot) {
+            None => return Ok(None),
+            Some(p) if h == 0 => return Ok(Some(chunk_of(p))),
+            Some(p) => {
+                id = child_of(p);
                 h -= 1;
             }
         }
@@ -210,23 +268,32 @@ fn collect_in<T: ReadableTable<u64, &'static [u8]>>(
     to: u64,
     out: &mut Vec<(u64, ChunkId)>,
 ) -> FsResult<()> {
-    match load(nodes, id)? {
-        Node::Leaf(s) => {
-            for (i, c) in s.iter().enumerate() {
-                let idx = base + i as u64;
-                if let (Some(c), true) = (c, idx >= from && idx < to) {
-                    out.push((idx, *c));
-                }
-            }
+    let v = nodes.get(id.0)?.ok_or_else(|| bad(id))?;
+    let view = View::new(v.value(), height).ok_or_else(|| bad(id))?;
+    let span = child_span(height);
+    // Entries whose span meets [from, to), found by binary search (not a scan of 256 slots).
+    let first = if from <= base {
+        0
+    } else {
+        ((from - base) / span).min(FANOUT as u64) as usize
+    };
+    for k in view.first_at(first)..view.n {
+        let cb = base + view.slot(k) as u64 * span;
+        if cb >= to {
+            break;
         }
-        Node::Interior(_, s) => {
-            let span = child_span(height);
-            for (i, c) in s.iter().enumerate() {
-                let cb = base + i as u64 * span;
-                if !c.0.is_none() && cb < to && cb.saturating_add(span) > from {
-                    collect_in(nodes, c.0, height - 1, cb, from, to, out)?;
-                }
-            }
+        if height == 0 {
+            out.push((cb, chunk_of(view.payload(k))));
+        } else {
+            collect_in(
+                nodes,
+                child_of(view.payload(k)),
+                height - 1,
+                cb,
+                from,
+                to,
+                out,
+            )?;
         }
     }
     Ok(())

@@ -104,6 +104,13 @@ pub fn nfsstat(e: &FsError) -> nfsstat3 {
 }
 
 /// What a failed call answers: the engine's error, or STALE for a handle whose file is gone.
+/// Whether an engine call may wait for the disk (see [`TesseraNfs::run_on`]).
+#[derive(Clone, Copy)]
+enum Blocks {
+    Yes,
+    Rarely,
+}
+
 enum Fail {
     Fs(FsError),
     Stale,
@@ -159,25 +166,40 @@ impl TesseraNfs {
         }
     }
 
-    /// Run one engine operation. Engine calls block (disk I/O, fsync), so they run with the
-    /// runtime told to move other tasks off this worker thread.
+    /// Run one engine operation that may wait for the disk (fsync, a durable commit).
     fn run<T>(&self, op: &str, f: impl FnOnce(&Engine) -> Result<T, Fail>) -> Result<T, nfsstat3> {
+        self.run_on(op, Blocks::Yes, f)
+    }
+
+    /// Run one engine operation. One that may wait for the disk runs with the runtime told
+    /// to move other tasks off this worker thread; one that is mostly memory and page cache
+    /// (READ, UNSTABLE WRITE, GETATTR) runs in place: the hand-off costs a thread wake-up per
+    /// call, a large share of a 4 KiB WRITE, and the runtime has more workers than cores.
+    fn run_on<T>(
+        &self,
+        op: &str,
+        blocks: Blocks,
+        f: impl FnOnce(&Engine) -> Result<T, Fail>,
+    ) -> Result<T, nfsstat3> {
         // One request: metadata changes become durable once, before the reply (RFC 1813).
-        tokio::task::block_in_place(|| self.engine.request(|| f(&self.engine))).map_err(|fail| {
-            match fail {
-                Fail::Stale => nfsstat3::NFS3ERR_STALE,
-                Fail::Fs(e) => {
-                    match &e {
-                        FsError::Io(_) | FsError::Meta(_) | FsError::BadMeta(_) => {
-                            tracing::error!("nfs {op}: {e}")
-                        }
-                        FsError::NoSpace | FsError::Corrupt { .. } => {
-                            tracing::warn!("nfs {op}: {e}")
-                        }
-                        _ => tracing::debug!("nfs {op}: {e}"),
+        let call = || self.engine.request(|| f(&self.engine));
+        let r = match blocks {
+            Blocks::Yes => tokio::task::block_in_place(call),
+            Blocks::Rarely => call(),
+        };
+        r.map_err(|fail| match fail {
+            Fail::Stale => nfsstat3::NFS3ERR_STALE,
+            Fail::Fs(e) => {
+                match &e {
+                    FsError::Io(_) | FsError::Meta(_) | FsError::BadMeta(_) => {
+                        tracing::error!("nfs {op}: {e}")
                     }
-                    nfsstat(&e)
+                    FsError::NoSpace | FsError::Corrupt { .. } => {
+                        tracing::warn!("nfs {op}: {e}")
+                    }
+                    _ => tracing::debug!("nfs {op}: {e}"),
                 }
+                nfsstat(&e)
             }
         })
     }
@@ -370,7 +392,7 @@ impl NfsReadFileSystem for TesseraNfs {
     }
 
     async fn getattr(&self, h: &NfsHandle) -> Result<fattr3, nfsstat3> {
-        let a = self.run("getattr", |e| live(e, h))?;
+        let a = self.run_on("getattr", Blocks::Rarely, |e| live(e, h))?;
         Ok(self.fattr(&a))
     }
 
@@ -380,17 +402,40 @@ impl NfsReadFileSystem for TesseraNfs {
         offset: u64,
         count: u32,
     ) -> Result<(Vec<u8>, bool), nfsstat3> {
-        self.run("read", |e| {
-            let a = live(e, h)?;
-            if a.inode.kind == Kind::Dir {
-                return Err(FsError::IsDir.into());
+        self.read_with_attr(h, offset, count).await.1
+    }
+
+    async fn read_with_attr(
+        &self,
+        h: &NfsHandle,
+        offset: u64,
+        count: u32,
+    ) -> (Option<fattr3>, Result<(Vec<u8>, bool), nfsstat3>) {
+        let mut attr = None;
+        let r = self.run_on("read", Blocks::Rarely, |e| {
+            let (data, a) = match e.read_with_attr(h.ino(), offset, count.min(IO_MAX)) {
+                Err(FsError::IsDir) | Err(FsError::Invalid(_)) => {
+                    // Not a file: the error the handle's kind calls for (or STALE).
+                    let a = live(e, h)?;
+                    return Err(match a.inode.kind {
+                        Kind::Dir => FsError::IsDir,
+                        _ => FsError::Invalid("read of a non-file"),
+                    }
+                    .into());
+                }
+                Err(FsError::NotFound) => return Err(Fail::Stale),
+                r => r?,
+            };
+            if a.inode.generation != h.generation() {
+                return Err(Fail::Stale);
             }
-            let data = e.read(h.ino(), offset, count.min(IO_MAX))?;
-            // EOF is judged against the size before the read; a concurrent extension makes
-            // the client read again, never miss data.
+            // EOF is judged against the size as of the read; a concurrent extension makes the
+            // client read again, never miss data.
             let eof = offset.saturating_add(data.len() as u64) >= a.inode.size;
+            attr = Some(a);
             Ok((data, eof))
-        })
+        });
+        (attr.map(|a| self.fattr(&a)), r)
     }
 
     async fn readdirplus(
@@ -501,27 +546,54 @@ impl NfsFileSystem for TesseraNfs {
         data: &[u8],
         stable: stable_how,
     ) -> Result<(fattr3, stable_how), nfsstat3> {
-        self.writable()?;
-        let (a, committed) = self.run("write", |e| {
-            let a = live(e, h)?;
-            if a.inode.kind != Kind::File {
-                return Err(FsError::Invalid("write to a non-file").into());
-            }
-            e.write(h.ino(), offset, data)?;
-            // UNSTABLE data is buffered like a FUSE write and made durable by COMMIT (the
-            // verifier tells clients when a restart lost it); DATA_SYNC and FILE_SYNC are
-            // answered only once the data and its metadata are durable.
-            let committed = match stable {
-                stable_how::UNSTABLE => stable_how::UNSTABLE,
-                stable_how::DATA_SYNC | stable_how::FILE_SYNC => {
+        self.write_with_before(h, offset, data, stable).await.1
+    }
+
+    async fn write_with_before(
+        &self,
+        h: &NfsHandle,
+        offset: u64,
+        data: &[u8],
+        stable: stable_how,
+    ) -> (Option<fattr3>, Result<(fattr3, stable_how), nfsstat3>) {
+        if let Err(e) = self.writable() {
+            return (None, Err(e));
+        }
+        let mut before = None;
+        // UNSTABLE data is buffered like a FUSE write and made durable by COMMIT (the verifier
+        // tells clients when a restart lost it): it waits for the disk only under memory
+        // pressure. DATA_SYNC and FILE_SYNC are answered only once the data and its metadata
+        // are durable.
+        let sync = !matches!(stable, stable_how::UNSTABLE);
+        let r = self.run_on(
+            "write",
+            if sync { Blocks::Yes } else { Blocks::Rarely },
+            |e| {
+                let (b, a) = e.write_with_attrs(h.ino(), offset, data, |a: &Attr| {
+                    before = Some(a.clone());
+                    match a.inode.kind {
+                        _ if a.inode.generation != h.generation() => Err(Fail::Stale),
+                        Kind::File => Ok(()),
+                        _ => Err(FsError::Invalid("write to a non-file").into()),
+                    }
+                })?;
+                before = Some(b);
+                if sync {
                     e.fsync(h.ino())?;
-                    stable_how::FILE_SYNC
+                    Ok((e.getattr(h.ino())?, stable_how::FILE_SYNC))
+                } else {
+                    Ok((a, stable_how::UNSTABLE))
                 }
-            };
-            Ok((e.getattr(h.ino())?, committed))
-        })?;
-        self.changed(h.ino());
-        Ok((self.fattr(&a), committed))
+            },
+        );
+        let before = before.map(|b| self.fattr(&b));
+        match r {
+            Ok((a, committed)) => {
+                self.changed(h.ino());
+                (before, Ok((self.fattr(&a), committed)))
+            }
+            Err(e) => (before, Err(e)),
+        }
     }
 
     async fn create(

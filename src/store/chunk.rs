@@ -57,24 +57,38 @@ pub fn is_zero(data: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
+/// zstd level for chunks rewritten in part after being stored (a desktop's random 4 KiB
+/// writes): they are the hot set, likely rewritten again soon, so the write path spends less on
+/// them. On the corpus golden image in 16 KiB blocks (`zstd -b -B16K`), level 1 compresses at
+/// 321 MB/s to 2.13x and decompresses at 794 MB/s; level -3 at 495 MB/s to 1.84x, decompressing
+/// at 1.6 GB/s. Same codec and frame format: any reader decodes both.
+pub const HOT_ZSTD_LEVEL: i32 = -3;
+
 /// Compress `data` at `level`; returns the payload and its codec. A chunk that does not shrink
 /// by at least 1/32 is kept raw so reads of incompressible data skip decompression.
 pub fn encode(data: &[u8], level: i32) -> (Vec<u8>, Codec) {
     if looks_incompressible(data) {
         return (data.to_vec(), Codec::Raw);
     }
-    // One compression context per thread and level: creating one per 16 KiB chunk costs
-    // about as much as compressing it.
+    // One compression context per thread and level (the datastore's and the hot level, so at
+    // most a few): creating one per 16 KiB chunk costs about as much as compressing it.
     thread_local! {
-        static CCTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
-            const { std::cell::RefCell::new(None) };
+        static CCTX: std::cell::RefCell<Vec<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
     }
     let out = CCTX.with(|c| {
         let mut c = c.borrow_mut();
-        if c.as_ref().is_none_or(|(l, _)| *l != level) {
-            *c = zstd::bulk::Compressor::new(level).ok().map(|z| (level, z));
-        }
-        c.as_mut().map(|(_, z)| z.compress(data))
+        let at = match c.iter().position(|(l, _)| *l == level) {
+            Some(i) => i,
+            None => {
+                if c.len() >= 4 {
+                    c.remove(0);
+                }
+                c.push((level, zstd::bulk::Compressor::new(level).ok()?));
+                c.len() - 1
+            }
+        };
+        Some(c[at].1.compress(data))
     });
     match out {
         Some(Ok(c)) if c.len() < data.len() - data.len() / 32 => (c, Codec::Zstd),
@@ -192,5 +206,18 @@ mod tests {
         }
         assert_eq!(decode(&p, c, noise.len()).unwrap(), noise);
         assert!(decode(&p[..p.len() - 1], c, noise.len()).is_none());
+    }
+
+    #[test]
+    fn hot_level_is_faster_format_same() {
+        // Alternating levels on one thread keeps both contexts and decodes the same way.
+        let text: Vec<u8> = (0..16384u32)
+            .map(|i| b"abcdefgh"[(i % 7) as usize] ^ (i / 512) as u8)
+            .collect();
+        for level in [1, HOT_ZSTD_LEVEL, 1, HOT_ZSTD_LEVEL] {
+            let (p, c) = encode(&text, level);
+            assert_eq!(c, Codec::Zstd);
+            assert_eq!(decode(&p, c, text.len()).unwrap(), text);
+        }
     }
 }

@@ -150,11 +150,13 @@ where
 {
     let handle = read3args.file;
     let id = fh_to_id!(context, &handle);
-    let file_attributes = nfs_option_from_result(context.vfs.getattr(&id).await);
     // Tessera patch: never more than MAX_REPLY_DATA per READ, whatever count the client
     // asks: the per-connection byte budget (rpcwire.rs) reserves at most that much per call.
     let count = read3args.count.min(MAX_REPLY_DATA);
-    match context.vfs.read(&id, read3args.offset, count).await {
+    // Tessera patch: data and attributes in one file system call.
+    let (attr, result) = context.vfs.read_with_attr(&id, read3args.offset, count).await;
+    let file_attributes = attr.map_or(post_op_attr::None, post_op_attr::Some);
+    match result {
         Ok((bytes, eof)) => {
             debug!(" {xid} --> read {} bytes, eof: {eof}", bytes.len());
             READ3res::Ok(READ3resok {
@@ -557,15 +559,20 @@ where
     }
 
     let id = fh_to_id!(context, &write3args.file);
-    let before = get_wcc_attr(&context, &id)
-        .await
-        .map_or(pre_op_attr::None, pre_op_attr::Some);
-
-    match context
+    // Tessera patch: the pre-op attributes and the write in one file system call.
+    let (before, result) = context
         .vfs
-        .write(&id, write3args.offset, &write3args.data, write3args.stable)
-        .await
-    {
+        .write_with_before(&id, write3args.offset, &write3args.data, write3args.stable)
+        .await;
+    let before = before.map_or(pre_op_attr::None, |v| {
+        pre_op_attr::Some(wcc_attr {
+            size: v.size,
+            mtime: v.mtime,
+            ctime: v.ctime,
+        })
+    });
+
+    match result {
         Ok((fattr, committed)) => {
             debug!("write success {xid} --> {fattr:?}, committed: {committed}");
             WRITE3res::Ok(WRITE3resok {

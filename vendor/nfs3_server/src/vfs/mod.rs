@@ -138,6 +138,21 @@ pub trait NfsReadFileSystem: Send + Sync {
         count: u32,
     ) -> impl Future<Output = Result<(Vec<u8>, bool), nfsstat3>> + Send;
 
+    /// Tessera patch: a READ's data and the file's attributes, which the reply carries. The
+    /// default asks `getattr` and `read` separately; a file system that can answer both from
+    /// one look at the file overrides it (one call per READ instead of two).
+    fn read_with_attr(
+        &self,
+        id: &Self::Handle,
+        offset: u64,
+        count: u32,
+    ) -> impl Future<Output = (Option<fattr3>, Result<(Vec<u8>, bool), nfsstat3>)> + Send {
+        async move {
+            let attr = self.getattr(id).await.ok();
+            (attr, self.read(id, offset, count).await)
+        }
+    }
+
     /// Simple version of readdir. Only need to return filename and id
     ///
     /// By default it uses `readdirplus` method to create an iterator
@@ -284,6 +299,22 @@ pub trait NfsFileSystem: NfsReadFileSystem {
         data: &[u8],
         stable: stable_how,
     ) -> impl Future<Output = Result<(fattr3, stable_how), nfsstat3>> + Send;
+
+    /// Tessera patch: a WRITE with the file's attributes from just before it (the reply's
+    /// `wcc_data`). The default asks `getattr`, then `write`; a file system that can take both
+    /// from one look at the file overrides it (one call per WRITE instead of two).
+    fn write_with_before(
+        &self,
+        id: &Self::Handle,
+        offset: u64,
+        data: &[u8],
+        stable: stable_how,
+    ) -> impl Future<Output = (Option<fattr3>, Result<(fattr3, stable_how), nfsstat3>)> + Send {
+        async move {
+            let before = self.getattr(id).await.ok();
+            (before, self.write(id, offset, data, stable).await)
+        }
+    }
 
     /// Creates a file with the following attributes.
     /// If not supported due to readonly file system
