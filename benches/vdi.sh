@@ -11,6 +11,10 @@
 #                      each; `tessera clone` for Tessera, full copies for ganesha): total IOPS,
 #                      write p99 over all of them
 #   rss                Tessera's peak resident memory (VmHWM) over the whole run
+#   cpu_*              where Tessera's CPU goes during the QD16 run, in microseconds per I/O:
+#                      the engine's per-stage CPU timings (`tessera stats --json`, stages) and
+#                      the rest of the process's CPU time (/proc/PID/stat): the NFS front end,
+#                      RPC decoding and replies, the async runtime
 # Writes are UNSTABLE (qemu's default with cache=none); each fio run ends with a flush (COMMIT),
 # included in its time, so data acknowledged as durable is measured, not only buffered.
 #
@@ -111,13 +115,21 @@ PY
         "${R[$1.$2]}" "${R[$1.$2_wp99]}" "${R[$1.$2_rp99]}"
 }
 
+# stage_mark PREFIX: Tessera's per-stage timings and its CPU time (clock ticks) right now
+stage_mark() {
+    "$TESSERA" stats --json "$EXT4/ds" >"$1.json"
+    awk '{print $14 + $15}' "/proc/$TPID/stat" >"$1.ticks"
+}
+
 # run_suite NAME URL MAKE_COPY: MAKE_COPY N makes clone N of vdi-0.raw (server's way)
 run_suite() {
     local name=$1 url=$2 copy=$3 qd n socks=()
     qemu-img convert -O raw "$GOLDEN" "$url/vdi-0.raw"
     for qd in $QDS; do
         nbd_serve "$url/vdi-0.raw" "$WORK/nbd-0.sock"
+        [ "$name.$qd" != tessera.16 ] || stage_mark "$WORK/stages0"
         run_fio "$WORK/$name-qd$qd.json" "$qd" "$WORK/nbd-0.sock"
+        [ "$name.$qd" != tessera.16 ] || stage_mark "$WORK/stages1"
         stop_nbd
         summarise "$name" "qd$qd" "$WORK/$name-qd$qd.json"
     done
@@ -152,6 +164,31 @@ echo "bench: tessera peak RSS ${R[tessera.rss]} MiB"
 stop_pid "$TPID"; TPID=
 rm -rf "$EXT4/ds"
 
+# where the CPU went in Tessera's QD16 run, microseconds per I/O
+STAGES="write_buffer rmw_read read hash compress append commit durable front_end"
+declare -A CPU=()
+while read -r k v; do CPU[$k]=$v; done < <(python3 - "$WORK" "$(getconf CLK_TCK)" <<'PY'
+import json, sys
+w, hz = sys.argv[1], int(sys.argv[2])
+st = lambda f: {s["stage"]: s["seconds"] for s in json.load(open(f"{w}/{f}.json"))["stages"]}
+a, b = st("stages0"), st("stages1")
+d = {k: b[k] - a[k] for k in b}
+total = (int(open(f"{w}/stages1.ticks").read()) - int(open(f"{w}/stages0.ticks").read())) / hz
+j = json.load(open(f"{w}/tessera-qd16.json"))["jobs"][0]
+ios = j["read"]["total_ios"] + j["write"]["total_ios"]
+us = lambda x: x * 1e6 / ios
+d["write_buffer"] = d.pop("write") - d["rmw_read"]  # "write" includes the read-modify-write
+engine = sum(d.values())
+d["front_end"] = max(total - engine, 0.0)
+print("total", us(total))
+for k, v in d.items():
+    print(k, us(v))
+PY
+)
+printf 'bench: tessera CPU per I/O at QD16: %.0f us:' "${CPU[total]}"
+for k in $STAGES; do printf ' %s %.1f' "$k" "${CPU[$k]}"; done
+echo
+
 # ---- results: benches/results/vdi.json, and the table
 for qd in $QDS; do
     t=
@@ -165,6 +202,21 @@ bench_metric pool IOPS "VDI profile, $CLIENTS clients on $CLIENTS clones at once
     subject=tessera refs=ganesha better=higher headline=1
 bench_metric pool_wp99 ms "write p99, $CLIENTS clients" subject=tessera refs=ganesha better=lower
 bench_metric rss MiB "Tessera's peak RSS over the run" subject=tessera better=lower target="< 512 MiB"
+bench_metric cpu_total "us/IO" "Tessera CPU per I/O, QD16 run (80 % 4 KiB writes)" subject=tessera better=lower
+declare -A STAGE_LABEL=(
+    [write_buffer]="copying writes into the write-back buffer (locks, snapshot, copy)"
+    [rmw_read]="read-modify-write: loading the stored 16 KiB chunk a 4 KiB write lands in (read, decompress, verify)"
+    [read]="reads (chunk-map lookup, pack read, decompress, verify)"
+    [hash]="blake3 of flushed chunks"
+    [compress]="zstd of new chunks"
+    [append]="pack appends"
+    [commit]="flush transactions (chunk map, chunk index, redb commit)"
+    [durable]="durable commits (fdatasync, redb durable commit)"
+    [front_end]="outside the engine: NFS front end, RPC decoding and replies, async runtime, kernel TCP"
+)
+for k in $STAGES; do
+    bench_metric "cpu_$k" "us/IO" "  of which ${STAGE_LABEL[$k]}" subject=tessera better=lower
+done
 for s in ganesha tessera; do
     for qd in $QDS; do
         bench_value "qd$qd" "$s" "${R[$s.qd$qd]:-}"
@@ -174,5 +226,7 @@ for s in ganesha tessera; do
     bench_value pool_wp99 "$s" "${R[$s.pool_wp99]:-}"
 done
 bench_value rss tessera "${R[tessera.rss]}"
+bench_value cpu_total tessera "${CPU[total]}"
+for k in $STAGES; do bench_value "cpu_$k" tessera "${CPU[$k]}"; done
 bench_finish
 python3 benches/report.py --print vdi

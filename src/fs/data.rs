@@ -30,6 +30,14 @@ use crate::schema::{INODES, K_BARRIERS, NODES};
 use crate::store::chunk::{is_zero, ChunkId, HOT_ZSTD_LEVEL};
 use crate::store::Encoded;
 
+/// Chunks the background flusher commits per transaction under memory pressure (16 MiB of
+/// 16 KiB chunks): small enough that writers waiting for room wait tens of milliseconds, large
+/// enough that a transaction's fixed costs stay small per chunk.
+const FLUSH_BATCH_CHUNKS: usize = 1024;
+
+/// How long a writer past the dirty limit waits for the flusher before flushing itself.
+const PRESSURE_WAIT: Duration = Duration::from_secs(2);
+
 /// Chunk buffers by chunk index.
 pub(crate) type Chunks = BTreeMap<u64, Box<[u8]>>;
 
@@ -367,11 +375,15 @@ impl Engine {
         Ok(())
     }
 
-    /// Flush files while the dirty total is over the limit.
+    /// Keep the dirty total under the limit.
     ///
     /// Past half the limit the background flusher (if running) is woken and writers go on, so
-    /// hashing and compressing overlap with new writes; past the limit, writers flush
-    /// themselves (back-pressure), which bounds memory.
+    /// hashing and compressing overlap with new writes. Past the limit, writers wait for the
+    /// flusher's next batch (it commits [`FLUSH_BATCH_CHUNKS`] at a time and signals each):
+    /// a writer that flushed whole files itself held its thread (an NFS worker) for hundreds
+    /// of milliseconds and queued behind the flusher's lock, which made the write latency
+    /// tail. If the flusher makes no progress for [`PRESSURE_WAIT`] (a full disk), the writer
+    /// flushes itself, so the write fails with nothing buffered rather than waiting forever.
     fn relieve_pressure(&self, ino: InodeId) -> FsResult<()> {
         let limit = self.tuning.dirty_limit;
         if self.dirty_bytes() <= limit / 2 {
@@ -380,6 +392,11 @@ impl Engine {
         if self.flusher_running.load(Ordering::Relaxed) {
             *self.pressure.0.lock() = true;
             self.pressure.1.notify_one();
+            let deadline = std::time::Instant::now() + PRESSURE_WAIT;
+            while self.dirty_bytes() > limit && std::time::Instant::now() < deadline {
+                let mut g = self.progress.0.lock();
+                self.progress.1.wait_for(&mut g, Duration::from_millis(20));
+            }
             if self.dirty_bytes() <= limit {
                 return Ok(());
             }
@@ -397,55 +414,86 @@ impl Engine {
         Ok(())
     }
 
+    /// True when writers are past the dirty limit and will wait for the flusher (front ends
+    /// run such writes where waiting does not hold up other requests).
+    pub fn under_pressure(&self) -> bool {
+        self.dirty_bytes() > self.tuning.dirty_limit
+    }
+
     /// Flush one file's unflushed data; durably (with everything committed before) if asked.
     pub fn flush_ino(&self, ino: InodeId, durable: bool) -> FsResult<()> {
-        if let Some(st) = self.files.get(&ino).map(|s| s.clone()) {
-            let _one_flush = st.flush.lock();
-            let (batch, size, mtime) = {
-                let mut g = st.state.write();
-                if g.is_clean() {
-                    (None, None, None)
-                } else {
-                    let batch = Arc::new(std::mem::take(&mut g.dirty));
-                    g.inflight = Some(batch.clone());
-                    (Some((batch, std::mem::take(&mut g.hot))), g.size, g.mtime)
-                }
-            };
-            if let Some((batch, hot)) = batch {
-                // The heavy part runs without the state lock: writers and readers go on.
-                let r = self.commit_chunks(ino, &batch, &hot, size, mtime, None, false);
-                let mut g = st.state.write();
-                g.inflight = None;
-                match r {
-                    Ok(()) => {
-                        if g.size == size {
-                            g.size = None;
-                        }
-                        if g.mtime == mtime {
-                            g.mtime = None;
-                        }
-                        self.dirty_bytes
-                            .fetch_sub(batch.len() as u64 * self.chunk_size, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        // Nothing was committed: the chunks are dirty again (unless rewritten).
-                        for (k, v) in batch.iter() {
-                            if !g.dirty.contains_key(k) {
-                                g.dirty.insert(*k, v.clone());
-                            } else {
-                                self.dirty_bytes
-                                    .fetch_sub(self.chunk_size, Ordering::Relaxed);
-                            }
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-        }
+        self.flush_part(ino, None)?;
         if durable {
             self.make_durable()?;
         }
         Ok(())
+    }
+
+    /// Commit one file's dirty chunks (all of them, or the `max` lowest-indexed: one batch
+    /// of the background flusher, which keeps its transactions and the writers' waits short
+    /// and touches one region of the chunk map at a time), with its size and mtime. Returns
+    /// whether dirty chunks remain.
+    pub(crate) fn flush_part(&self, ino: InodeId, max: Option<usize>) -> FsResult<bool> {
+        let Some(st) = self.files.get(&ino).map(|s| s.clone()) else {
+            return Ok(false);
+        };
+        let _one_flush = st.flush.lock();
+        let (batch, size, mtime) = {
+            let mut g = st.state.write();
+            if g.is_clean() {
+                (None, None, None)
+            } else {
+                let taken = match max.and_then(|m| g.dirty.keys().nth(m).copied()) {
+                    Some(split) => {
+                        let rest = g.dirty.split_off(&split);
+                        std::mem::replace(&mut g.dirty, rest)
+                    }
+                    None => std::mem::take(&mut g.dirty),
+                };
+                let hot: HashSet<u64> = if g.dirty.is_empty() {
+                    std::mem::take(&mut g.hot)
+                } else {
+                    taken.keys().filter(|k| g.hot.remove(k)).copied().collect()
+                };
+                let batch = Arc::new(taken);
+                g.inflight = Some(batch.clone());
+                (Some((batch, hot)), g.size, g.mtime)
+            }
+        };
+        let Some((batch, hot)) = batch else {
+            return Ok(false);
+        };
+        // The heavy part runs without the state lock: writers and readers go on.
+        let r = self.commit_chunks(ino, &batch, &hot, size, mtime, None, false);
+        let mut g = st.state.write();
+        g.inflight = None;
+        match r {
+            Ok(()) => {
+                if g.size == size {
+                    g.size = None;
+                }
+                if g.mtime == mtime {
+                    g.mtime = None;
+                }
+                self.dirty_bytes
+                    .fetch_sub(batch.len() as u64 * self.chunk_size, Ordering::Relaxed);
+                self.progress.1.notify_all();
+                Ok(!g.dirty.is_empty())
+            }
+            Err(e) => {
+                // Nothing was committed: the chunks are dirty again (unless rewritten).
+                for (k, v) in batch.iter() {
+                    if !g.dirty.contains_key(k) {
+                        g.dirty.insert(*k, v.clone());
+                    } else {
+                        self.dirty_bytes
+                            .fetch_sub(self.chunk_size, Ordering::Relaxed);
+                    }
+                }
+                g.hot.extend(hot);
+                Err(e)
+            }
+        }
     }
 
     /// `fsync`/`fdatasync`: on return, everything written to `ino` survives a power loss.
@@ -905,14 +953,18 @@ impl Engine {
             .expect("spawn flusher thread")
     }
 
-    /// Flush files (not durably) until at most `target` bytes are dirty.
+    /// Flush files (not durably), a batch at a time, until at most `target` bytes are dirty.
     fn flush_some(&self, target: u64) -> FsResult<()> {
         let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
         for ino in inos {
+            while self.dirty_bytes() > target {
+                if !self.flush_part(ino, Some(FLUSH_BATCH_CHUNKS))? {
+                    break;
+                }
+            }
             if self.dirty_bytes() <= target {
                 break;
             }
-            self.flush_ino(ino, false)?;
         }
         Ok(())
     }

@@ -20,7 +20,7 @@
 //! 7. the store's read gate (`Store::read_gate`, shared and recursive, taken by every
 //!    snapshot; exclusive only to delete packs, under `gc_lock` alone);
 //! 8. leaf locks held for a few instructions, never while waiting for another lock:
-//!    `open_counts`, `pressure`, the store's `active` and `unsynced`, the chunk cache.
+//!    `open_counts`, `pressure`, `progress`, the store's `active` and `unsynced`, the chunk cache.
 //!
 //! Nothing takes a flush lock while holding a state lock, and nothing calls `write` (which
 //! may flush any file under memory pressure) while holding a flush lock: parking_lot locks
@@ -180,6 +180,8 @@ pub struct Engine {
     /// Set by writers under memory pressure to wake the background flusher. Shared with the
     /// flusher thread, which holds no strong reference to the engine while it waits.
     pressure: Arc<(Mutex<bool>, parking_lot::Condvar)>,
+    /// Signalled after each flush commit: writers waiting for room under memory pressure.
+    progress: (Mutex<()>, parking_lot::Condvar),
     flusher_running: AtomicBool,
     /// CPU time per stage of the data path (`tessera stats`, the benchmarks' breakdown).
     pub(crate) timings: timing::Timings,
@@ -437,6 +439,7 @@ impl Engine {
             durable_lock: Mutex::new(()),
             gc_lock: Mutex::new(()),
             pressure: Arc::new((Mutex::new(false), parking_lot::Condvar::new())),
+            progress: (Mutex::new(()), parking_lot::Condvar::new()),
             flusher_running: AtomicBool::new(false),
             timings: timing::Timings::default(),
         };

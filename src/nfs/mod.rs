@@ -565,27 +565,28 @@ impl NfsFileSystem for TesseraNfs {
         // pressure. DATA_SYNC and FILE_SYNC are answered only once the data and its metadata
         // are durable.
         let sync = !matches!(stable, stable_how::UNSTABLE);
-        let r = self.run_on(
-            "write",
-            if sync { Blocks::Yes } else { Blocks::Rarely },
-            |e| {
-                let (b, a) = e.write_with_attrs(h.ino(), offset, data, |a: &Attr| {
-                    before = Some(a.clone());
-                    match a.inode.kind {
-                        _ if a.inode.generation != h.generation() => Err(Fail::Stale),
-                        Kind::File => Ok(()),
-                        _ => Err(FsError::Invalid("write to a non-file").into()),
-                    }
-                })?;
-                before = Some(b);
-                if sync {
-                    e.fsync(h.ino())?;
-                    Ok((e.getattr(h.ino())?, stable_how::FILE_SYNC))
-                } else {
-                    Ok((a, stable_how::UNSTABLE))
+        let blocks = if sync || self.engine.under_pressure() {
+            Blocks::Yes // waits for the disk, or for the flusher to make room
+        } else {
+            Blocks::Rarely
+        };
+        let r = self.run_on("write", blocks, |e| {
+            let (b, a) = e.write_with_attrs(h.ino(), offset, data, |a: &Attr| {
+                before = Some(a.clone());
+                match a.inode.kind {
+                    _ if a.inode.generation != h.generation() => Err(Fail::Stale),
+                    Kind::File => Ok(()),
+                    _ => Err(FsError::Invalid("write to a non-file").into()),
                 }
-            },
-        );
+            })?;
+            before = Some(b);
+            if sync {
+                e.fsync(h.ino())?;
+                Ok((e.getattr(h.ino())?, stable_how::FILE_SYNC))
+            } else {
+                Ok((a, stable_how::UNSTABLE))
+            }
+        });
         let before = before.map(|b| self.fattr(&b));
         match r {
             Ok((a, committed)) => {
