@@ -415,8 +415,16 @@ mod tests {
         let idle: Vec<UnixStream> = (0..2)
             .map(|_| UnixStream::connect(&path).unwrap())
             .collect();
-        std::thread::sleep(Duration::from_millis(100));
-        let r = ask(&path);
+        // The server takes them in its own time (a loaded machine can take a while): ask
+        // until they hold both slots.
+        let start = std::time::Instant::now();
+        let r = loop {
+            let r = ask(&path);
+            if !r.ok || start.elapsed() > Duration::from_secs(3) {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert!(!r.ok && r.error.starts_with("busy"), "{r:?}");
         // They are dropped once their time to send a request is up.
         let start = std::time::Instant::now();

@@ -153,23 +153,39 @@ fn lock_transaction(
     }
 }
 
-/// Tessera patch: writes one reply record, giving up when the socket accepts no byte
-/// for `stall` (a client that stopped reading its replies). Upstream waited forever, so
-/// a dead client pinned the memory of every reply queued for it.
+/// Tessera patch: replies written together by the connection's writer, at most this many
+/// bytes of small replies per write (a reply over it is written on its own).
+pub const COALESCE_BYTES: usize = 256 * 1024;
+
+/// Tessera patch: write `batch`'s records in order, the small ones gathered into one buffer
+/// (one syscall), a large one (a READ's data) from its own buffer after its header. Gives up
+/// when the socket accepts no byte for `stall` (a client that stopped reading its replies):
+/// upstream waited forever, so a dead client pinned the memory of every reply queued for it.
 #[allow(clippy::cast_possible_truncation)]
-pub async fn write_fragment<IO: tokio::io::AsyncWrite + Unpin>(
+pub async fn write_replies<IO: tokio::io::AsyncWrite + Unpin>(
     socket: &mut IO,
-    buf: CompleteRpcMessage,
+    batch: &mut [QueuedReply],
     stall: Duration,
 ) -> Result<(), anyhow::Error> {
-    // TODO: split into many fragments
-    let buf = buf.into_inner();
-    assert!(buf.len() < (1 << 31));
-    let fragment_header = fragment_header::new(buf.len() as u32, true);
-    let header_buf = fragment_header.into_xdr_buf();
-    write_all_progressing(socket, &header_buf, stall).await?;
-    trace!("Writing fragment length: {}", buf.len());
-    write_all_progressing(socket, &buf, stall).await?;
+    let mut out: Vec<u8> = Vec::new();
+    for r in batch.iter_mut() {
+        let body = std::mem::take(&mut r.reply).into_inner();
+        assert!(body.len() < (1 << 31));
+        let header = fragment_header::new(body.len() as u32, true).into_xdr_buf();
+        if body.len() > 64 * 1024 {
+            // Large: flush what is gathered, then header and body without copying the body.
+            out.extend_from_slice(&header);
+            write_all_progressing(socket, &out, stall).await?;
+            out.clear();
+            write_all_progressing(socket, &body, stall).await?;
+        } else {
+            out.extend_from_slice(&header);
+            out.extend_from_slice(&body);
+        }
+    }
+    if !out.is_empty() {
+        write_all_progressing(socket, &out, stall).await?;
+    }
     Ok(())
 }
 
@@ -200,6 +216,7 @@ async fn write_all_progressing<IO: tokio::io::AsyncWrite + Unpin>(
 /// byte budget it holds until it has left for the socket.
 pub struct QueuedReply {
     pub reply: CompleteRpcMessage,
+    #[allow(dead_code)] // held for its Drop: released once the reply is written
     pub held: (
         OwnedSemaphorePermit,
         OwnedSemaphorePermit,

@@ -64,7 +64,7 @@ impl IncompleteRpcMessage {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct CompleteRpcMessage(Vec<u8>);
 
 impl CompleteRpcMessage {
