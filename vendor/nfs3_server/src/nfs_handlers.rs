@@ -154,7 +154,10 @@ where
     // asks: the per-connection byte budget (rpcwire.rs) reserves at most that much per call.
     let count = read3args.count.min(MAX_REPLY_DATA);
     // Tessera patch: data and attributes in one file system call.
-    let (attr, result) = context.vfs.read_with_attr(&id, read3args.offset, count).await;
+    let (attr, result) = context
+        .vfs
+        .read_with_attr(&id, read3args.offset, count)
+        .await;
     let file_attributes = attr.map_or(post_op_attr::None, post_op_attr::Some);
     match result {
         Ok((bytes, eof)) => {
