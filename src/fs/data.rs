@@ -35,7 +35,7 @@ use crate::store::Encoded;
 /// limit, so one batch takes about what was dirty then. Smaller batches cost more, in CPU and
 /// in space: a flushed chunk updates two chunk-index entries at random keys and a transaction
 /// rewrites each index page it touches, so 1024-chunk batches rewrote about 1.3 index pages per
-/// chunk where half-limit batches rewrite about 0.4 (`commit` 38 -> 27 us per I/O in
+/// chunk where half-limit batches rewrite about 0.4 (`commit` 38 -> 26-30 us per I/O in
 /// benches/vdi.sh), and the metadata file grew by 1.7 % of a 1 GiB deduplicated copy, not
 /// 0.x % (pages freed by commits that are not yet durable cannot be reused).
 const FLUSH_BATCH_SHARE: u64 = 2;
