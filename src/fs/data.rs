@@ -141,6 +141,15 @@ pub enum Falloc {
     ZeroRange { keep_size: bool },
 }
 
+/// A write of `data` at `offset` must end within the largest file size.
+fn check_range(offset: u64, data: &[u8]) -> FsResult<()> {
+    offset
+        .checked_add(data.len() as u64)
+        .filter(|&e| e <= MAX_FILE_SIZE)
+        .map(|_| ())
+        .ok_or(FsError::TooBig)
+}
+
 /// File data operations apply to regular files only.
 fn require_file(kind: Kind) -> FsResult<()> {
     match kind {
@@ -240,10 +249,7 @@ impl Engine {
         if data.is_empty() {
             return Ok(0);
         }
-        offset
-            .checked_add(data.len() as u64)
-            .filter(|&e| e <= MAX_FILE_SIZE)
-            .ok_or(FsError::TooBig)?;
+        check_range(offset, data)?;
         // Make room first: if the buffer is full and cannot be flushed (full disk), the write
         // fails with nothing buffered, instead of being buffered and reported as failed.
         self.relieve_pressure(ino)?;
@@ -263,10 +269,7 @@ impl Engine {
         data: &[u8],
         admit: impl FnOnce(&Attr) -> Result<(), E>,
     ) -> Result<(Attr, Attr), E> {
-        offset
-            .checked_add(data.len() as u64)
-            .filter(|&e| e <= MAX_FILE_SIZE)
-            .ok_or(FsError::TooBig)?;
+        check_range(offset, data)?;
         self.relieve_pressure(ino)?;
         let st = self.entry(ino);
         let mut g = st.state.write();
@@ -276,7 +279,10 @@ impl Engine {
         admit(&before)?;
         require_file(inode.kind)?;
         let mut stored = Some((rtx, inode));
-        self.write_into(ino, &mut g, offset, data, &mut stored)?;
+        if !data.is_empty() {
+            // A zero-length write changes nothing (not even the size past its offset).
+            self.write_into(ino, &mut g, offset, data, &mut stored)?;
+        }
         let (_, inode) = stored.expect("kept by write_into");
         let after = self.attr_of(ino, inode, Some(&g));
         Ok((before, after))

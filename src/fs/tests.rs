@@ -865,3 +865,21 @@ fn writers_under_pressure_wait_for_the_flusher_and_lose_nothing() {
     e.sync_all().unwrap();
     assert_clean(&e);
 }
+
+/// Protects: an NFS WRITE of zero bytes past the end of a file (`write_with_attrs`) leaves its
+/// size alone, as `write` does.
+#[test]
+fn empty_write_with_attrs_changes_nothing() {
+    let (e, _io) = engine();
+    let f = e
+        .mknod(InodeId::ROOT, b"f", Kind::File, 0o644, 0, Ctx::ROOT)
+        .unwrap()
+        .ino;
+    e.write(f, 0, b"abc").unwrap();
+    let (before, after) = e
+        .write_with_attrs(f, 1 << 20, b"", |_| Ok::<(), FsError>(()))
+        .unwrap();
+    assert_eq!(before.inode.size, 3);
+    assert_eq!(after.inode.size, 3);
+    assert_eq!(e.getattr(f).unwrap().inode.size, 3);
+}
