@@ -70,6 +70,7 @@ bench: build
 	benches/nfs_meta.sh
 	benches/vdi.sh
 	benches/space.sh
+	benches/corpus.sh
 	$(MAKE) bench-report
 
 bench-report:

@@ -33,6 +33,7 @@ SCRIPTS = {
     "nfs_meta": ("benches/nfs_meta.sh", "NFS metadata and sync vs nfs-ganesha"),
     "vdi": ("benches/vdi.sh", "VDI profile through qemu's NFS client vs nfs-ganesha"),
     "space": ("benches/space.sh", "reclamation and scrub"),
+    "corpus": ("benches/corpus.sh", "VDI corpus: space against the dedup floor"),
 }
 
 

@@ -10,12 +10,18 @@
 //! | `xattrs`    | (inode `u64`, name bytes) | value bytes |
 //! | `nodes`     | node `u64` | chunk-map tree node ([`crate::fs::tree`] encoding) |
 //! | `noderefs`  | node `u64` | reference count `u64` (roots and parent nodes pointing at it) |
-//! | `chunks`    | chunk id `[u8; 32]` | [`crate::store::ChunkLoc`] encoding (29 bytes) |
+//! | `chunk_index` | chunk key `u64` ([`crate::store::ChunkKey`]) | [`crate::store::IndexEntry`] encoding (61 bytes: id, location, references) |
+//! | `chunk_aliases` | chunk id `[u8; 32]` | chunk key `u64`: the few chunks whose preferred key was taken |
 //! | `packs`     | pack `u32` | (live bytes `u64`, dead bytes `u64`) of stored records |
 //! | `counters`  | name `&str` | `u64` store-wide totals (see the `C_*` constants) |
 //! | `orphans`   | inode `u64` | `()`: unlinked inodes still open; purged at next open |
 //!
 //! Every integer inside a byte value is little-endian. The format version is `super.format`.
+//!
+//! Format history: 1 keyed the index by the 32-byte chunk id (table `chunks`, value a
+//! `ChunkLoc`) and chunk-map leaves held ids; 2 keys both by 8-byte [`crate::store::ChunkKey`]s,
+//! which makes the maps of full copies 3.7x smaller. Opening a format-1 datastore converts it
+//! (`crate::fs::upgrade`).
 
 use redb::TableDefinition;
 
@@ -27,13 +33,16 @@ pub const SYMLINKS: TableDefinition<u64, &[u8]> = TableDefinition::new("symlinks
 pub const XATTRS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("xattrs");
 pub const NODES: TableDefinition<u64, &[u8]> = TableDefinition::new("nodes");
 pub const NODEREFS: TableDefinition<u64, u64> = TableDefinition::new("noderefs");
-pub const CHUNKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("chunks");
+pub const CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("chunk_index");
+pub const CHUNK_ALIASES: TableDefinition<&[u8; 32], u64> = TableDefinition::new("chunk_aliases");
+/// The format-1 index (read only by the upgrade).
+pub const CHUNKS_V1: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("chunks");
 pub const PACKS: TableDefinition<u32, (u64, u64)> = TableDefinition::new("packs");
 pub const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 pub const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
 
 /// On-disk format version written by this build.
-pub const FORMAT_VERSION: u64 = 1;
+pub const FORMAT_VERSION: u64 = 2;
 
 pub const K_FORMAT: &str = "format";
 pub const K_CHUNK_SIZE: &str = "chunk_size";
@@ -48,6 +57,8 @@ pub const K_DATASTORE_ID: &str = "datastore_id";
 pub const K_BARRIERS: &str = "barriers";
 /// Number of distinct chunks stored.
 pub const C_CHUNK_COUNT: &str = "chunk_count";
+/// Next alias number (`ChunkKey::alias`).
+pub const C_NEXT_ALIAS: &str = "next_alias";
 /// Sum of the uncompressed length of distinct chunks.
 pub const C_UNIQUE_BYTES: &str = "unique_bytes";
 /// Sum of the stored (compressed) payload length of distinct chunks.

@@ -12,8 +12,9 @@ use tessera::fs::gc::GcReport;
 pub struct Args {
     /// The datastore folder.
     pub dir: PathBuf,
-    /// Compact packs with less than this share of live data (0.0 to 1.0).
-    #[arg(long, default_value_t = 0.5)]
+    /// Compact packs with less than this share of live data (0.0 to 1.0). The default
+    /// compacts every pack with at least 5 % dead data.
+    #[arg(long, default_value_t = tessera::fs::gc::DEFAULT_MIN_LIVE)]
     pub min_live: f64,
     /// Print the report as JSON.
     #[arg(long)]
@@ -55,6 +56,16 @@ pub fn run(a: Args) -> Result<()> {
             r.bytes_moved >> 20,
             r.bytes_freed >> 20
         );
+        if r.packs_left_with_dead > 0 {
+            println!(
+                "left {} MiB dead in {} pack(s): each is at least {:.0}% live (--min-live {}), \
+                 or is being written to",
+                r.bytes_left_dead >> 20,
+                r.packs_left_with_dead,
+                r.min_live * 100.0,
+                r.min_live
+            );
+        }
         if r.packs_skipped_damaged > 0 {
             println!(
                 "{} pack(s) with damaged records were left alone: run tessera fsck",

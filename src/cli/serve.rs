@@ -275,6 +275,11 @@ pub fn run(a: Args) -> Result<()> {
     engine
         .sync_all()
         .map_err(|e| anyhow!("final flush failed: {e}"))?;
+    // Everything is durable; shrink the metadata file while nothing uses it (any size of
+    // free space: the next open would otherwise find it).
+    if let Err(e) = engine.compact_metadata(0) {
+        tracing::warn!("cannot compact the metadata file: {e}");
+    }
     fuse_result.context("FUSE session failed")?;
     tracing::info!("stopped serving {}; all data flushed", dir.display());
     Ok(())

@@ -68,7 +68,39 @@ pub fn run(a: Args) -> Result<()> {
         s.pack_fill * 100.0,
         human(s.reclaimable_bytes)
     );
-    println!("metadata          {}", human(s.metadata_bytes));
+    let in_tables: u64 = s.metadata_tables.iter().map(|t| t.page_bytes).sum();
+    println!(
+        "metadata          {} ({:.1}% of pack bytes; {} in tables, {} free pages and redb's own)",
+        human(s.metadata_bytes),
+        100.0 * s.metadata_bytes as f64 / s.pack_bytes.max(1) as f64,
+        human(in_tables),
+        human(s.metadata_bytes.saturating_sub(in_tables))
+    );
+    for t in s.metadata_tables.iter().filter(|t| t.entries > 0) {
+        println!(
+            "  {:<15} {:>12} {:>10} entries, {} stored",
+            t.table,
+            human(t.page_bytes),
+            t.entries,
+            human(t.stored_bytes)
+        );
+    }
+    println!(
+        "metadata backup   {} (meta.redb.bak, taken when last served)",
+        human(s.metadata_backup_bytes)
+    );
+    println!(
+        "space reserve     {} (kept free for compaction on a full disk)",
+        human(s.reserve_bytes)
+    );
+    if s.other_bytes > 0 {
+        println!("other files       {}", human(s.other_bytes));
+    }
+    println!(
+        "datastore folder  {} in all (packs, metadata, backup, reserve{})",
+        human(s.folder_bytes),
+        if s.other_bytes > 0 { ", other" } else { "" }
+    );
     println!(
         "disk              {} free of {}",
         human(s.disk_free_bytes),

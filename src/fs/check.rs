@@ -15,8 +15,7 @@ use super::inode::{Inode, InodeId, Kind};
 use super::tree::{self, Node};
 use super::{Engine, FsResult};
 use crate::schema::*;
-use crate::store::chunk::ChunkId;
-use crate::store::ChunkLoc;
+use crate::store::{ChunkKey, IndexEntry};
 
 /// Result of a check: `problems` is empty for a sound datastore.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -33,8 +32,8 @@ pub struct Report {
 struct Walk<'a> {
     nodes: &'a redb::ReadOnlyTable<u64, &'static [u8]>,
     node_refs: HashMap<u64, u64>,
-    chunk_refs: HashMap<ChunkId, u64>,
-    chunk_owner: HashMap<ChunkId, InodeId>,
+    chunk_refs: HashMap<ChunkKey, u64>,
+    chunk_owner: HashMap<ChunkKey, InodeId>,
     visited: HashSet<u64>,
     problems: Vec<String>,
 }
@@ -297,22 +296,37 @@ impl Engine {
         let (mut unique, mut stored, mut count) = (0u64, 0u64, 0u64);
         let mut live: HashMap<u32, u64> = HashMap::new();
         let mut damaged: HashSet<InodeId> = HashSet::new();
+        let aliases = rtx.open_table(CHUNK_ALIASES)?;
+        let mut alias_count = 0u64;
         for (n, e) in chunks.iter()?.enumerate() {
             let (k, v) = e?;
-            let id = ChunkId(*k.value());
-            let Some(loc) = ChunkLoc::decode(v.value()) else {
-                r.problems.push(format!(
-                    "index entry of chunk {} does not decode",
-                    id.short()
-                ));
+            let key = ChunkKey(k.value());
+            let Some(IndexEntry { id, loc }) = IndexEntry::decode(v.value()) else {
+                r.problems
+                    .push(format!("index entry of chunk key {key} does not decode"));
                 continue;
             };
+            if !key.may_be(&id) {
+                r.problems.push(format!(
+                    "chunk {} is stored under key {key}, which is not its own",
+                    id.short()
+                ));
+            }
+            if key.is_alias() {
+                alias_count += 1;
+                if aliases.get(&id.0)?.map(|a| a.value()) != Some(key.0) {
+                    r.problems.push(format!(
+                        "chunk {} has alias key {key} but no alias entry",
+                        id.short()
+                    ));
+                }
+            }
             count += 1;
             unique += u64::from(loc.raw_len);
             stored += u64::from(loc.stored_len);
             *live.entry(loc.pack.0).or_insert(0) +=
                 crate::store::pack::RECORD_HEADER_LEN as u64 + u64::from(loc.stored_len);
-            let found = walk.chunk_refs.get(&id).copied().unwrap_or(0);
+            let found = walk.chunk_refs.get(&key).copied().unwrap_or(0);
             if found != loc.refs {
                 r.problems.push(format!(
                     "chunk {}: reference count {}, but {found} references found",
@@ -324,7 +338,7 @@ impl Engine {
                 Ok(d) => r.chunk_bytes_verified += d.len() as u64,
                 Err(e) => {
                     r.problems.push(format!("chunk {}: {e}", id.short()));
-                    if let Some(o) = walk.chunk_owner.get(&id) {
+                    if let Some(o) = walk.chunk_owner.get(&key) {
                         damaged.insert(*o);
                     }
                 }
@@ -335,14 +349,20 @@ impl Engine {
         }
         progress(total, total);
         r.chunks = count;
-        for id in walk.chunk_refs.keys() {
-            if chunks.get(&id.0)?.is_none() {
+        for key in walk.chunk_refs.keys() {
+            if chunks.get(key.0)?.is_none() {
                 r.problems
-                    .push(format!("chunk {} is referenced but not stored", id.short()));
-                if let Some(o) = walk.chunk_owner.get(id) {
+                    .push(format!("chunk key {key} is referenced but not stored"));
+                if let Some(o) = walk.chunk_owner.get(key) {
                     damaged.insert(*o);
                 }
             }
+        }
+        let alias_entries = redb::ReadableTableMetadata::len(&aliases)?;
+        if alias_entries != alias_count {
+            r.problems.push(format!(
+                "{alias_entries} chunk aliases recorded, {alias_count} chunks stored under one"
+            ));
         }
         let counters = rtx.open_table(COUNTERS)?;
         let get = |k| -> FsResult<u64> { Ok(counters.get(k)?.map_or(0, |v| v.value())) };

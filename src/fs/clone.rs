@@ -176,7 +176,11 @@ impl Engine {
                             let ups: Vec<_> = (0..n)
                                 .map(|k| (base + k, present.get(&(first + k)).copied()))
                                 .collect();
-                            let (r, t) = w.tree().set(di.root, &ups, &HashMap::new())?;
+                            // The destination's slots take their own references.
+                            for k in ups.iter().filter_map(|u| u.1) {
+                                w.chunks.incref(k)?;
+                            }
+                            let (r, t) = w.tree().set(di.root, &ups)?;
                             di.root = r;
                             di.aux = t;
                         }

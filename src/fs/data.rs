@@ -28,6 +28,7 @@ use super::timing::Stage;
 use super::{get_inode, tree, Attr, Engine, FsError, FsResult, MAX_FILE_SIZE};
 use crate::schema::{INODES, K_BARRIERS, NODES};
 use crate::store::chunk::{is_zero, ChunkId, HOT_ZSTD_LEVEL};
+use crate::store::ChunkKey;
 use crate::store::Encoded;
 
 /// Share of the dirty limit the background flusher commits per transaction under memory
@@ -215,7 +216,7 @@ impl Engine {
         };
         let mem = g.as_deref();
         let nodes = rtx.open_table(NODES)?;
-        let stored: Vec<(u64, ChunkId)> = tree::collect(&nodes, inode.root, first, last + 1)?
+        let stored: Vec<(u64, ChunkKey)> = tree::collect(&nodes, inode.root, first, last + 1)?
             .into_iter()
             .filter(|(i, _)| mem.is_none_or(|m| m.chunk(*i).is_none()))
             .collect();
@@ -229,8 +230,8 @@ impl Engine {
                 copy(&mut out, idx, buf);
             }
         }
-        let ids: Vec<ChunkId> = stored.iter().map(|s| s.1).collect();
-        let chunks = self.store.read_many(&rtx, &ids);
+        let keys: Vec<ChunkKey> = stored.iter().map(|s| s.1).collect();
+        let chunks = self.store.read_many(&rtx, &keys);
         for ((idx, _), r) in stored.iter().map(|s| (s.0, ())).zip(chunks) {
             match r {
                 Ok(data) => copy(&mut out, idx, &data),
@@ -359,7 +360,7 @@ impl Engine {
                     match stored_id {
                         Some(id) => self
                             .timings
-                            .time(Stage::RmwRead, || self.store.read(rtx, &id))
+                            .time(Stage::RmwRead, || self.store.read(rtx, id))
                             .map_err(|e| {
                                 let e = FsError::from(e).at(ino.0, cs);
                                 tracing::error!(file = %self.path_of(ino), offset = cs, "read for write failed: {e}");
@@ -674,7 +675,8 @@ impl Engine {
             // A chunk seen as stored may have lost its last reference since: store it again.
             for (i, id) in &updates {
                 if let Some(id) = id {
-                    if !locs.contains_key(id) && w.chunks.get(id)?.is_none_or(|l| l.is_lost()) {
+                    if !locs.contains_key(id) && w.chunks.find(id)?.is_none_or(|(_, l)| l.is_lost())
+                    {
                         let e = Encoded::new(*id, &dirty[i], level);
                         locs.insert(*id, self.store.append(&e)?);
                     }
@@ -687,7 +689,15 @@ impl Engine {
                 inode.root = root;
                 inode.aux = total;
             }
-            let (root, total) = w.tree().set(inode.root, &updates, &locs)?;
+            let mut keyed = Vec::with_capacity(updates.len());
+            for (i, id) in &updates {
+                let key = match id {
+                    Some(id) => Some(w.chunks.reference(id, locs.get(id))?),
+                    None => None,
+                };
+                keyed.push((*i, key));
+            }
+            let (root, total) = w.tree().set(inode.root, &keyed)?;
             inode.root = root;
             inode.aux = total;
             if let Some(s) = size {
@@ -740,7 +750,7 @@ impl Engine {
                 if let Some(id) = tree::get(&rtx.open_table(NODES)?, inode.root, idx)? {
                     let mut data = self
                         .store
-                        .read(&rtx, &id)
+                        .read(&rtx, id)
                         .map_err(|e| FsError::from(e).at(ino.0, idx * c))?
                         .to_vec();
                     data[(sz % c) as usize..].fill(0);
@@ -777,13 +787,17 @@ impl Engine {
             }
             if let Some(sz) = s.size {
                 if let Some((idx, id, enc)) = &tail {
-                    let mut locs = HashMap::new();
+                    let mut appended = None;
                     if let Some(e) = enc {
-                        if w.chunks.get(&e.id)?.is_none_or(|l| l.is_lost()) {
-                            locs.insert(e.id, self.store.append(e)?);
+                        if w.chunks.find(&e.id)?.is_none_or(|(_, l)| l.is_lost()) {
+                            appended = Some(self.store.append(e)?);
                         }
                     }
-                    let (r, t) = w.tree().set(i.root, &[(*idx, *id)], &locs)?;
+                    let key = match id {
+                        Some(id) => Some(w.chunks.reference(id, appended.as_ref())?),
+                        None => None,
+                    };
+                    let (r, t) = w.tree().set(i.root, &[(*idx, key)])?;
                     i.root = r;
                     i.aux = t;
                 }

@@ -16,9 +16,8 @@ use super::inode::{InodeId, Kind};
 use super::tree::{self, Node, NodeId};
 use super::{get_inode, Engine, FsError, FsResult};
 use crate::schema::*;
-use crate::store::chunk::ChunkId;
 use crate::store::pack::RECORD_HEADER_LEN;
-use crate::store::ChunkLoc;
+use crate::store::{ChunkKey, IndexEntry};
 
 /// Space of one file or folder. Bytes throughout.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,7 +102,7 @@ impl Engine {
             }
         }
         // Per chunk: leaf slots in owned nodes, and file paths reaching them.
-        let mut slots: HashMap<ChunkId, (u64, u64)> = HashMap::new();
+        let mut slots: HashMap<ChunkKey, (u64, u64)> = HashMap::new();
         while let Some((h, level)) = by_height.pop_last() {
             for (id, (from_set, paths)) in level {
                 let total = refs.get(id.0)?.map_or(0, |v| v.value());
@@ -130,12 +129,13 @@ impl Engine {
             }
         }
         let mut unique_slots = 0u64;
-        for (id, (n, paths)) in slots {
+        for (key, (n, paths)) in slots {
             let v = chunks
-                .get(&id.0)?
-                .ok_or_else(|| FsError::BadMeta(format!("chunk {} not indexed", id.short())))?;
-            let loc = ChunkLoc::decode(v.value())
-                .ok_or_else(|| FsError::BadMeta(format!("bad index entry {}", id.short())))?;
+                .get(key.0)?
+                .ok_or_else(|| FsError::BadMeta(format!("chunk key {key} not indexed")))?;
+            let loc = IndexEntry::decode(v.value())
+                .ok_or_else(|| FsError::BadMeta(format!("bad index entry {key}")))?
+                .loc;
             if n >= loc.refs {
                 unique_slots += paths;
                 if !loc.is_lost() {

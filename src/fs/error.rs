@@ -100,6 +100,16 @@ impl From<StoreError> for FsError {
                 detail: format!("chunk {}: {detail}", id.short()),
             },
             StoreError::Missing(id) => missing(id),
+            StoreError::MissingKey(k) => FsError::Corrupt {
+                ino: 0,
+                offset: 0,
+                detail: format!("chunk key {k} missing from the index"),
+            },
+            StoreError::BadIndex(k) => FsError::Corrupt {
+                ino: 0,
+                offset: 0,
+                detail: format!("the index entry of chunk key {k} is damaged"),
+            },
         }
     }
 }

@@ -17,7 +17,7 @@ use super::{Engine, FsResult};
 use crate::schema::PACKS;
 use crate::store::chunk::ChunkId;
 use crate::store::pack::PackId;
-use crate::store::ChunkLoc;
+use crate::store::{ChunkKey, ChunkLoc, IndexEntry};
 
 /// Live records copied per group (4096 x 16 KiB chunks: at most 64 MiB in memory).
 const GC_GROUP: usize = 4096;
@@ -39,6 +39,15 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Packs left alone because a live record in them is damaged (run fsck/scrub).
     pub packs_skipped_damaged: u64,
+    /// The threshold used: packs with a smaller live share were compacted.
+    #[serde(default)]
+    pub min_live: f64,
+    /// Packs left with dead records (their live share was at or above `min_live`, or they
+    /// are being appended to), and their dead bytes.
+    #[serde(default)]
+    pub packs_left_with_dead: u64,
+    #[serde(default)]
+    pub bytes_left_dead: u64,
     /// Most index entries held in memory at once (tests check the grouping).
     #[serde(skip)]
     pub peak_entries_held: u64,
@@ -66,7 +75,35 @@ impl Engine {
         let r = self.gc_inner(min_live, rate, GC_SCAN_LIVE_BYTES, progress);
         // Whatever happened, take the space reserve back if the copies let go of it.
         self.ensure_reserve();
-        r
+        let mut r = r?;
+        r.min_live = min_live;
+        // What is left dead, and where: the report says why it stayed.
+        let rtx = self.read_txn()?;
+        for e in rtx.open_table(PACKS)?.iter()? {
+            let dead = e?.1.value().1;
+            if dead > 0 {
+                r.packs_left_with_dead += 1;
+                r.bytes_left_dead += dead;
+            }
+        }
+        Ok(r)
+    }
+
+    /// The live-share threshold background reclamation compacts below now, or `None` when
+    /// there is nothing worth doing. Packs mostly dead (under half live) are always worth
+    /// it: copying their live half frees more than it writes. Once dead records are more
+    /// than `RECLAIM_MAX_DEAD_SHARE` of the pack bytes, the deadest packs are added until
+    /// what stays dead is at most `RECLAIM_TARGET_DEAD_SHARE`: each pack compacted frees
+    /// the most per byte copied, and the gap between the two shares keeps it from chasing
+    /// every small delete.
+    pub fn reclaim_threshold(&self) -> FsResult<Option<f64>> {
+        let rtx = self.read_txn()?;
+        let mut packs: Vec<(u64, u64)> = Vec::new();
+        for e in rtx.open_table(PACKS)?.iter()? {
+            packs.push(e?.1.value());
+        }
+        drop(rtx);
+        Ok(pick_min_live(&packs))
     }
 
     /// The compaction run; candidates are worked through in groups of about
@@ -164,7 +201,7 @@ impl Engine {
     fn compact_pack(
         &self,
         pack: PackId,
-        records: Vec<(ChunkId, ChunkLoc)>,
+        records: Vec<(ChunkKey, IndexEntry)>,
         pacer: &mut Pacer,
         report: &mut GcReport,
     ) -> FsResult<()> {
@@ -173,8 +210,8 @@ impl Engine {
         let mut damaged = false;
         'copy: for group in records.chunks(GC_GROUP) {
             let mut copies = Vec::with_capacity(group.len());
-            for (id, loc) in group {
-                match self.store.read_record(id, loc) {
+            for (_, e) in group {
+                match self.store.read_record_for_copy(&e.id, &e.loc) {
                     Ok(e) => copies.push(e),
                     Err(e) => {
                         tracing::error!("gc: pack {:08x} kept: {e}", pack.0);
@@ -201,10 +238,14 @@ impl Engine {
         }
         // Durable: the copies are synced before the index points at them.
         let switched = self.txn(true, |w| {
-            for ((id, old), new) in records.iter().zip(&new_locs) {
-                match w.chunks.get(id)? {
-                    Some(cur) if cur.pack == pack && cur.offset == old.offset => {
-                        w.chunks.relocate(id, new)?
+            for ((key, old), new) in records.iter().zip(&new_locs) {
+                match w.chunks.entry(*key)? {
+                    Some(cur)
+                        if cur.id == old.id
+                            && cur.loc.pack == pack
+                            && cur.loc.offset == old.loc.offset =>
+                    {
+                        w.chunks.relocate(*key, new)?
                     }
                     // Released or stored again meanwhile: this copy is garbage.
                     _ => w.chunks.add_dead(new)?,
@@ -216,7 +257,7 @@ impl Engine {
         if let Err(e) = switched {
             // Nothing points at the copies: count them as dead space.
             let copies: HashMap<ChunkId, ChunkLoc> =
-                records.iter().map(|r| r.0).zip(new_locs).collect();
+                records.iter().map(|r| r.1.id).zip(new_locs).collect();
             self.settle_failed_appends(&copies);
             return Err(e);
         }
@@ -250,24 +291,47 @@ impl Engine {
     }
 }
 
+/// `reclaim_threshold` over the (live, dead) bytes of every pack.
+fn pick_min_live(packs: &[(u64, u64)]) -> Option<f64> {
+    let dead: u64 = packs.iter().map(|p| p.1).sum();
+    let total: u64 = packs.iter().map(|p| p.0 + p.1).sum();
+    if dead < RECLAIM_MIN_DEAD {
+        return None;
+    }
+    let share = |p: &(u64, u64)| p.0 as f64 / (p.0 + p.1).max(1) as f64;
+    let mut min_live = 0.5f64;
+    if dead as f64 > RECLAIM_MAX_DEAD_SHARE * total as f64 {
+        let mut by_share: Vec<&(u64, u64)> = packs.iter().filter(|p| p.1 > 0).collect();
+        by_share.sort_by(|a, b| share(a).total_cmp(&share(b)));
+        let mut left = dead;
+        for p in by_share {
+            if left as f64 <= RECLAIM_TARGET_DEAD_SHARE * total as f64 {
+                break;
+            }
+            left -= p.1;
+            // Strictly above this pack's share, so it is a candidate.
+            min_live = min_live.max(share(p) + 1e-9);
+        }
+    }
+    let any = packs.iter().any(|p| p.1 > 0 && share(p) < min_live);
+    any.then_some(min_live.min(1.0))
+}
+
 /// Background compaction starts when this much pack space is dead (bytes).
 pub const RECLAIM_MIN_DEAD: u64 = 32 << 20;
+/// Background compaction also takes packs that are mostly live once dead records exceed this
+/// share of all pack bytes (see `reclaim_threshold`)...
+pub const RECLAIM_MAX_DEAD_SHARE: f64 = 0.10;
+/// ...and stops adding packs once what stays dead is at most this share.
+pub const RECLAIM_TARGET_DEAD_SHARE: f64 = 0.05;
+/// `tessera gc` compacts packs with at least 5 % dead records (restic's prune default):
+/// whatever stats calls reclaimable, less at most 5 % of the packs it leaves.
+pub const DEFAULT_MIN_LIVE: f64 = 0.95;
 
 impl Engine {
-    /// Dead bytes in packs: records no file references any more.
-    pub fn dead_bytes(&self) -> FsResult<u64> {
-        let rtx = self.read_txn()?;
-        let t = rtx.open_table(PACKS)?;
-        let mut dead = 0;
-        for r in t.iter()? {
-            dead += r?.1.value().1;
-        }
-        Ok(dead)
-    }
-
     /// Background reclamation while serving: every `interval`, if at least `RECLAIM_MIN_DEAD`
-    /// bytes are dead, compact packs under half live, copying at most `rate` bytes per second
-    /// so guest I/O keeps its speed. Deleted data's space is thus back on the host within
+    /// bytes are dead, compact the packs `reclaim_threshold` picks, copying at most `rate`
+    /// bytes per second so guest I/O keeps its speed. Deleted data's space is thus back on the host within
     /// about `interval` plus the copy time. The thread holds no strong reference while it
     /// waits and ends once the engine is dropped.
     pub fn spawn_reclaimer(
@@ -287,17 +351,15 @@ impl Engine {
                     }
                 }
                 let Some(e) = weak.upgrade() else { return };
-                let dead = match e.dead_bytes() {
-                    Ok(d) => d,
+                let min_live = match e.reclaim_threshold() {
+                    Ok(Some(m)) => m,
+                    Ok(None) => continue,
                     Err(err) => {
                         tracing::warn!("background gc: cannot read pack accounting: {err}");
                         continue;
                     }
                 };
-                if dead < RECLAIM_MIN_DEAD {
-                    continue;
-                }
-                match e.gc_paced(0.5, rate, &|_, _| {}) {
+                match e.gc_paced(min_live, rate, &|_, _| {}) {
                     Ok(r) if r.packs_compacted > 0 => tracing::info!(
                         "background gc: {} packs compacted, {} MiB moved, {} MiB freed",
                         r.packs_compacted,
@@ -360,6 +422,35 @@ mod tests {
         fn remove(&self, p: PackId) -> std::io::Result<()> {
             self.mem.remove(p)
         }
+    }
+
+    /// Protects the background policy: nothing below 32 MiB dead; packs under half live are
+    /// always taken; past 10 % dead the deadest packs are added until at most 5 % stays dead,
+    /// and no more (a churned pool ends within the 10 % promise without rewriting every pack).
+    #[test]
+    fn background_threshold_takes_the_deadest_packs_down_to_five_percent() {
+        const M: u64 = 1 << 20;
+        assert_eq!(pick_min_live(&[(200 * M, 20 * M)]), None);
+        // 8 % dead overall, one pack mostly dead: just that one.
+        let m = pick_min_live(&[(900 * M, 40 * M), (10 * M, 40 * M)]).unwrap();
+        assert_eq!(m, 0.5);
+        // 25 % dead spread over packs 10-40 % dead: the deadest until <= 5 % stays.
+        let packs = [
+            (154 * M, 102 * M), // 40 % dead
+            (179 * M, 77 * M),  // 30 %
+            (205 * M, 51 * M),  // 20 %
+            (230 * M, 26 * M),  // 10 %
+        ];
+        let m = pick_min_live(&packs).unwrap();
+        let total: u64 = packs.iter().map(|p| p.0 + p.1).sum();
+        let left: u64 = packs
+            .iter()
+            .filter(|p| p.0 as f64 / (p.0 + p.1) as f64 >= m)
+            .map(|p| p.1)
+            .sum();
+        assert!(left as f64 <= 0.05 * total as f64, "left {left} of {total}");
+        // The 10 % pack is not needed for that: it stays.
+        assert!(230.0 / 256.0 >= m, "min_live {m} takes the 10 % pack too");
     }
 
     fn engine(io: Arc<dyn PackIo>) -> Engine {

@@ -25,7 +25,7 @@ use crate::store::chunk::{self, ChunkId};
 use crate::store::pack::{
     decode_header, record_crc_ok, PackId, PACK_HEADER_LEN, RECORD_HEADER_LEN, RECORD_MAGIC,
 };
-use crate::store::ChunkLoc;
+use crate::store::{ChunkKey, ChunkLoc, IndexEntry};
 
 /// What a repair did. Byte counts are bytes.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -57,7 +57,7 @@ impl Engine {
 
         // 1. References, from the files' chunk maps.
         let mut node_refs: HashMap<u64, u64> = HashMap::new();
-        let mut chunk_refs: HashMap<ChunkId, u64> = HashMap::new();
+        let mut chunk_refs: HashMap<ChunkKey, u64> = HashMap::new();
         let mut broken_files: HashSet<InodeId> = HashSet::new();
         let files: Vec<(InodeId, super::tree::Root)> = {
             let rtx = self.read_txn()?;
@@ -117,7 +117,7 @@ impl Engine {
         progress(packs.len() as u64, packs.len() as u64);
 
         // 3. One transaction rewrites the index, the counts and the accounting.
-        let mut lost: HashSet<ChunkId> = HashSet::new();
+        let mut lost: HashSet<ChunkKey> = HashSet::new();
         self.txn(true, |w| {
             // chunk-map nodes
             let stored_nodes: Vec<u64> = w
@@ -141,22 +141,42 @@ impl Engine {
                 }
             }
             // the chunk index
-            let old: HashMap<ChunkId, ChunkLoc> = w.chunks.entries()?.into_iter().collect();
+            let old: HashMap<ChunkKey, IndexEntry> = w.chunks.entries()?.into_iter().collect();
+            let alias_ids: HashMap<ChunkKey, ChunkId> = w
+                .chunks
+                .aliases()?
+                .into_iter()
+                .map(|(id, k)| (k, id))
+                .collect();
             r.index_entries_dropped +=
-                old.keys().filter(|id| !chunk_refs.contains_key(id)).count() as u64;
+                old.keys().filter(|k| !chunk_refs.contains_key(k)).count() as u64;
+            // Which id a key names when its entry is gone: a preferred key is its id's
+            // prefix, so an intact record with that prefix is it (unless two share it).
+            let mut by_prefix: HashMap<ChunkKey, Option<ChunkId>> = HashMap::new();
+            for id in found.keys() {
+                by_prefix
+                    .entry(ChunkKey::preferred(id))
+                    .and_modify(|e| *e = None)
+                    .or_insert(Some(*id));
+            }
             let mut index = Vec::with_capacity(chunk_refs.len());
-            for (id, &refs) in &chunk_refs {
-                let intact_prev = old.get(id).filter(|p| {
-                    found
-                        .get(id)
+            for (&key, &refs) in &chunk_refs {
+                let prev = old.get(&key).filter(|e| key.may_be(&e.id));
+                let id = match prev {
+                    Some(e) => Some(e.id),
+                    None if key.is_alias() => alias_ids.get(&key).copied(),
+                    None => by_prefix.get(&key).copied().flatten(),
+                };
+                let intact_prev = prev.map(|e| e.loc).filter(|p| {
+                    id.and_then(|id| found.get(&id))
                         .is_some_and(|f| f.pack == p.pack && f.offset == p.offset)
                 });
-                let loc = match (intact_prev, found.get(id)) {
+                let loc = match (intact_prev, id.and_then(|id| found.get(&id))) {
                     (Some(p), _) => {
                         if p.refs != refs {
                             r.counts_fixed += 1;
                         }
-                        ChunkLoc { refs, ..*p }
+                        ChunkLoc { refs, ..p }
                     }
                     (None, Some(f)) => {
                         r.index_entries_rebuilt += 1;
@@ -165,11 +185,13 @@ impl Engine {
                     (None, None) => {
                         // Kept with its count, at no location: reads fail as damage, and
                         // the counts of every file still using it stay right.
-                        lost.insert(*id);
+                        lost.insert(key);
                         ChunkLoc::lost(refs)
                     }
                 };
-                index.push((*id, loc));
+                // A key whose id is unknown keeps an all-zero id: reads of it fail as damage.
+                let id = id.unwrap_or(ChunkId([0; 32]));
+                index.push((key, IndexEntry { id, loc }));
             }
             let lens: Vec<(PackId, u64)> = packs
                 .iter()
@@ -432,7 +454,7 @@ mod tests {
             .unwrap()
             .iter()
             .unwrap()
-            .map(|x| ChunkLoc::decode(x.unwrap().1.value()).unwrap().offset)
+            .map(|x| IndexEntry::decode(x.unwrap().1.value()).unwrap().loc.offset)
             .filter(|&o| o > PACK_HEADER_LEN)
             .min()
             .unwrap();

@@ -3,7 +3,7 @@
 //! snapshot (so compaction goes on meanwhile), and bypasses the chunk cache so it checks what
 //! is on disk.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Bound::{Excluded, Unbounded};
 
 use redb::ReadableTable;
@@ -14,7 +14,7 @@ use super::pace::Pacer;
 use super::{tree, Engine, FsResult};
 use crate::schema::{CHUNKS, INODES, NODES};
 use crate::store::chunk::ChunkId;
-use crate::store::ChunkLoc;
+use crate::store::{ChunkKey, ChunkLoc, IndexEntry};
 
 /// Index entries verified per batch, each batch read from its own snapshot (about 40 MiB of
 /// bookkeeping: the batch and its copy for verification).
@@ -69,30 +69,35 @@ impl Engine {
         progress: &dyn Fn(u64, u64),
     ) -> FsResult<ScrubReport> {
         let mut r = ScrubReport::default();
-        let mut bad: HashSet<ChunkId> = HashSet::new();
+        // Damaged chunks by key, with the name the report gives them.
+        let mut bad: HashMap<ChunkKey, String> = HashMap::new();
         let mut pacer = Pacer::new(rate);
         let total = redb::ReadableTableMetadata::len(&self.read_txn()?.open_table(CHUNKS)?)?;
         // Last key read: the next batch starts after it.
-        let mut after: Option<[u8; 32]> = None;
+        let mut after: Option<u64> = None;
         loop {
             let mut recs: Vec<(ChunkId, ChunkLoc)> = Vec::new();
+            let mut keys: HashMap<ChunkId, ChunkKey> = HashMap::new();
             let mut done = true;
             {
                 let rtx = self.read_txn()?;
                 let chunks = rtx.open_table(CHUNKS)?;
                 let iter = match &after {
                     None => chunks.iter()?,
-                    Some(k) => chunks.range::<&[u8; 32]>((Excluded(k), Unbounded))?,
+                    Some(k) => chunks.range::<u64>((Excluded(*k), Unbounded))?,
                 };
                 for e in iter {
                     let (k, v) = e?;
-                    let id = ChunkId(*k.value());
-                    after = Some(id.0);
-                    match ChunkLoc::decode(v.value()) {
-                        Some(loc) => recs.push((id, loc)),
+                    let key = ChunkKey(k.value());
+                    after = Some(key.0);
+                    match IndexEntry::decode(v.value()) {
+                        Some(e) => {
+                            recs.push((e.id, e.loc));
+                            keys.insert(e.id, key);
+                        }
                         None => {
-                            tracing::error!("scrub: chunk {}: bad index entry", id.short());
-                            bad.insert(id);
+                            tracing::error!("scrub: chunk key {key}: bad index entry");
+                            bad.insert(key, format!("key {key}"));
                         }
                     }
                     if recs.len() >= batch {
@@ -115,7 +120,7 @@ impl Engine {
                 }
             }
             if !failed.is_empty() {
-                self.recheck(&recs, failed, &mut r, &mut bad)?;
+                self.recheck(&recs, &keys, failed, &mut r, &mut bad)?;
             }
             progress(r.chunks_checked, total);
             if done {
@@ -126,7 +131,7 @@ impl Engine {
         if bad.is_empty() {
             return Ok(r);
         }
-        r.damaged_chunks = bad.iter().map(|c| c.short()).collect();
+        r.damaged_chunks = bad.values().cloned().collect();
         r.damaged_chunks.sort();
         // Which files and offsets use the damaged chunks (only walked when there is damage).
         let mut spots: HashMap<InodeId, Vec<u64>> = HashMap::new();
@@ -142,7 +147,7 @@ impl Engine {
                     continue;
                 }
                 for (idx, id) in tree::collect(&nodes, i.root, 0, u64::MAX)? {
-                    if bad.contains(&id) {
+                    if bad.contains_key(&id) {
                         spots
                             .entry(InodeId(k.value()))
                             .or_default()
@@ -171,9 +176,10 @@ impl Engine {
     fn recheck(
         &self,
         recs: &[(ChunkId, ChunkLoc)],
+        keys: &HashMap<ChunkId, ChunkKey>,
         failed: Vec<(ChunkId, crate::store::StoreError)>,
         r: &mut ScrubReport,
-        bad: &mut HashSet<ChunkId>,
+        bad: &mut HashMap<ChunkKey, String>,
     ) -> FsResult<()> {
         // Holding the snapshot keeps the packs it points into (`Snapshot`).
         let rtx = self.read_txn()?;
@@ -183,10 +189,17 @@ impl Engine {
                 continue;
             };
             let was = recs[at].1;
-            let now = match chunks.get(&id.0)? {
+            let Some(&key) = keys.get(&id) else {
+                continue;
+            };
+            let now = match chunks.get(key.0)? {
                 // Released since the batch was read: nothing to check.
                 None => continue,
-                Some(v) => ChunkLoc::decode(v.value()),
+                Some(v) => match IndexEntry::decode(v.value()) {
+                    // Released, and its key taken by another chunk since.
+                    Some(e) if e.id != id => continue,
+                    e => e.map(|e| e.loc),
+                },
             };
             let res = match now {
                 Some(now) if now.pack == was.pack && now.offset == was.offset => Err(err),
@@ -201,7 +214,7 @@ impl Engine {
                 }
                 Err(e) => {
                     tracing::error!("scrub: chunk {}: {e}", id.short());
-                    bad.insert(id);
+                    bad.insert(key, id.short());
                     r.chunks_checked += 1;
                 }
             }

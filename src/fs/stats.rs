@@ -38,14 +38,44 @@ pub struct Stats {
     pub pack_count: u64,
     /// Size of the metadata database file.
     pub metadata_bytes: u64,
+    /// The copy of the metadata file taken when the datastore was last served
+    /// (`meta.redb.bak`).
+    #[serde(default)]
+    pub metadata_backup_bytes: u64,
+    /// Space set aside for compaction on a full disk (`reserve`).
+    #[serde(default)]
+    pub reserve_bytes: u64,
+    /// Everything else in the datastore folder (lock file, metadata kept from a format
+    /// conversion).
+    #[serde(default)]
+    pub other_bytes: u64,
+    /// The datastore folder in all: packs, metadata, backup, reserve and the rest.
+    #[serde(default)]
+    pub folder_bytes: u64,
     /// Unflushed data held in memory (only non-zero when asked of a serving process).
     pub dirty_bytes: u64,
     pub disk_total_bytes: u64,
     pub disk_free_bytes: u64,
+    /// Where the metadata file's bytes go, per table (redb's own page accounting).
+    #[serde(default)]
+    pub metadata_tables: Vec<MetaTable>,
     /// CPU time per stage of the data path since the datastore was opened (a serving
     /// process's figures when asked of one).
     #[serde(default)]
     pub stages: Vec<super::timing::StageTime>,
+}
+
+/// One metadata table's share of `meta.redb`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MetaTable {
+    pub table: String,
+    pub entries: u64,
+    /// Key and value bytes.
+    pub stored_bytes: u64,
+    /// Bytes of the pages the table's tree takes (leaf and branch pages).
+    pub page_bytes: u64,
+    /// Page bytes neither stored nor redb's per-entry overhead: half-empty pages.
+    pub fragmented_bytes: u64,
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -104,11 +134,30 @@ impl Engine {
             pack_bytes += io.len(p).unwrap_or(0);
             pack_count += 1;
         }
-        let metadata_bytes = self
+        let size_of = |name: &str| {
+            self.dir()
+                .and_then(|d| std::fs::metadata(d.join(name)).ok())
+                .map_or(0, |m| m.len())
+        };
+        let metadata_bytes = size_of(super::META_FILE);
+        let metadata_backup_bytes = size_of(super::META_BACKUP);
+        let reserve_bytes = size_of(super::RESERVE_FILE);
+        // Regular files at the top of the folder (the packs are counted above).
+        let top: u64 = self
             .dir()
-            .and_then(|d| std::fs::metadata(d.join(super::META_FILE)).ok())
-            .map_or(0, |m| m.len());
+            .and_then(|d| std::fs::read_dir(d).ok())
+            .map(|it| {
+                it.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        let other_bytes =
+            top.saturating_sub(metadata_bytes + metadata_backup_bytes + reserve_bytes);
         let (disk_total_bytes, disk_free_bytes) = self.disk_space();
+        let metadata_tables = meta_tables(&rtx)?;
         Ok(Stats {
             files,
             directories: dirs,
@@ -130,10 +179,46 @@ impl Engine {
             },
             pack_count,
             metadata_bytes,
+            metadata_backup_bytes,
+            reserve_bytes,
+            other_bytes,
+            folder_bytes: pack_bytes + top,
             dirty_bytes: self.dirty_bytes(),
             disk_total_bytes,
             disk_free_bytes,
+            metadata_tables,
             stages: self.timings.snapshot(),
         })
     }
+}
+
+fn meta_tables(rtx: &redb::ReadTransaction) -> FsResult<Vec<MetaTable>> {
+    use redb::{ReadableTableMetadata, TableDefinition, TableHandle};
+    fn one<K: redb::Key + 'static, V: redb::Value + 'static>(
+        rtx: &redb::ReadTransaction,
+        def: TableDefinition<K, V>,
+    ) -> FsResult<MetaTable> {
+        let t = rtx.open_table(def)?;
+        let st = t.stats()?;
+        Ok(MetaTable {
+            table: def.name().to_string(),
+            entries: t.len()?,
+            stored_bytes: st.stored_bytes(),
+            page_bytes: st.stored_bytes() + st.metadata_bytes() + st.fragmented_bytes(),
+            fragmented_bytes: st.fragmented_bytes(),
+        })
+    }
+    Ok(vec![
+        one(rtx, INODES)?,
+        one(rtx, DIRENTS)?,
+        one(rtx, DIRCOOKIE)?,
+        one(rtx, SYMLINKS)?,
+        one(rtx, XATTRS)?,
+        one(rtx, NODES)?,
+        one(rtx, NODEREFS)?,
+        one(rtx, CHUNKS)?,
+        one(rtx, PACKS)?,
+        one(rtx, COUNTERS)?,
+        one(rtx, ORPHANS)?,
+    ])
 }

@@ -12,19 +12,19 @@
 //! the original loses one. Counts are thus pushed down lazily, one level per first write, and
 //! no write ever changes what another file reads.
 //!
-//! # Encoding of a node (little-endian)
-//! `height u8` (0 = leaf), `count u16`, then `count` entries sorted by slot: `slot u8` and, in a
-//! leaf, a 32-byte chunk id; in an interior node, child node id `u64` and the number of chunks
-//! present under that child `u64` (so a file's allocated size and full/empty subtrees are known
-//! without walking them).
-
-use std::collections::HashMap;
+//! # Encoding of a node (little-endian; format 2)
+//! `height u8` (0 = leaf), `count u16`, then:
+//! - in a leaf, a 32-byte bitmap of the slots present, then `count` 7-byte chunk keys
+//!   ([`ChunkKey`]) in slot order: a full leaf is 1 827 bytes, so two share a 4 KiB redb page
+//!   (format 1 held 32-byte ids: 8 451 bytes in 12 KiB of pages);
+//! - in an interior node, `count` entries sorted by slot: `slot u8`, child node id `u64` and
+//!   the number of chunks present under that child `u64` (so a file's allocated size and
+//!   full/empty subtrees are known without walking them).
 
 use redb::{ReadableTable, Table};
 
 use super::error::{FsError, FsResult};
-use crate::store::chunk::ChunkId;
-use crate::store::{ChunkLoc, ChunkTables};
+use crate::store::{ChunkKey, ChunkTables};
 
 pub const FANOUT_BITS: u32 = 8;
 pub const FANOUT: usize = 1 << FANOUT_BITS;
@@ -68,7 +68,7 @@ fn child_span(height: u8) -> u64 {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Node {
-    Leaf(Box<[Option<ChunkId>; FANOUT]>),
+    Leaf(Box<[Option<ChunkKey>; FANOUT]>),
     /// (child node id or 0, chunks present under it)
     Interior(u8, Box<[(NodeId, u64); FANOUT]>),
 }
@@ -104,11 +104,15 @@ impl Node {
                 out.push(0);
                 let n = s.iter().filter(|c| c.is_some()).count() as u16;
                 out.extend_from_slice(&n.to_le_bytes());
+                let mut bitmap = [0u8; LEAF_BITMAP];
                 for (i, c) in s.iter().enumerate() {
-                    if let Some(c) = c {
-                        out.push(i as u8);
-                        out.extend_from_slice(&c.0);
+                    if c.is_some() {
+                        bitmap[i / 8] |= 1 << (i % 8);
                     }
+                }
+                out.extend_from_slice(&bitmap);
+                for c in s.iter().flatten() {
+                    out.extend_from_slice(&c.to_bytes());
                 }
             }
             Node::Interior(h, s) => {
@@ -131,15 +135,19 @@ impl Node {
         let height = *b.first()?;
         let n = u16::from_le_bytes(b.get(1..3)?.try_into().ok()?) as usize;
         let mut node = Node::empty(height);
+        if let Node::Leaf(s) = &mut node {
+            let leaf = LeafView::new(b)?;
+            for (slot, k) in leaf.iter_from(0) {
+                s[slot] = Some(k);
+            }
+            return Some(node);
+        }
         let mut p = 3;
         for _ in 0..n {
             let slot = *b.get(p)? as usize;
             p += 1;
             match &mut node {
-                Node::Leaf(s) => {
-                    s[slot] = Some(ChunkId(b.get(p..p + 32)?.try_into().ok()?));
-                    p += 32;
-                }
+                Node::Leaf(_) => unreachable!("leaves are decoded above"),
                 Node::Interior(_, s) => {
                     let id = u64::from_le_bytes(b.get(p..p + 8)?.try_into().ok()?);
                     let t = u64::from_le_bytes(b.get(p + 8..p + 16)?.try_into().ok()?);
@@ -162,9 +170,64 @@ pub fn load<T: ReadableTable<u64, &'static [u8]>>(nodes: &T, id: NodeId) -> FsRe
     Node::decode(v.value()).ok_or_else(|| bad(id))
 }
 
-/// An encoded node read in place: lookups binary-search its sorted entries instead of
-/// decoding all 256 slots (a leaf decodes into 8 KiB; the read and write paths look up one
-/// or a few slots per call).
+/// Bytes of a leaf's slot bitmap.
+const LEAF_BITMAP: usize = FANOUT / 8;
+
+/// An encoded leaf read in place: a slot's key is found from the bitmap (the number of
+/// present slots before it) without decoding the other 255.
+struct LeafView<'a> {
+    bitmap: &'a [u8],
+    keys: &'a [u8],
+}
+
+impl<'a> LeafView<'a> {
+    /// `None` if `b` is not a well-formed leaf.
+    fn new(b: &'a [u8]) -> Option<LeafView<'a>> {
+        if *b.first()? != 0 {
+            return None;
+        }
+        let n = u16::from_le_bytes(b.get(1..3)?.try_into().ok()?) as usize;
+        let bitmap = b.get(3..3 + LEAF_BITMAP)?;
+        let keys = &b[3 + LEAF_BITMAP..];
+        let present: u32 = bitmap.iter().map(|x| x.count_ones()).sum();
+        // Every 7-byte value is a valid key, so only the lengths need checking.
+        (present as usize == n && keys.len() == n * ChunkKey::LEN)
+            .then_some(LeafView { bitmap, keys })
+    }
+
+    fn has(&self, slot: usize) -> bool {
+        self.bitmap[slot / 8] & (1 << (slot % 8)) != 0
+    }
+
+    /// Number of present slots below `slot`.
+    fn rank(&self, slot: usize) -> usize {
+        let full: u32 = self.bitmap[..slot / 8].iter().map(|x| x.count_ones()).sum();
+        let part = (self.bitmap[slot / 8] & ((1u16 << (slot % 8)) - 1) as u8).count_ones();
+        (full + part) as usize
+    }
+
+    fn key(&self, k: usize) -> ChunkKey {
+        let l = ChunkKey::LEN;
+        ChunkKey::from_bytes(&self.keys[k * l..(k + 1) * l]).expect("7 bytes are a key")
+    }
+
+    fn find(&self, slot: usize) -> Option<ChunkKey> {
+        self.has(slot).then(|| self.key(self.rank(slot)))
+    }
+
+    /// Present slots `>= from`, in order, with their keys.
+    fn iter_from(&self, from: usize) -> impl Iterator<Item = (usize, ChunkKey)> + '_ {
+        let mut k = if from < FANOUT { self.rank(from) } else { 0 };
+        (from..FANOUT).filter(|s| self.has(*s)).map(move |s| {
+            let r = (s, self.key(k));
+            k += 1;
+            r
+        })
+    }
+}
+
+/// An encoded interior node read in place: lookups binary-search its sorted entries instead
+/// of decoding all 256 slots.
 struct View<'a> {
     b: &'a [u8],
     n: usize,
@@ -172,13 +235,13 @@ struct View<'a> {
 }
 
 impl<'a> View<'a> {
-    /// `None` if `b` is not a node of `height`.
+    /// `None` if `b` is not an interior node of `height`.
     fn new(b: &'a [u8], height: u8) -> Option<View<'a>> {
-        if *b.first()? != height {
+        if height == 0 || *b.first()? != height {
             return None;
         }
         let n = u16::from_le_bytes(b.get(1..3)?.try_into().ok()?) as usize;
-        let esize = if height == 0 { 1 + 32 } else { 1 + 16 };
+        let esize = 1 + 16;
         (b.len() == 3 + n * esize).then_some(View { b, n, esize })
     }
 
@@ -216,27 +279,26 @@ fn child_of(p: &[u8]) -> NodeId {
     ))
 }
 
-fn chunk_of(p: &[u8]) -> ChunkId {
-    ChunkId(p.try_into().expect("32-byte entry"))
-}
-
 /// The chunk at slot `idx`, if any.
 pub fn get<T: ReadableTable<u64, &'static [u8]>>(
     nodes: &T,
     root: Root,
     idx: u64,
-) -> FsResult<Option<ChunkId>> {
+) -> FsResult<Option<ChunkKey>> {
     if root.node.is_none() || u128::from(idx) >= coverage(root.height) {
         return Ok(None);
     }
     let (mut id, mut h) = (root.node, root.height);
     loop {
         let v = nodes.get(id.0)?.ok_or_else(|| bad(id))?;
-        let view = View::new(v.value(), h).ok_or_else(|| bad(id))?;
         let slot = ((idx >> (FANOUT_BITS * u32::from(h))) as usize) & (FANOUT - 1);
+        if h == 0 {
+            let leaf = LeafView::new(v.value()).ok_or_else(|| bad(id))?;
+            return Ok(leaf.find(slot));
+        }
+        let view = View::new(v.value(), h).ok_or_else(|| bad(id))?;
         match view.find(slot) {
             None => return Ok(None),
-            Some(p) if h == 0 => return Ok(Some(chunk_of(p))),
             Some(p) => {
                 id = child_of(p);
                 h -= 1;
@@ -251,7 +313,7 @@ pub fn collect<T: ReadableTable<u64, &'static [u8]>>(
     root: Root,
     from: u64,
     to: u64,
-) -> FsResult<Vec<(u64, ChunkId)>> {
+) -> FsResult<Vec<(u64, ChunkKey)>> {
     let mut out = Vec::new();
     if !root.node.is_none() && from < to {
         collect_in(nodes, root.node, root.height, 0, from, to, &mut out)?;
@@ -266,25 +328,34 @@ fn collect_in<T: ReadableTable<u64, &'static [u8]>>(
     base: u64,
     from: u64,
     to: u64,
-    out: &mut Vec<(u64, ChunkId)>,
+    out: &mut Vec<(u64, ChunkKey)>,
 ) -> FsResult<()> {
     let v = nodes.get(id.0)?.ok_or_else(|| bad(id))?;
-    let view = View::new(v.value(), height).ok_or_else(|| bad(id))?;
     let span = child_span(height);
-    // Entries whose span meets [from, to), found by binary search (not a scan of 256 slots).
     let first = if from <= base {
         0
     } else {
         ((from - base) / span).min(FANOUT as u64) as usize
     };
+    if height == 0 {
+        let leaf = LeafView::new(v.value()).ok_or_else(|| bad(id))?;
+        for (slot, k) in leaf.iter_from(first) {
+            let cb = base + slot as u64;
+            if cb >= to {
+                break;
+            }
+            out.push((cb, k));
+        }
+        return Ok(());
+    }
+    let view = View::new(v.value(), height).ok_or_else(|| bad(id))?;
+    // Entries whose span meets [from, to), found by binary search (not a scan of 256 slots).
     for k in view.first_at(first)..view.n {
         let cb = base + view.slot(k) as u64 * span;
         if cb >= to {
             break;
         }
-        if height == 0 {
-            out.push((cb, chunk_of(view.payload(k))));
-        } else {
+        {
             collect_in(
                 nodes,
                 child_of(view.payload(k)),
@@ -413,7 +484,7 @@ impl TreeTx<'_, '_> {
         match node {
             Node::Leaf(s) => {
                 for c in s.iter().flatten() {
-                    self.chunks.decref(c)?;
+                    self.chunks.decref(*c)?;
                 }
             }
             Node::Interior(_, s) => {
@@ -436,7 +507,7 @@ impl TreeTx<'_, '_> {
         match &node {
             Node::Leaf(s) => {
                 for c in s.iter().flatten() {
-                    self.chunks.incref(c)?;
+                    self.chunks.incref(*c)?;
                 }
             }
             Node::Interior(_, s) => {
@@ -458,14 +529,14 @@ impl TreeTx<'_, '_> {
         Ok(())
     }
 
-    /// Set slots (sorted by index, no duplicates) to chunks or holes. New chunks are added to
-    /// the index from `locs` when absent; they must be in `locs` or already stored.
+    /// Set slots (sorted by index, no duplicates) to chunks or holes. The caller has taken
+    /// one reference to the chunk of every `Some` update (`ChunkTables::incref_or_insert`);
+    /// the slot keeps it, or gives it back when it already held that chunk.
     /// Returns the new root and the number of chunks now present.
     pub fn set(
         &mut self,
         root: Root,
-        updates: &[(u64, Option<ChunkId>)],
-        locs: &HashMap<ChunkId, ChunkLoc>,
+        updates: &[(u64, Option<ChunkKey>)],
     ) -> FsResult<(Root, u64)> {
         let mut root = root;
         let Some(max) = updates.iter().filter(|u| u.1.is_some()).map(|u| u.0).max() else {
@@ -475,7 +546,7 @@ impl TreeTx<'_, '_> {
                 .copied()
                 .filter(|u| u128::from(u.0) < coverage(root.height))
                 .collect();
-            return self.set_bounded(root, &ups, locs);
+            return self.set_bounded(root, &ups);
         };
         while u128::from(max) >= coverage(root.height) {
             if !root.node.is_none() {
@@ -496,14 +567,13 @@ impl TreeTx<'_, '_> {
             .copied()
             .filter(|u| u128::from(u.0) < coverage(root.height))
             .collect();
-        self.set_bounded(root, &ups, locs)
+        self.set_bounded(root, &ups)
     }
 
     fn set_bounded(
         &mut self,
         root: Root,
-        ups: &[(u64, Option<ChunkId>)],
-        locs: &HashMap<ChunkId, ChunkLoc>,
+        ups: &[(u64, Option<ChunkKey>)],
     ) -> FsResult<(Root, u64)> {
         if ups.is_empty() {
             let total = if root.node.is_none() {
@@ -513,7 +583,7 @@ impl TreeTx<'_, '_> {
             };
             return Ok((root, total));
         }
-        let (id, total) = self.set_in(root.node, root.height, 0, ups, locs)?;
+        let (id, total) = self.set_in(root.node, root.height, 0, ups)?;
         Ok((
             Root {
                 node: id,
@@ -528,8 +598,7 @@ impl TreeTx<'_, '_> {
         id: NodeId,
         height: u8,
         base: u64,
-        ups: &[(u64, Option<ChunkId>)],
-        locs: &HashMap<ChunkId, ChunkLoc>,
+        ups: &[(u64, Option<ChunkKey>)],
     ) -> FsResult<(NodeId, u64)> {
         let (id, mut node) = if id.is_none() {
             if ups.iter().all(|u| u.1.is_none()) {
@@ -546,16 +615,10 @@ impl TreeTx<'_, '_> {
                 for &(idx, new) in ups {
                     let slot = (idx - base) as usize;
                     let old = s[slot];
-                    if old == new {
-                        continue;
-                    }
-                    if let Some(n) = &new {
-                        match locs.get(n) {
-                            Some(l) => self.chunks.incref_or_insert(n, l)?,
-                            None => self.chunks.incref(n)?,
-                        }
-                    }
-                    if let Some(o) = &old {
+                    // The slot gives up its old chunk, or the caller's extra reference when
+                    // the chunk is the same (drops are applied at the end of the transaction,
+                    // so the count never touches zero in between).
+                    if let Some(o) = old {
                         self.chunks.decref(o)?;
                     }
                     s[slot] = new;
@@ -571,7 +634,7 @@ impl TreeTx<'_, '_> {
                         j += 1;
                     }
                     let cb = base + slot as u64 * span;
-                    s[slot] = self.set_in(s[slot].0, height - 1, cb, &ups[i..j], locs)?;
+                    s[slot] = self.set_in(s[slot].0, height - 1, cb, &ups[i..j])?;
                     i = j;
                 }
             }
@@ -632,7 +695,7 @@ impl TreeTx<'_, '_> {
                 let hi = (u128::from(to) - u128::from(base)).min(FANOUT as u128) as usize;
                 for slot in s.iter_mut().take(hi).skip(lo) {
                     if let Some(o) = slot.take() {
-                        self.chunks.decref(&o)?;
+                        self.chunks.decref(o)?;
                     }
                 }
             }
@@ -666,11 +729,24 @@ mod tests {
     fn node_encoding_roundtrip() {
         let mut n = Node::empty(0);
         if let Node::Leaf(s) = &mut n {
-            s[3] = Some(ChunkId([7; 32]));
-            s[255] = Some(ChunkId([9; 32]));
+            s[3] = Some(ChunkKey(7));
+            s[8] = Some(ChunkKey(8));
+            s[255] = Some(ChunkKey::alias(1));
         }
-        assert_eq!(Node::decode(&n.encode()), Some(n.clone()));
-        assert_eq!(n.total(), 2);
+        let b = n.encode();
+        assert_eq!(b.len(), 3 + 32 + 3 * 7);
+        assert_eq!(Node::decode(&b), Some(n.clone()));
+        assert_eq!(n.total(), 3);
+        let v = LeafView::new(&b).unwrap();
+        assert_eq!(v.find(8), Some(ChunkKey(8)));
+        assert_eq!(v.find(255), Some(ChunkKey::alias(1)));
+        assert_eq!(v.find(4), None);
+        let from4: Vec<_> = v.iter_from(4).collect();
+        assert_eq!(from4, vec![(8, ChunkKey(8)), (255, ChunkKey::alias(1))]);
+        // A count that disagrees with the bitmap is damage, not a short read.
+        let mut bad = b.clone();
+        bad[1] = 2;
+        assert_eq!(Node::decode(&bad), None);
         let mut i = Node::empty(2);
         if let Node::Interior(_, s) = &mut i {
             s[1] = (NodeId(44), 10);

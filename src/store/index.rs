@@ -1,0 +1,454 @@
+//! The chunk index: which chunks are stored, under which key, where, and how many chunk-map
+//! slots reference each; plus the per-pack live/dead accounting and the store counters.
+//!
+//! # Keys (format 2)
+//! The index is keyed by [`ChunkKey`], 8 bytes, and chunk maps hold keys, not 32-byte ids.
+//! A chunk's key is its id's first 55 bits, so finding a chunk by id (dedup) is one lookup
+//! that compares the stored id. When that key is held by another live chunk (two ids sharing
+//! 55 bits: a pair in 10^8 chunks has odds of about 1 in 7 of existing at all) the newcomer
+//! gets an alias key from a counter and an entry in `chunk_aliases`, which is empty in
+//! practice, so the second lookup a miss costs is a lookup in an empty table. A key keeps
+//! naming the same chunk while it has references; a preferred key freed by a released chunk
+//! may later be taken by another chunk with the same prefix, which is safe because nothing
+//! references the key any more, and reads verify every chunk against the id in its entry.
+
+use std::collections::HashMap;
+
+use redb::{ReadableTable, WriteTransaction};
+
+use super::chunk::ChunkId;
+use super::loc::{ChunkKey, ChunkLoc, IndexEntry};
+use super::pack::{self, PackId, RECORD_HEADER_LEN};
+use super::StoreError;
+use crate::schema;
+
+/// Find `id` in the index through any readable tables (a read or a write transaction).
+pub(super) fn find_in<I, A>(
+    index: &I,
+    aliases: &A,
+    id: &ChunkId,
+) -> Result<Option<(ChunkKey, ChunkLoc)>, StoreError>
+where
+    I: ReadableTable<u64, &'static [u8]>,
+    A: ReadableTable<&'static [u8; 32], u64>,
+{
+    let k = ChunkKey::preferred(id);
+    if let Some(e) = entry_in(index, k)? {
+        if e.id == *id {
+            return Ok(Some((k, e.loc)));
+        }
+    }
+    let Some(a) = aliases.get(&id.0)? else {
+        return Ok(None);
+    };
+    let k = ChunkKey(a.value());
+    match entry_in(index, k)? {
+        Some(e) if e.id == *id => Ok(Some((k, e.loc))),
+        _ => Err(StoreError::BadIndex(k)),
+    }
+}
+
+/// The entry under `key`, if any.
+pub(super) fn entry_in<I: ReadableTable<u64, &'static [u8]>>(
+    index: &I,
+    key: ChunkKey,
+) -> Result<Option<IndexEntry>, StoreError> {
+    match index.get(key.0)? {
+        Some(v) => Ok(Some(
+            IndexEntry::decode(v.value()).ok_or(StoreError::BadIndex(key))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The store's tables opened in one write transaction: reference counting of chunks.
+pub struct ChunkTables<'txn> {
+    index: redb::Table<'txn, u64, &'static [u8]>,
+    aliases: redb::Table<'txn, &'static [u8; 32], u64>,
+    packs: redb::Table<'txn, u32, (u64, u64)>,
+    counters: redb::Table<'txn, &'static str, u64>,
+    /// Chunks whose last reference went away in this transaction.
+    pub released: Vec<ChunkId>,
+    /// Reference drops not applied yet: they are applied at the end of the transaction, so a
+    /// chunk that one slot gives up and another slot takes in the same transaction (data moved
+    /// within a file, or between clones) never drops out of the index in between.
+    pending: Vec<ChunkKey>,
+}
+
+fn bump(t: &mut redb::Table<'_, &'static str, u64>, k: &str, d: i64) -> Result<(), StoreError> {
+    let cur = t.get(k)?.map_or(0, |v| v.value());
+    t.insert(k, cur.saturating_add_signed(d))?;
+    Ok(())
+}
+
+/// Bytes a record takes in its pack (header and payload).
+fn record_bytes(l: &ChunkLoc) -> u64 {
+    RECORD_HEADER_LEN as u64 + u64::from(l.stored_len)
+}
+
+impl<'txn> ChunkTables<'txn> {
+    pub fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(ChunkTables {
+            index: txn.open_table(schema::CHUNKS)?,
+            aliases: txn.open_table(schema::CHUNK_ALIASES)?,
+            packs: txn.open_table(schema::PACKS)?,
+            counters: txn.open_table(schema::COUNTERS)?,
+            released: Vec::new(),
+            pending: Vec::new(),
+        })
+    }
+
+    /// Every index entry (repair).
+    pub fn entries(&self) -> Result<Vec<(ChunkKey, IndexEntry)>, StoreError> {
+        let mut out = Vec::new();
+        for e in self.index.iter()? {
+            let (k, v) = e?;
+            if let Some(e) = IndexEntry::decode(v.value()) {
+                out.push((ChunkKey(k.value()), e));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every alias (repair: keys of chunks whose entry may be gone).
+    pub fn aliases(&self) -> Result<Vec<(ChunkId, ChunkKey)>, StoreError> {
+        let mut out = Vec::new();
+        for e in self.aliases.iter()? {
+            let (k, v) = e?;
+            out.push((ChunkId(*k.value()), ChunkKey(v.value())));
+        }
+        Ok(out)
+    }
+
+    /// Replace the whole index with `index`, and recompute the aliases, the per-pack
+    /// accounting (from `pack_lens`: every pack file and its length) and the counters
+    /// (repair).
+    pub fn replace_all(
+        &mut self,
+        index: &[(ChunkKey, IndexEntry)],
+        pack_lens: &[(PackId, u64)],
+    ) -> Result<(), StoreError> {
+        self.index.retain(|_, _| false)?;
+        self.aliases.retain(|_, _| false)?;
+        let (mut unique, mut stored) = (0u64, 0u64);
+        let mut live: HashMap<u32, u64> = HashMap::new();
+        let mut next_alias = self.get_counter(schema::C_NEXT_ALIAS)?;
+        for (k, e) in index {
+            self.index.insert(k.0, e.encode().as_slice())?;
+            if k.is_alias() {
+                self.aliases.insert(&e.id.0, k.0)?;
+                next_alias = next_alias.max(k.alias_number() + 1);
+            }
+            if e.loc.is_lost() {
+                continue;
+            }
+            unique += u64::from(e.loc.raw_len);
+            stored += u64::from(e.loc.stored_len);
+            *live.entry(e.loc.pack.0).or_insert(0) += record_bytes(&e.loc);
+        }
+        self.packs.retain(|_, _| false)?;
+        for (p, len) in pack_lens {
+            let l = live.get(&p.0).copied().unwrap_or(0);
+            let dead = len.saturating_sub(pack::PACK_HEADER_LEN).saturating_sub(l);
+            self.packs.insert(p.0, (l, dead))?;
+        }
+        for (k, v) in [
+            (schema::C_CHUNK_COUNT, index.len() as u64),
+            (schema::C_UNIQUE_BYTES, unique),
+            (schema::C_STORED_BYTES, stored),
+            (schema::C_NEXT_ALIAS, next_alias),
+        ] {
+            self.counters.insert(k, v)?;
+        }
+        Ok(())
+    }
+
+    fn get_counter(&self, k: &str) -> Result<u64, StoreError> {
+        Ok(self.counters.get(k)?.map_or(0, |v| v.value()))
+    }
+
+    /// The key and location of `id`, if stored.
+    pub fn find(&self, id: &ChunkId) -> Result<Option<(ChunkKey, ChunkLoc)>, StoreError> {
+        find_in(&self.index, &self.aliases, id)
+    }
+
+    /// The chunk under `key`, if any.
+    pub fn entry(&self, key: ChunkKey) -> Result<Option<IndexEntry>, StoreError> {
+        entry_in(&self.index, key)
+    }
+
+    fn put(&mut self, key: ChunkKey, id: &ChunkId, loc: &ChunkLoc) -> Result<(), StoreError> {
+        let e = IndexEntry { id: *id, loc: *loc };
+        self.index.insert(key.0, e.encode().as_slice())?;
+        Ok(())
+    }
+
+    /// Add a reference to a chunk that is already stored.
+    pub fn incref(&mut self, key: ChunkKey) -> Result<(), StoreError> {
+        let mut e = self.entry(key)?.ok_or(StoreError::MissingKey(key))?;
+        e.loc.refs += 1;
+        self.put(key, &e.id, &e.loc)
+    }
+
+    /// Add a reference to a chunk by id; it must be stored.
+    pub fn incref_id(&mut self, id: &ChunkId) -> Result<ChunkKey, StoreError> {
+        let (k, _) = self.find(id)?.ok_or(StoreError::Missing(*id))?;
+        self.incref(k)?;
+        Ok(k)
+    }
+
+    /// Point a chunk at a new copy of its record (compaction); its old record becomes dead.
+    pub fn relocate(&mut self, key: ChunkKey, new: &ChunkLoc) -> Result<(), StoreError> {
+        let old = self.entry(key)?.ok_or(StoreError::MissingKey(key))?;
+        let mut l = *new;
+        l.refs = old.loc.refs;
+        self.put(key, &old.id, &l)?;
+        let (live, dead) = self
+            .packs
+            .get(old.loc.pack.0)?
+            .map_or((0, 0), |v| v.value());
+        let r = record_bytes(&old.loc);
+        self.packs
+            .insert(old.loc.pack.0, (live.saturating_sub(r), dead + r))?;
+        let (live, dead) = self.packs.get(l.pack.0)?.map_or((0, 0), |v| v.value());
+        self.packs
+            .insert(l.pack.0, (live + record_bytes(&l), dead))?;
+        Ok(())
+    }
+
+    /// Count a record nothing references (a copy made by compaction that lost a race).
+    pub fn add_dead(&mut self, loc: &ChunkLoc) -> Result<(), StoreError> {
+        let (live, dead) = self.packs.get(loc.pack.0)?.map_or((0, 0), |v| v.value());
+        self.packs
+            .insert(loc.pack.0, (live, dead + record_bytes(loc)))?;
+        Ok(())
+    }
+
+    /// Account records appended for this transaction that the index does not point at: the
+    /// chunk was stored by another writer meanwhile, the file went away, or the transaction
+    /// that was to reference them failed (then call it in a follow-up transaction). They are
+    /// dead space in their packs, which compaction reclaims; uncounted, they would stay on
+    /// disk for good. Call before the transaction's reference drops are applied.
+    pub fn settle_appended<'a>(
+        &mut self,
+        appended: impl IntoIterator<Item = (&'a ChunkId, &'a ChunkLoc)>,
+    ) -> Result<(), StoreError> {
+        for (id, loc) in appended {
+            match self.find(id)? {
+                Some((_, cur)) if cur.pack == loc.pack && cur.offset == loc.offset => {}
+                _ => self.add_dead(loc)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Forget a pack's accounting (it is about to be deleted).
+    pub fn forget_pack(&mut self, pack: PackId) -> Result<(), StoreError> {
+        self.packs.remove(pack.0)?;
+        Ok(())
+    }
+
+    /// Add a reference to `id`, recording it at `loc` if it is not in the index yet.
+    /// Returns its key.
+    pub fn incref_or_insert(
+        &mut self,
+        id: &ChunkId,
+        loc: &ChunkLoc,
+    ) -> Result<ChunkKey, StoreError> {
+        let mut l = *loc;
+        let key = match self.find(id)? {
+            Some((k, cur)) if !cur.is_lost() => {
+                self.incref(k)?;
+                return Ok(k);
+            }
+            // A lost chunk stored again: the new record takes over, with every reference
+            // the damaged files still hold.
+            Some((k, cur)) => {
+                l.refs = cur.refs + 1;
+                bump(&mut self.counters, schema::C_CHUNK_COUNT, -1)?;
+                k
+            }
+            None => {
+                l.refs = 1;
+                self.new_key(id)?
+            }
+        };
+        self.put(key, id, &l)?;
+        let (live, dead) = self.packs.get(l.pack.0)?.map_or((0, 0), |v| v.value());
+        self.packs
+            .insert(l.pack.0, (live + record_bytes(&l), dead))?;
+        bump(&mut self.counters, schema::C_CHUNK_COUNT, 1)?;
+        bump(
+            &mut self.counters,
+            schema::C_UNIQUE_BYTES,
+            i64::from(l.raw_len),
+        )?;
+        bump(
+            &mut self.counters,
+            schema::C_STORED_BYTES,
+            i64::from(l.stored_len),
+        )?;
+        Ok(key)
+    }
+
+    /// Take a reference to `id` for a chunk-map slot: recorded at `appended` (the record just
+    /// written for it) unless stored already; without a record it must be stored. Returns its
+    /// key.
+    pub fn reference(
+        &mut self,
+        id: &ChunkId,
+        appended: Option<&ChunkLoc>,
+    ) -> Result<ChunkKey, StoreError> {
+        match appended {
+            Some(l) => self.incref_or_insert(id, l),
+            None => self.incref_id(id),
+        }
+    }
+
+    /// Record `id` at `loc` as is, references and all, under a new key; counters and pack
+    /// accounting are left alone (format conversion, where they are already right).
+    pub fn adopt(&mut self, id: &ChunkId, loc: &ChunkLoc) -> Result<ChunkKey, StoreError> {
+        if let Some((k, _)) = self.find(id)? {
+            return Ok(k);
+        }
+        let k = self.new_key(id)?;
+        self.put(k, id, loc)?;
+        Ok(k)
+    }
+
+    /// A free key for `id`, which is not in the index: its preferred key, or a new alias.
+    fn new_key(&mut self, id: &ChunkId) -> Result<ChunkKey, StoreError> {
+        let k = ChunkKey::preferred(id);
+        if self.index.get(k.0)?.is_none() {
+            return Ok(k);
+        }
+        let n = self.get_counter(schema::C_NEXT_ALIAS)?;
+        self.counters.insert(schema::C_NEXT_ALIAS, n + 1)?;
+        let a = ChunkKey::alias(n);
+        self.aliases.insert(&id.0, a.0)?;
+        tracing::info!(
+            "chunk {} shares its key with another chunk; stored under alias {a}",
+            id.short()
+        );
+        Ok(a)
+    }
+
+    /// Drop a reference (applied by [`ChunkTables::apply_decrefs`] at the end of the
+    /// transaction).
+    pub fn decref(&mut self, key: ChunkKey) -> Result<(), StoreError> {
+        self.pending.push(key);
+        Ok(())
+    }
+
+    /// Apply the deferred reference drops; a chunk leaves the index when none are left and its
+    /// record becomes dead space in its pack. Must run before the transaction commits.
+    pub fn apply_decrefs(&mut self) -> Result<(), StoreError> {
+        for k in std::mem::take(&mut self.pending) {
+            self.decref_now(k)?;
+        }
+        Ok(())
+    }
+
+    fn decref_now(&mut self, key: ChunkKey) -> Result<(), StoreError> {
+        let Some(mut e) = self.entry(key)? else {
+            // A chunk lost to damage (fsck --repair names its files): dropping a reference to
+            // it must not fail, or a damaged file could never be deleted or overwritten.
+            tracing::warn!(
+                "reference dropped to chunk key {key}, which is not stored (damaged datastore)"
+            );
+            return Ok(());
+        };
+        if e.loc.refs > 1 {
+            e.loc.refs -= 1;
+            return self.put(key, &e.id, &e.loc);
+        }
+        self.index.remove(key.0)?;
+        if key.is_alias() {
+            self.aliases.remove(&e.id.0)?;
+        }
+        let loc = e.loc;
+        if !loc.is_lost() {
+            let r = record_bytes(&loc);
+            let (live, dead) = self.packs.get(loc.pack.0)?.map_or((0, 0), |v| v.value());
+            self.packs
+                .insert(loc.pack.0, (live.saturating_sub(r), dead + r))?;
+        }
+        bump(&mut self.counters, schema::C_CHUNK_COUNT, -1)?;
+        bump(
+            &mut self.counters,
+            schema::C_UNIQUE_BYTES,
+            -i64::from(loc.raw_len),
+        )?;
+        bump(
+            &mut self.counters,
+            schema::C_STORED_BYTES,
+            -i64::from(loc.stored_len),
+        )?;
+        self.released.push(e.id);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::chunk::Codec;
+
+    fn loc(offset: u64) -> ChunkLoc {
+        ChunkLoc {
+            pack: PackId(1),
+            offset,
+            stored_len: 10,
+            raw_len: 20,
+            codec: Codec::Zstd,
+            refs: 0,
+        }
+    }
+
+    /// Two ids with the same preferred key: the second gets an alias, both are found, and
+    /// releasing either leaves the other intact (protects dedup and reads against prefix
+    /// collisions, which real data essentially never produces).
+    #[test]
+    fn colliding_prefixes_get_aliases_and_stay_distinct() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let db = redb::Database::create(f.path()).unwrap();
+        let a = ChunkId([7; 32]);
+        let mut b = a;
+        b.0[31] = 8;
+        assert_eq!(ChunkKey::preferred(&a), ChunkKey::preferred(&b));
+        let w = db.begin_write().unwrap();
+        {
+            let mut t = ChunkTables::open(&w).unwrap();
+            let ka = t.incref_or_insert(&a, &loc(100)).unwrap();
+            let kb = t.incref_or_insert(&b, &loc(200)).unwrap();
+            assert_eq!(ka, ChunkKey::preferred(&a));
+            assert!(kb.is_alias());
+            assert_eq!(t.find(&a).unwrap().unwrap().1.offset, 100);
+            assert_eq!(t.find(&b).unwrap().unwrap().1.offset, 200);
+            assert_eq!(t.incref_or_insert(&b, &loc(300)).unwrap(), kb);
+            // Release a (the holder of the preferred key): b stays findable by its alias.
+            t.decref(ka).unwrap();
+            t.apply_decrefs().unwrap();
+            assert!(t.find(&a).unwrap().is_none());
+            assert_eq!(
+                t.find(&b).unwrap().unwrap(),
+                (
+                    kb,
+                    ChunkLoc {
+                        refs: 2,
+                        ..loc(200)
+                    }
+                )
+            );
+            // a comes back under its preferred key; b keeps its alias.
+            assert_eq!(t.incref_or_insert(&a, &loc(400)).unwrap(), ka);
+            t.decref(kb).unwrap();
+            t.decref(kb).unwrap();
+            t.apply_decrefs().unwrap();
+            assert!(t.find(&b).unwrap().is_none());
+            assert!(t.aliases().unwrap().is_empty());
+            assert_eq!(t.released, vec![a, b]);
+        }
+        w.commit().unwrap();
+    }
+}
