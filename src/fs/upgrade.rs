@@ -16,6 +16,11 @@ use crate::store::{ChunkKey, ChunkLoc, ChunkTables};
 /// Leaves rewritten per pass over the `nodes` table (bounds the memory a pass holds).
 const LEAVES_PER_PASS: usize = 4096;
 
+/// Tests: fail the conversion after rewriting the leaves, before the commit (a crash then).
+#[cfg(test)]
+static FAIL_BEFORE_COMMIT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// The format version recorded in `db`.
 pub fn format_of(db: &Database) -> FsResult<u64> {
     let rtx = db.begin_read()?;
@@ -130,6 +135,83 @@ fn v1_to_v2(db: &Database) -> FsResult<()> {
     }
     txn.delete_table(CHUNKS_V1)?;
     txn.open_table(SUPER)?.insert(K_FORMAT, FORMAT_VERSION)?;
+    #[cfg(test)]
+    if FAIL_BEFORE_COMMIT.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(FsError::BadMeta(
+            "injected failure before the commit".into(),
+        ));
+    }
     txn.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::path::Path;
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::fs::{Engine, Tuning};
+
+    /// Unpack the format-1 fixture (a datastore written by the format-1 build; see
+    /// fs-tests/cli.sh for what it holds) into `dir`.
+    fn unpack_fixture(dir: &Path) {
+        let f = std::fs::File::open(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fs-tests/fixtures/format1-datastore.tar.zst"),
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        zstd::stream::read::Decoder::new(f)
+            .unwrap()
+            .read_to_end(&mut raw)
+            .unwrap();
+        tar::Archive::new(raw.as_slice()).unpack(dir).unwrap();
+    }
+
+    fn format_on_disk(dir: &Path) -> u64 {
+        format_of(&Database::open(dir.join(crate::fs::META_FILE)).unwrap()).unwrap()
+    }
+
+    /// Protects the conversion promise in the README: a conversion that fails (or a crash)
+    /// before its commit leaves format 1, intact, and the next open converts it; the converted
+    /// datastore has the same files, byte for byte, and fsck finds nothing wrong.
+    #[test]
+    fn a_failed_conversion_leaves_format_1_and_the_next_open_converts_it() {
+        let d = tempfile::tempdir().unwrap();
+        unpack_fixture(d.path());
+        assert_eq!(format_on_disk(d.path()), 1);
+        FAIL_BEFORE_COMMIT.store(true, Ordering::SeqCst);
+        let failed = Engine::open(d.path(), Tuning::default());
+        FAIL_BEFORE_COMMIT.store(false, Ordering::SeqCst);
+        assert!(failed.is_err());
+        assert_eq!(format_on_disk(d.path()), 1);
+
+        let e = Engine::open(d.path(), Tuning::default()).unwrap();
+        let r = e.fsck(&|_, _| {}).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert!(d.path().join("meta.redb.format1").exists());
+        let read = |p: &[u8]| {
+            let i = e.resolve(p).unwrap();
+            let size = e.getattr(i).unwrap().inode.size;
+            e.read(i, 0, size as u32).unwrap()
+        };
+        // disk.raw: 5 random chunks, a hole, then its first 20000 bytes again at chunk 300.
+        let disk = read(b"/vm1/disk.raw");
+        assert_eq!(disk.len(), 16384 * 300 + 20000);
+        assert_eq!(disk[..20000], disk[16384 * 300..]);
+        assert!(disk[16384 * 5..16384 * 300].iter().all(|&b| b == 0));
+        assert!(disk[..16384 * 5].iter().any(|&b| b != 0));
+        // clone.raw: the clone, diverged by 8 bytes at 5000.
+        let mut clone = read(b"/vm1/clone.raw");
+        assert_eq!(&clone[5000..5008], b"diverged");
+        clone[5000..5008].copy_from_slice(&disk[5000..5008]);
+        assert_eq!(clone, disk);
+        assert_eq!(read(b"/b.txt"), b"hello v1\n".repeat(5000));
+        let link = e.resolve(b"/link").unwrap();
+        assert_eq!(e.readlink(link).unwrap(), b"b.txt");
+        drop(e);
+        assert_eq!(format_on_disk(d.path()), FORMAT_VERSION);
+    }
 }
