@@ -21,10 +21,8 @@ use super::inode::{InodeId, Kind};
 use super::tree::{self, Node};
 use super::{Engine, FsResult};
 use crate::schema::*;
-use crate::store::chunk::{self, ChunkId};
-use crate::store::pack::{
-    decode_header, record_crc_ok, PackId, PACK_HEADER_LEN, RECORD_HEADER_LEN, RECORD_MAGIC,
-};
+use crate::store::chunk::ChunkId;
+use crate::store::pack::PackId;
 use crate::store::{ChunkKey, ChunkLoc, IndexEntry};
 
 /// What a repair did. Byte counts are bytes.
@@ -111,7 +109,9 @@ impl Engine {
         let mut found: HashMap<ChunkId, ChunkLoc> = HashMap::new();
         for (n, pack) in packs.iter().enumerate() {
             progress(n as u64, packs.len() as u64);
-            self.scan_pack(*pack, &mut found, &mut r)?;
+            let scan = self.store.scan_pack(*pack, &mut found)?;
+            r.records_intact += scan.records_intact;
+            r.damaged_stretches += scan.damaged_stretches;
             r.packs_scanned += 1;
         }
         progress(packs.len() as u64, packs.len() as u64);
@@ -224,82 +224,6 @@ impl Engine {
         r.damaged_files.sort();
         Ok(r)
     }
-
-    /// Every intact record of `pack` into `found` (first intact copy of each chunk wins).
-    fn scan_pack(
-        &self,
-        pack: PackId,
-        found: &mut HashMap<ChunkId, ChunkLoc>,
-        r: &mut RepairReport,
-    ) -> FsResult<()> {
-        let io = self.store.io();
-        let len = io.len(pack)?;
-        let mut off = PACK_HEADER_LEN;
-        let mut in_damage = false;
-        while off + RECORD_HEADER_LEN as u64 <= len {
-            let intact = (|| {
-                let h = io.read_at(pack, off, RECORD_HEADER_LEN).ok()?;
-                let hd = decode_header(&h)?;
-                if hd.stored_len > crate::store::MAX_RECORD_PAYLOAD
-                    || off + (RECORD_HEADER_LEN as u64) + u64::from(hd.stored_len) > len
-                {
-                    return None;
-                }
-                let payload = io
-                    .read_at(pack, off + RECORD_HEADER_LEN as u64, hd.stored_len as usize)
-                    .ok()?;
-                if !record_crc_ok(&h, &payload, hd.crc) {
-                    return None;
-                }
-                let raw = chunk::decode(&payload, hd.codec, hd.raw_len as usize)?;
-                (ChunkId::of(&raw) == hd.id).then_some(hd)
-            })();
-            match intact {
-                Some(hd) => {
-                    in_damage = false;
-                    r.records_intact += 1;
-                    found.entry(hd.id).or_insert(ChunkLoc {
-                        pack,
-                        offset: off,
-                        stored_len: hd.stored_len,
-                        raw_len: hd.raw_len,
-                        codec: hd.codec,
-                        refs: 0,
-                    });
-                    off += RECORD_HEADER_LEN as u64 + u64::from(hd.stored_len);
-                }
-                None => {
-                    if !in_damage {
-                        r.damaged_stretches += 1;
-                        in_damage = true;
-                    }
-                    // Resynchronise: the next record magic after this offset.
-                    off = match self.next_magic(pack, off + 1, len)? {
-                        Some(o) => o,
-                        None => break,
-                    };
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Offset of the next record magic in `pack` at or after `from`.
-    fn next_magic(&self, pack: PackId, from: u64, len: u64) -> FsResult<Option<u64>> {
-        const WINDOW: u64 = 1 << 20;
-        let magic = RECORD_MAGIC.to_le_bytes();
-        let mut at = from;
-        while at + 4 <= len {
-            let n = WINDOW.min(len - at) as usize;
-            let buf = self.store.io().read_at(pack, at, n)?;
-            if let Some(i) = buf.windows(4).position(|w| w == magic) {
-                return Ok(Some(at + i as u64));
-            }
-            // overlap by 3 bytes so a magic across windows is found
-            at += (n as u64).saturating_sub(3).max(1);
-        }
-        Ok(None)
-    }
 }
 
 #[cfg(test)]
@@ -309,7 +233,7 @@ mod tests {
     use super::*;
     use crate::fs::dir::Ctx;
     use crate::fs::Format;
-    use crate::store::pack::{MemPackIo, PackIo};
+    use crate::store::pack::{MemPackIo, PackIo, PACK_HEADER_LEN};
 
     const C: usize = 4096;
 
@@ -460,9 +384,9 @@ mod tests {
             .unwrap();
         io.corrupt(p, second as usize, 0x55);
         let mut found = HashMap::new();
-        let mut r = RepairReport::default();
-        e.scan_pack(p, &mut found, &mut r).unwrap();
+        let r = e.store.scan_pack(p, &mut found).unwrap();
         assert_eq!(r.damaged_stretches, 1);
         assert_eq!(r.records_intact, 7);
+        assert_eq!(found.len(), 7);
     }
 }

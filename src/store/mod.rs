@@ -18,6 +18,7 @@ pub mod loc;
 pub use index::ChunkTables;
 pub use loc::{ChunkKey, ChunkLoc, IndexEntry};
 pub mod pack;
+pub mod scan;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
