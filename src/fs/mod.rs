@@ -1,8 +1,10 @@
 //! The filesystem engine: a datastore in POSIX terms (inodes, directories, file data, clones).
 //!
 //! Front ends (FUSE, NFS, the CLI) call the methods of [`Engine`]; the engine knows nothing of
-//! them. Operations are grouped by family: `dir.rs` (namespace), `data.rs` (file contents and
-//! write-back), `clone.rs` (clones and range sharing), `xattr.rs`, `check.rs` (fsck), `stats.rs`.
+//! them. Operations are grouped by family: `dir.rs` (namespace), `data.rs` (the write-back
+//! buffer), `read.rs`, `flush.rs` (flush, fsync, the background flusher), `extent.rs`
+//! (truncate, punch, seek), `clone.rs` (clones and range sharing), `xattr.rs`, `check.rs`
+//! (fsck), `stats.rs`.
 //!
 //! # Concurrency
 //! Metadata lives in one redb database; redb serialises write transactions and gives readers
@@ -49,9 +51,12 @@ pub mod data;
 pub mod dir;
 pub mod du;
 pub mod error;
+pub mod extent;
+pub mod flush;
 pub mod gc;
 pub mod inode;
 pub mod pace;
+pub mod read;
 pub mod repair;
 pub mod scrub;
 pub mod stats;

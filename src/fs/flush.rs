@@ -1,0 +1,358 @@
+//! Flushing the write-back buffer: hash, dedup, compress, append and commit dirty chunks;
+//! fsync, durability barriers, and the background flusher.
+
+use super::inode::{InodeId, Time};
+use super::timing::Stage;
+use super::{Engine, FsError, FsResult};
+use crate::schema::K_BARRIERS;
+use crate::store::chunk::{is_zero, ChunkId, HOT_ZSTD_LEVEL};
+use crate::store::Encoded;
+use rayon::prelude::*;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::data::{Chunks, FileState, FLUSH_BATCH_SHARE};
+
+impl Engine {
+    /// Flush one file's unflushed data; durably (with everything committed before) if asked.
+    pub fn flush_ino(&self, ino: InodeId, durable: bool) -> FsResult<()> {
+        self.flush_part(ino, None)?;
+        if durable {
+            self.make_durable()?;
+        }
+        Ok(())
+    }
+
+    /// Commit one file's dirty chunks (all of them, or the `max` lowest-indexed: one batch
+    /// of the background flusher, which keeps its transactions and the writers' waits short
+    /// and touches one region of the chunk map at a time), with its size and mtime. Returns
+    /// whether dirty chunks remain.
+    pub(crate) fn flush_part(&self, ino: InodeId, max: Option<usize>) -> FsResult<bool> {
+        let Some(st) = self.files.get(&ino).map(|s| s.clone()) else {
+            return Ok(false);
+        };
+        let _one_flush = st.flush.lock();
+        let (batch, size, mtime) = {
+            let mut g = st.state.write();
+            if g.is_clean() {
+                (None, None, None)
+            } else {
+                let taken = match max.and_then(|m| g.dirty.keys().nth(m).copied()) {
+                    Some(split) => {
+                        let rest = g.dirty.split_off(&split);
+                        std::mem::replace(&mut g.dirty, rest)
+                    }
+                    None => std::mem::take(&mut g.dirty),
+                };
+                let hot: HashSet<u64> = if g.dirty.is_empty() {
+                    std::mem::take(&mut g.hot)
+                } else {
+                    taken.keys().filter(|k| g.hot.remove(k)).copied().collect()
+                };
+                let batch = Arc::new(taken);
+                g.inflight = Some(batch.clone());
+                (Some((batch, hot)), g.size, g.mtime)
+            }
+        };
+        let Some((batch, hot)) = batch else {
+            return Ok(false);
+        };
+        // The heavy part runs without the state lock: writers and readers go on.
+        let r = self.commit_chunks(ino, &batch, &hot, size, mtime, None, false);
+        let mut g = st.state.write();
+        g.inflight = None;
+        match r {
+            Ok(()) => {
+                if g.size == size {
+                    g.size = None;
+                }
+                if g.mtime == mtime {
+                    g.mtime = None;
+                }
+                self.dirty_bytes
+                    .fetch_sub(batch.len() as u64 * self.chunk_size, Ordering::Relaxed);
+                self.progress.1.notify_all();
+                Ok(!g.dirty.is_empty())
+            }
+            Err(e) => {
+                // Nothing was committed: the chunks are dirty again (unless rewritten).
+                for (k, v) in batch.iter() {
+                    if !g.dirty.contains_key(k) {
+                        g.dirty.insert(*k, v.clone());
+                    } else {
+                        self.dirty_bytes
+                            .fetch_sub(self.chunk_size, Ordering::Relaxed);
+                    }
+                }
+                g.hot.extend(hot);
+                Err(e)
+            }
+        }
+    }
+
+    /// `fsync`/`fdatasync`: on return, everything written to `ino` survives a power loss.
+    pub fn fsync(&self, ino: InodeId) -> FsResult<()> {
+        self.flush_ino(ino, false)?;
+        self.make_durable()
+    }
+
+    /// Make every commit completed so far durable, sharing one durable commit between callers
+    /// that arrive together (group commit): a caller whose commits were covered by a durable
+    /// commit that started after them returns without committing again.
+    pub fn make_durable(&self) -> FsResult<()> {
+        let mine = self.commits.load(Ordering::SeqCst);
+        let _one_at_a_time = self.durable_lock.lock();
+        if self.durable_upto.load(Ordering::SeqCst) >= mine {
+            return Ok(());
+        }
+        self.barrier()
+    }
+
+    /// A durable commit: makes every earlier commit (and the packs they reference) durable.
+    pub fn barrier(&self) -> FsResult<()> {
+        self.timings.time(Stage::Durable, || {
+            self.txn(true, |w| {
+                w.counter(K_BARRIERS, 0)?;
+                Ok(())
+            })
+        })
+    }
+
+    /// Flush every file and commit durably (`syncfs`, the periodic flusher, unmount).
+    pub fn sync_all(&self) -> FsResult<()> {
+        let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
+        for ino in inos {
+            self.flush_ino(ino, false)?;
+        }
+        self.barrier()?;
+        // Forget clean states nobody holds (only the map's reference left).
+        self.files.retain(|_, s| {
+            Arc::strong_count(s) > 1 || s.state.try_read().is_none_or(|g| !g.is_clean())
+        });
+        Ok(())
+    }
+
+    /// Commit the unflushed state of a file (the caller holds its `flush` and `state` locks,
+    /// so nothing is in flight), plus `holes`: a range of chunk indexes to turn into holes.
+    pub(crate) fn flush_locked(
+        &self,
+        ino: InodeId,
+        g: &mut FileState,
+        durable: bool,
+        holes: Option<Range<u64>>,
+    ) -> FsResult<()> {
+        debug_assert!(g.inflight.is_none());
+        if g.is_clean() && holes.is_none() {
+            return if durable { self.barrier() } else { Ok(()) };
+        }
+        self.commit_chunks(ino, &g.dirty, &g.hot, g.size, g.mtime, holes, durable)?;
+        let n = g.dirty.len() as u64;
+        *g = FileState::default();
+        self.dirty_bytes
+            .fetch_sub(n * self.chunk_size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Store `chunks` (hash, dedup, compress, append) and commit them, the size and mtime into
+    /// the file's chunk map and inode in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_chunks(
+        &self,
+        ino: InodeId,
+        chunks: &Chunks,
+        hot: &HashSet<u64>,
+        size: Option<u64>,
+        mtime: Option<Time>,
+        holes: Option<Range<u64>>,
+        durable: bool,
+    ) -> FsResult<()> {
+        let level = self.store.zstd_level();
+        // From the first append to the commit below (see `Store::append_session`).
+        let _appending = self.store.append_session();
+        let hashed: Vec<(u64, Option<ChunkId>)> = chunks
+            .par_iter()
+            .map(|(&i, b)| {
+                let id = self
+                    .timings
+                    .time(Stage::Hash, || (!is_zero(b)).then(|| ChunkId::of(b)));
+                (i, id)
+            })
+            .collect();
+        let mut need: Vec<(ChunkId, u64)> = Vec::new();
+        {
+            let mut seen = HashSet::new();
+            let distinct: Vec<(ChunkId, u64)> = hashed
+                .iter()
+                .filter_map(|(i, id)| id.filter(|id| seen.insert(*id)).map(|id| (id, *i)))
+                .collect();
+            let ids: Vec<ChunkId> = distinct.iter().map(|d| d.0).collect();
+            let stored = self.store.contains_many(&*self.read_txn()?, &ids)?;
+            need.extend(
+                distinct
+                    .into_iter()
+                    .zip(stored)
+                    .filter(|(_, s)| !s)
+                    .map(|(d, _)| d),
+            );
+        }
+        // Compress on all cores, 4 MiB at a time, so compressed copies never pile up in memory;
+        // each group is appended to the pack while the next one compresses (the append is a
+        // serial copy into the page cache, and without the overlap a core would sit idle).
+        let mut locs = HashMap::new();
+        let encode = |group: &[(ChunkId, u64)]| -> Vec<Encoded> {
+            group
+                .par_iter()
+                .map(|(id, i)| {
+                    let level = if hot.contains(i) {
+                        HOT_ZSTD_LEVEL
+                    } else {
+                        level
+                    };
+                    self.timings
+                        .time(Stage::Compress, || Encoded::new(*id, &chunks[i], level))
+                })
+                .collect()
+        };
+        let mut append =
+            |encoded: Vec<Encoded>| -> FsResult<Vec<(ChunkId, crate::store::ChunkLoc)>> {
+                let ls = self
+                    .timings
+                    .time(Stage::Append, || self.store.append_many(&encoded))?;
+                Ok(encoded.iter().map(|e| e.id).zip(ls).collect())
+            };
+        let mut pending: Option<Vec<Encoded>> = None;
+        let mut appending = || -> FsResult<()> {
+            for group in need.chunks(256) {
+                let prev = pending.take();
+                let (encoded, appended) = rayon::join(|| encode(group), || prev.map(&mut append));
+                if let Some(a) = appended {
+                    locs.extend(a?);
+                }
+                pending = Some(encoded);
+            }
+            if let Some(p) = pending.take() {
+                locs.extend(append(p)?);
+            }
+            Ok(())
+        };
+        if let Err(e) = appending() {
+            // What was appended before the failure is referenced by nothing.
+            self.settle_failed_appends(&locs);
+            return Err(e);
+        }
+        let mut updates = hashed;
+        updates.sort_unstable_by_key(|u| u.0);
+        let dirty = chunks;
+        let t = super::timing::thread_cpu_ns();
+        let r = self.txn(durable, |w| {
+            let mut inode = match w.inode(ino) {
+                Ok(i) => i,
+                // Deleted meanwhile (NFS has no open state): its data goes with it.
+                Err(FsError::NotFound) => {
+                    w.chunks.settle_appended(&locs)?;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            // A chunk seen as stored may have lost its last reference since: store it again.
+            for (i, id) in &updates {
+                if let Some(id) = id {
+                    if !locs.contains_key(id) && w.chunks.find(id)?.is_none_or(|(_, l)| l.is_lost())
+                    {
+                        let e = Encoded::new(*id, &dirty[i], level);
+                        locs.insert(*id, self.store.append(&e)?);
+                    }
+                }
+            }
+            if let Some(h) = &holes {
+                // Chunks being committed here are newer than the punch (the caller dropped
+                // the dirty ones inside the range), so the range is cleared first.
+                let (root, total) = w.tree().clear(inode.root, h.start, h.end)?;
+                inode.root = root;
+                inode.aux = total;
+            }
+            let mut keyed = Vec::with_capacity(updates.len());
+            for (i, id) in &updates {
+                let key = match id {
+                    Some(id) => Some(w.chunks.reference(id, locs.get(id))?),
+                    None => None,
+                };
+                keyed.push((*i, key));
+            }
+            let (root, total) = w.tree().set(inode.root, &keyed)?;
+            inode.root = root;
+            inode.aux = total;
+            if let Some(s) = size {
+                inode.size = s;
+            }
+            if let Some(t) = mtime {
+                inode.mtime = t;
+                inode.ctime = t;
+            }
+            w.chunks.settle_appended(&locs)?;
+            w.put_inode(ino, &inode)
+        });
+        let stage = if durable {
+            Stage::Durable
+        } else {
+            Stage::Commit
+        };
+        self.timings
+            .add(stage, super::timing::thread_cpu_ns().saturating_sub(t));
+        if r.is_err() {
+            self.settle_failed_appends(&locs);
+        }
+        r
+    }
+
+    /// Start the background flusher: every `interval`, flush all files durably. It stops
+    /// when the engine is dropped.
+    /// It also runs when writers signal memory pressure, flushing (not durably) until the
+    /// dirty total is under a quarter of the limit.
+    pub fn spawn_flusher(self: &Arc<Self>, interval: Duration) -> std::thread::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let signal = self.pressure.clone();
+        self.flusher_running.store(true, Ordering::Relaxed);
+        std::thread::Builder::new()
+            .name("tessera-flush".into())
+            .spawn(move || loop {
+                let pressure = {
+                    let mut p = signal.0.lock();
+                    if !*p {
+                        signal.1.wait_for(&mut p, interval);
+                    }
+                    std::mem::take(&mut *p)
+                };
+                let Some(e) = weak.upgrade() else { return };
+                let r = if pressure {
+                    e.flush_some(e.tuning.dirty_limit / 4)
+                } else {
+                    e.sync_all()
+                };
+                if let Err(err) = r {
+                    tracing::error!("background flush failed (will retry): {err}");
+                }
+            })
+            .expect("spawn flusher thread")
+    }
+
+    /// Flush files (not durably), a batch at a time, until at most `target` bytes are dirty.
+    fn flush_some(&self, target: u64) -> FsResult<()> {
+        let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
+        for ino in inos {
+            while self.dirty_bytes() > target {
+                let batch = (self.tuning.dirty_limit / FLUSH_BATCH_SHARE / self.chunk_size).max(64);
+                if !self.flush_part(ino, Some(batch as usize))? {
+                    break;
+                }
+            }
+            if self.dirty_bytes() <= target {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
