@@ -16,6 +16,10 @@ use std::time::Duration;
 
 use super::data::{Chunks, FileState, FLUSH_BATCH_SHARE};
 
+/// Flusher ticks without a commit before the metadata file is compacted (at the default 5 s
+/// interval: 30 s of quiet).
+const QUIET_TICKS_BEFORE_COMPACT: u32 = 6;
+
 impl Engine {
     /// Flush one file's unflushed data; durably (with everything committed before) if asked.
     pub fn flush_ino(&self, ino: InodeId, durable: bool) -> FsResult<()> {
@@ -318,22 +322,45 @@ impl Engine {
         self.flusher_running.store(true, Ordering::Relaxed);
         std::thread::Builder::new()
             .name("tessera-flush".into())
-            .spawn(move || loop {
-                let pressure = {
-                    let mut p = signal.0.lock();
-                    if !*p {
-                        signal.1.wait_for(&mut p, interval);
+            .spawn(move || {
+                // Ticks in a row without a commit, and whether this quiet spell compacted.
+                let (mut quiet, mut compacted, mut last) = (0u32, false, u64::MAX);
+                loop {
+                    let pressure = {
+                        let mut p = signal.0.lock();
+                        if !*p {
+                            signal.1.wait_for(&mut p, interval);
+                        }
+                        std::mem::take(&mut *p)
+                    };
+                    let Some(e) = weak.upgrade() else { return };
+                    let before = e.commits.load(Ordering::SeqCst);
+                    let r = if pressure {
+                        e.flush_some(e.tuning.dirty_limit / 4)
+                    } else {
+                        e.sync_all()
+                    };
+                    if let Err(err) = r {
+                        tracing::error!("background flush failed (will retry): {err}");
                     }
-                    std::mem::take(&mut *p)
-                };
-                let Some(e) = weak.upgrade() else { return };
-                let r = if pressure {
-                    e.flush_some(e.tuning.dirty_limit / 4)
-                } else {
-                    e.sync_all()
-                };
-                if let Err(err) = r {
-                    tracing::error!("background flush failed (will retry): {err}");
+                    // Once the datastore has been quiet for a while, give the metadata file's
+                    // free pages back (a burst of writes leaves the file up to 3x its tables).
+                    // Compaction stalls new transactions, so only when nothing is going on.
+                    // Quiet: no commit since the last tick, and this tick's flush committed
+                    // nothing but its own barrier.
+                    let after = e.commits.load(Ordering::SeqCst);
+                    if before == last && after <= before + 1 && !pressure {
+                        quiet += 1;
+                    } else {
+                        (quiet, compacted) = (0, false);
+                    }
+                    last = after;
+                    if quiet >= QUIET_TICKS_BEFORE_COMPACT && !compacted {
+                        compacted = true;
+                        if let Err(err) = e.compact_metadata(e.tuning.compact_min_free) {
+                            tracing::warn!("cannot compact the metadata file: {err}");
+                        }
+                    }
                 }
             })
             .expect("spawn flusher thread")

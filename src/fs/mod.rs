@@ -122,6 +122,9 @@ pub struct Tuning {
     pub cache_bytes: u64,
     /// redb page cache (bytes).
     pub meta_cache_bytes: u64,
+    /// The metadata file is compacted at open and when quiet once this many bytes of it (and a
+    /// quarter) are free (`Engine::compact_metadata`).
+    pub compact_min_free: u64,
 }
 
 impl Default for Tuning {
@@ -132,6 +135,7 @@ impl Default for Tuning {
             dirty_limit: 96 << 20,
             cache_bytes: 48 << 20,
             meta_cache_bytes: 48 << 20,
+            compact_min_free: COMPACT_MIN_FREE,
         }
     }
 }
@@ -440,7 +444,7 @@ impl Engine {
         let mut e = Self::with_parts(db, io, tuning)?;
         e.dir = Some(dir.to_path_buf());
         e.ensure_reserve();
-        if let Err(err) = e.compact_metadata(COMPACT_MIN_FREE) {
+        if let Err(err) = e.compact_metadata(e.tuning.compact_min_free) {
             tracing::warn!("cannot compact the metadata file: {err}");
         }
         Ok(e)
@@ -579,9 +583,10 @@ impl Engine {
     /// pages down and truncates the file). redb reuses free pages, but a burst of writes
     /// between durable commits leaves the file larger than its tables (2.9x after copying 9
     /// desktop images in), and only compaction shrinks it. Needs every transaction to have
-    /// ended, so it runs when a datastore is opened (if at least `min_free` bytes and a
-    /// quarter of the file are free) and when a serving process stops; new transactions wait
-    /// meanwhile (0.4 s for a 70 MiB file). Returns the bytes given back.
+    /// ended (it gives up otherwise), so it runs when a datastore is opened, when the
+    /// flusher finds it quiet and when a serving process stops, each time only if at least
+    /// `min_free` bytes and a quarter of the file are free; new transactions wait meanwhile
+    /// (0.4 s for a 70 MiB file). Returns the bytes given back.
     pub fn compact_metadata(&self, min_free: u64) -> FsResult<u64> {
         let Some(path) = self.dir().map(|d| d.join(META_FILE)) else {
             return Ok(0);
