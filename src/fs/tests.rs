@@ -906,26 +906,27 @@ fn metadata_compaction_gives_free_pages_back_and_keeps_everything() {
     e.write(keep, 0, &data).unwrap();
     // Many small files, written and deleted: their inodes, maps and index entries leave free
     // pages behind.
-    for i in 0..300u64 {
-        let name = format!("f{i}");
-        let f = e
-            .mknod(
-                InodeId::ROOT,
-                name.as_bytes(),
-                Kind::File,
-                0o644,
-                0,
-                Ctx::ROOT,
-            )
-            .unwrap()
-            .ino;
-        e.write(f, 0, &crate::fs::testutil::unique_data(100 + i, 8, 16384))
-            .unwrap();
-        e.flush_ino(f, false).unwrap();
-    }
-    for i in 0..300u64 {
-        e.unlink(InodeId::ROOT, format!("f{i}").as_bytes()).unwrap();
-    }
+    let churn = |e: &Engine, seed: u64| {
+        for i in 0..300u64 {
+            let name = format!("f{i}");
+            let f = e
+                .mknod(
+                    InodeId::ROOT,
+                    name.as_bytes(),
+                    Kind::File,
+                    0o644,
+                    0,
+                    Ctx::ROOT,
+                )
+                .unwrap()
+                .ino;
+            e.write(f, 0, &crate::fs::testutil::unique_data(seed + i, 8, 16384))
+                .unwrap();
+            e.flush_ino(f, false).unwrap();
+            e.unlink(InodeId::ROOT, name.as_bytes()).unwrap();
+        }
+    };
+    churn(&e, 100);
     e.sync_all().unwrap();
     let meta = ds.join(META_FILE);
     let before = std::fs::metadata(&meta).unwrap().len();
@@ -939,24 +940,7 @@ fn metadata_compaction_gives_free_pages_back_and_keeps_everything() {
 
     // The flusher does it by itself once the datastore is quiet.
     let e = Arc::new(e);
-    for i in 0..300u64 {
-        let name = format!("g{i}");
-        let f = e
-            .mknod(
-                InodeId::ROOT,
-                name.as_bytes(),
-                Kind::File,
-                0o644,
-                0,
-                Ctx::ROOT,
-            )
-            .unwrap()
-            .ino;
-        e.write(f, 0, &crate::fs::testutil::unique_data(900 + i, 8, 16384))
-            .unwrap();
-        e.flush_ino(f, false).unwrap();
-        e.unlink(InodeId::ROOT, name.as_bytes()).unwrap();
-    }
+    churn(&e, 900);
     e.sync_all().unwrap();
     let grown = std::fs::metadata(&meta).unwrap().len();
     let _flusher = e.spawn_flusher(std::time::Duration::from_millis(50));
