@@ -56,6 +56,12 @@ pub fn run(a: Args) -> Result<()> {
             r.bytes_moved >> 20,
             r.bytes_freed >> 20
         );
+        if r.chunks_compressed > 0 {
+            println!(
+                "compressed {} chunks that were written uncompressed (rewritten in part)",
+                r.chunks_compressed
+            );
+        }
         if r.packs_left_with_dead > 0 {
             println!(
                 "left {} MiB dead in {} pack(s): each is at least {:.0}% live (--min-live {}), \

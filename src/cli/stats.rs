@@ -68,6 +68,12 @@ pub fn run(a: Args) -> Result<()> {
         s.pack_fill * 100.0,
         human(s.reclaimable_bytes)
     );
+    if s.uncompressed_bytes > 0 {
+        println!(
+            "to compress       {} written uncompressed (rewritten in part); gc compresses it",
+            human(s.uncompressed_bytes)
+        );
+    }
     let in_tables: u64 = s.metadata_tables.iter().map(|t| t.page_bytes).sum();
     println!(
         "metadata          {} ({:.1}% of pack bytes; {} in tables, {} free pages and redb's own)",

@@ -68,7 +68,7 @@ pub struct FileState {
     /// Modification time (and ctime) if changed since the last flush.
     pub(crate) mtime: Option<Time>,
     /// Chunks rewritten in part after being stored (read back to take a partial write): the
-    /// hot set, compressed at [`HOT_ZSTD_LEVEL`] when flushed. A hint only: an index left here
+    /// hot set, stored uncompressed when flushed (`Encoded::uncompressed`). A hint only: an index left here
     /// after its chunk was dropped costs nothing.
     pub(crate) hot: HashSet<u64>,
 }

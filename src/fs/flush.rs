@@ -5,7 +5,7 @@ use super::inode::{InodeId, Time};
 use super::timing::Stage;
 use super::{Engine, FsError, FsResult};
 use crate::schema::K_BARRIERS;
-use crate::store::chunk::{is_zero, ChunkId, HOT_ZSTD_LEVEL};
+use crate::store::chunk::{is_zero, ChunkId};
 use crate::store::Encoded;
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -202,6 +202,13 @@ impl Engine {
                     .map(|(d, _)| d),
             );
         }
+        // Chunks rewritten in part are stored uncompressed, for compaction to compress
+        // (`Encoded::uncompressed`).
+        let deferred: HashSet<ChunkId> = need
+            .iter()
+            .filter(|(_, i)| hot.contains(i))
+            .map(|(id, _)| *id)
+            .collect();
         // Compress on all cores, 4 MiB at a time, so compressed copies never pile up in memory;
         // each group is appended to the pack while the next one compresses (the append is a
         // serial copy into the page cache, and without the overlap a core would sit idle).
@@ -210,13 +217,13 @@ impl Engine {
             group
                 .par_iter()
                 .map(|(id, i)| {
-                    let level = if hot.contains(i) {
-                        HOT_ZSTD_LEVEL
-                    } else {
-                        level
-                    };
-                    self.timings
-                        .time(Stage::Compress, || Encoded::new(*id, &chunks[i], level))
+                    self.timings.time(Stage::Compress, || {
+                        if deferred.contains(id) {
+                            Encoded::uncompressed(*id, &chunks[i])
+                        } else {
+                            Encoded::new(*id, &chunks[i], level)
+                        }
+                    })
                 })
                 .collect()
         };
@@ -285,6 +292,11 @@ impl Engine {
                     None => None,
                 };
                 keyed.push((*i, key));
+            }
+            for id in &deferred {
+                if let Some(l) = locs.get(id) {
+                    w.chunks.count_deferred(id, l)?;
+                }
             }
             let (root, total) = w.tree().set(inode.root, &keyed)?;
             inode.root = root;

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::pace::Pacer;
 use super::{Engine, FsResult};
-use crate::schema::PACKS;
+use crate::schema::{PACKS, PACK_DEFERRED};
 use crate::store::chunk::ChunkId;
 use crate::store::pack::PackId;
 use crate::store::{ChunkKey, ChunkLoc, IndexEntry};
@@ -48,6 +48,9 @@ pub struct GcReport {
     pub packs_left_with_dead: u64,
     #[serde(default)]
     pub bytes_left_dead: u64,
+    /// Records stored uncompressed on the write path that the copy compressed.
+    #[serde(default)]
+    pub chunks_compressed: u64,
     /// Most index entries held in memory at once (tests check the grouping).
     #[serde(skip)]
     pub peak_entries_held: u64,
@@ -96,14 +99,25 @@ impl Engine {
     /// what stays dead is at most `RECLAIM_TARGET_DEAD_SHARE`: each pack compacted frees
     /// the most per byte copied, and the gap between the two shares keeps it from chasing
     /// every small delete.
+    ///
+    /// Packs whose records were largely stored uncompressed (see `RECOMPRESS_MIN_SHARE`) are
+    /// compacted whatever the threshold; once `RECOMPRESS_MIN_BYTES` of such records wait in
+    /// packs no longer appended to, a run is due even with nothing dead (threshold 0).
     pub fn reclaim_threshold(&self) -> FsResult<Option<f64>> {
         let rtx = self.read_txn()?;
         let mut packs: Vec<(u64, u64)> = Vec::new();
         for e in rtx.open_table(PACKS)?.iter()? {
             packs.push(e?.1.value());
         }
+        let active = self.store.active_pack();
+        let deferred = deferred_bytes(&rtx)?;
         drop(rtx);
-        Ok(pick_min_live(&packs))
+        let waiting: u64 = deferred
+            .iter()
+            .filter(|(p, _)| active.is_none_or(|a| **p < a.0))
+            .map(|(_, b)| *b)
+            .sum();
+        Ok(pick_min_live(&packs).or_else(|| (waiting >= RECOMPRESS_MIN_BYTES).then_some(0.0)))
     }
 
     /// The compaction run; candidates are worked through in groups of about
@@ -129,6 +143,12 @@ impl Engine {
             let (live, dead) = acc.get(&p.0).copied().unwrap_or((0, 0));
             live == 0 || (live as f64) < min_live * (live + dead) as f64
         };
+        let deferred = deferred_bytes(&*self.read_txn()?)?;
+        let to_compress = |acc: &HashMap<u32, (u64, u64)>, p: PackId| {
+            let (live, dead) = acc.get(&p.0).copied().unwrap_or((0, 0));
+            let d = deferred.get(&p.0).copied().unwrap_or(0);
+            d > 0 && d as f64 >= RECOMPRESS_MIN_SHARE * (live + dead) as f64
+        };
         // The pack being appended to is compacted too once it qualifies: close it first.
         if let Some(a) = self.store.active_pack() {
             if low(&accounting, a) && accounting.get(&a.0).is_some_and(|(_, dead)| *dead > 0) {
@@ -144,7 +164,7 @@ impl Engine {
         let candidates: Vec<PackId> = listed
             .into_iter()
             .filter(|p| active.is_none_or(|a| p.0 < a.0))
-            .filter(|p| low(&accounting, *p))
+            .filter(|p| low(&accounting, *p) || to_compress(&accounting, *p))
             .collect();
         let mut report = GcReport::default();
         if candidates.is_empty() {
@@ -187,6 +207,7 @@ impl Engine {
                 self.compact_pack(
                     pack,
                     live.remove(&pack).unwrap_or_default(),
+                    deferred.contains_key(&pack.0),
                     &mut pacer,
                     &mut report,
                 )?;
@@ -197,11 +218,12 @@ impl Engine {
     }
 
     /// Copy the live `records` of `pack` out, point the index at the copies (durably), and
-    /// delete the pack.
+    /// delete the pack. With `compress`, records stored raw are compressed on the way.
     fn compact_pack(
         &self,
         pack: PackId,
         records: Vec<(ChunkKey, IndexEntry)>,
+        compress: bool,
         pacer: &mut Pacer,
         report: &mut GcReport,
     ) -> FsResult<()> {
@@ -211,8 +233,13 @@ impl Engine {
         'copy: for group in records.chunks(GC_GROUP) {
             let mut copies = Vec::with_capacity(group.len());
             for (_, e) in group {
-                match self.store.read_record_for_copy(&e.id, &e.loc) {
-                    Ok(e) => copies.push(e),
+                match self.store.read_record_for_copy(&e.id, &e.loc, compress) {
+                    Ok(c) => {
+                        if c.codec != e.loc.codec {
+                            report.chunks_compressed += 1;
+                        }
+                        copies.push(c)
+                    }
                     Err(e) => {
                         tracing::error!("gc: pack {:08x} kept: {e}", pack.0);
                         damaged = true;
@@ -291,6 +318,19 @@ impl Engine {
     }
 }
 
+/// Bytes of records stored uncompressed, per pack (`PACK_DEFERRED`; empty in a datastore
+/// that has none yet).
+pub(crate) fn deferred_bytes(rtx: &redb::ReadTransaction) -> FsResult<HashMap<u32, u64>> {
+    let t = match rtx.open_table(PACK_DEFERRED) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashMap::new()),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(t.iter()?
+        .map(|r| r.map(|(k, v)| (k.value(), v.value())))
+        .collect::<Result<_, _>>()?)
+}
+
 /// `reclaim_threshold` over the (live, dead) bytes of every pack.
 fn pick_min_live(packs: &[(u64, u64)]) -> Option<f64> {
     let dead: u64 = packs.iter().map(|p| p.1).sum();
@@ -316,6 +356,14 @@ fn pick_min_live(packs: &[(u64, u64)]) -> Option<f64> {
     let any = packs.iter().any(|p| p.1 > 0 && share(p) < min_live);
     any.then_some(min_live.min(1.0))
 }
+
+/// Compaction takes a pack once records stored uncompressed (`Encoded::uncompressed`) are
+/// this share of its bytes: compressing them (about 2:1 on desktop data) then frees about as
+/// much as compacting a pack at the background's dead-share threshold.
+pub const RECOMPRESS_MIN_SHARE: f64 = 0.25;
+/// Background compaction runs once this many bytes of uncompressed records wait in packs no
+/// longer appended to, even with nothing dead.
+pub const RECOMPRESS_MIN_BYTES: u64 = 32 << 20;
 
 /// Background compaction starts when this much pack space is dead (bytes).
 pub const RECLAIM_MIN_DEAD: u64 = 32 << 20;

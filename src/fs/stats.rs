@@ -32,6 +32,10 @@ pub struct Stats {
     pub pack_bytes: u64,
     /// Records no longer referenced, reclaimable by compaction.
     pub reclaimable_bytes: u64,
+    /// Records stored uncompressed on the write path (chunks rewritten in part), which
+    /// compaction compresses (gc; in the background once `RECOMPRESS_MIN_BYTES` wait).
+    #[serde(default)]
+    pub uncompressed_bytes: u64,
     /// Share of pack bytes that are live records (1.0: nothing to reclaim).
     #[serde(default)]
     pub pack_fill: f64,
@@ -128,6 +132,7 @@ impl Engine {
         for r in rtx.open_table(PACKS)?.iter()? {
             dead += r?.1.value().1;
         }
+        let uncompressed_bytes = super::gc::deferred_bytes(&rtx)?.values().sum();
         let (mut pack_bytes, mut pack_count) = (0, 0);
         let io = self.store.io();
         for p in io.list()? {
@@ -172,6 +177,7 @@ impl Engine {
             total_ratio: ratio(referenced, stored),
             pack_bytes,
             reclaimable_bytes: dead,
+            uncompressed_bytes,
             pack_fill: if pack_bytes == 0 {
                 1.0
             } else {

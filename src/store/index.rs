@@ -66,6 +66,7 @@ pub struct ChunkTables<'txn> {
     index: redb::Table<'txn, u64, &'static [u8]>,
     aliases: redb::Table<'txn, &'static [u8; 32], u64>,
     packs: redb::Table<'txn, u32, (u64, u64)>,
+    deferred: redb::Table<'txn, u32, u64>,
     counters: redb::Table<'txn, &'static str, u64>,
     /// Chunks whose last reference went away in this transaction.
     pub released: Vec<ChunkId>,
@@ -92,6 +93,7 @@ impl<'txn> ChunkTables<'txn> {
             index: txn.open_table(schema::CHUNKS)?,
             aliases: txn.open_table(schema::CHUNK_ALIASES)?,
             packs: txn.open_table(schema::PACKS)?,
+            deferred: txn.open_table(schema::PACK_DEFERRED)?,
             counters: txn.open_table(schema::COUNTERS)?,
             released: Vec::new(),
             pending: Vec::new(),
@@ -152,6 +154,9 @@ impl<'txn> ChunkTables<'txn> {
             let dead = len.saturating_sub(pack::PACK_HEADER_LEN).saturating_sub(l);
             self.packs.insert(p.0, (l, dead))?;
         }
+        // Waiting-for-compression hints are kept for the packs that are still there.
+        let present: std::collections::HashSet<u32> = pack_lens.iter().map(|(p, _)| p.0).collect();
+        self.deferred.retain(|p, _| present.contains(&p))?;
         for (k, v) in [
             (schema::C_CHUNK_COUNT, index.len() as u64),
             (schema::C_UNIQUE_BYTES, unique),
@@ -203,6 +208,12 @@ impl<'txn> ChunkTables<'txn> {
         let mut l = *new;
         l.refs = old.loc.refs;
         self.put(key, &old.id, &l)?;
+        // The copy may be smaller (compaction compresses records stored uncompressed).
+        bump(
+            &mut self.counters,
+            schema::C_STORED_BYTES,
+            i64::from(l.stored_len) - i64::from(old.loc.stored_len),
+        )?;
         let (live, dead) = self
             .packs
             .get(old.loc.pack.0)?
@@ -242,9 +253,24 @@ impl<'txn> ChunkTables<'txn> {
         Ok(())
     }
 
+    /// Count `loc`, a record stored uncompressed for `id` on the write path, as waiting for
+    /// compaction to compress it, if the index points at it (not when another copy of the
+    /// chunk was stored first, which leaves this record dead).
+    pub fn count_deferred(&mut self, id: &ChunkId, loc: &ChunkLoc) -> Result<(), StoreError> {
+        match self.find(id)? {
+            Some((_, cur)) if cur.pack == loc.pack && cur.offset == loc.offset => {
+                let n = self.deferred.get(loc.pack.0)?.map_or(0, |v| v.value());
+                self.deferred.insert(loc.pack.0, n + record_bytes(loc))?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// Forget a pack's accounting (it is about to be deleted).
     pub fn forget_pack(&mut self, pack: PackId) -> Result<(), StoreError> {
         self.packs.remove(pack.0)?;
+        self.deferred.remove(pack.0)?;
         Ok(())
     }
 

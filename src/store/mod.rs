@@ -113,12 +113,27 @@ pub struct Encoded {
 }
 
 impl Encoded {
+    /// `data` compressed at `level` (kept raw if it does not shrink).
     pub fn new(id: ChunkId, data: &[u8], level: i32) -> Encoded {
         let (payload, codec) = chunk::encode(data, level);
         Encoded {
             id,
             payload,
             codec,
+            raw_len: data.len() as u32,
+        }
+    }
+
+    /// `data` stored as is, its compression left to compaction: for chunks rewritten in part
+    /// (a desktop's random 4 KiB writes), the hot set, where compressing on the write path
+    /// costs a fifth of the CPU of each write and the record is likely dead again soon. The
+    /// caller counts the record with `ChunkTables::count_deferred`, which is how compaction
+    /// finds the packs worth compressing (`Store::read_record_for_copy`).
+    pub fn uncompressed(id: ChunkId, data: &[u8]) -> Encoded {
+        Encoded {
+            id,
+            payload: data.to_vec(),
+            codec: Codec::Raw,
             raw_len: data.len() as u32,
         }
     }
@@ -249,10 +264,14 @@ impl Store {
     /// it later verifies blake3 as always, so damage the crc cannot see still reads as EIO,
     /// never as wrong bytes. A tenth of the CPU of `read_record`, which matters because
     /// compaction runs beside guest I/O.
+    /// With `compress`, a record stored raw is compressed at the datastore's level on the way
+    /// (a pack holding records whose compression was deferred, `Encoded::uncompressed`);
+    /// data that does not shrink stays raw.
     pub fn read_record_for_copy(
         &self,
         id: &ChunkId,
         loc: &ChunkLoc,
+        compress: bool,
     ) -> Result<Encoded, StoreError> {
         let rec = self.fetch_record(id, loc)?;
         let corrupt = |detail: &str| StoreError::Corrupt {
@@ -267,6 +286,9 @@ impl Store {
             || !pack::record_crc_ok(&rec[..RECORD_HEADER_LEN], payload, h.crc)
         {
             return Err(corrupt("checksum mismatch"));
+        }
+        if compress && loc.codec == Codec::Raw {
+            return Ok(Encoded::new(*id, payload, self.zstd_level));
         }
         Ok(Encoded {
             id: *id,
