@@ -87,6 +87,10 @@ pub enum Request {
     Du {
         path: String,
     },
+    /// Load the chunks of a file or folder (a path inside the datastore) into the read cache.
+    Warm {
+        path: String,
+    },
     /// Compact packs whose live share is below `min_live`.
     Gc {
         min_live: f64,
@@ -125,6 +129,10 @@ fn handle(engine: &Engine, req: Request) -> Response {
         },
         Request::Du { path } => match engine.du(&path) {
             Ok(u) => ok(serde_json::to_value(u).unwrap_or_default()),
+            Err(e) => err(format!("{path}: {e}")),
+        },
+        Request::Warm { path } => match engine.warm(&path, &|_, _| {}) {
+            Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),
             Err(e) => err(format!("{path}: {e}")),
         },
         Request::Scrub { max_rate_mib } => {

@@ -10,6 +10,7 @@ pub mod mount;
 pub mod scrub;
 pub mod serve;
 pub mod stats;
+pub mod warm;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,6 +40,7 @@ pub enum Cmd {
     Fsck(fsck::Args),
     Gc(gc::Args),
     Scrub(scrub::Args),
+    Warm(warm::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -52,6 +54,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Fsck(a) => fsck::run(a),
         Cmd::Gc(a) => gc::run(a),
         Cmd::Scrub(a) => scrub::run(a),
+        Cmd::Warm(a) => warm::run(a),
     }
 }
 
@@ -214,6 +217,26 @@ pub fn locate(p: &Path) -> Result<Located> {
         "{} is neither on a Tessera mount nor inside a datastore folder",
         p.display()
     )
+}
+
+/// Parse a byte size such as `512M`, `2G`, `1GiB` or `65536`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits: String = t.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let unit = t[digits.len()..].trim().to_ascii_lowercase();
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 512M or 2G)"))?;
+    let shift = match unit.as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Parse a byte size such as `16K`, `16KiB`, `64k` or `16384`.

@@ -68,6 +68,18 @@ pub fn run(a: Args) -> Result<()> {
         s.pack_fill * 100.0,
         human(s.reclaimable_bytes)
     );
+    let looked = s.cache_hits + s.cache_misses;
+    println!(
+        "read cache        {} of {}, {:.1}% of chunk reads served from it; {} read from packs",
+        human(s.cache_bytes),
+        human(s.cache_capacity_bytes),
+        if looked == 0 {
+            0.0
+        } else {
+            100.0 * s.cache_hits as f64 / looked as f64
+        },
+        human(s.pack_read_bytes)
+    );
     if s.uncompressed_bytes > 0 {
         println!(
             "to compress       {} written uncompressed (rewritten in part); gc compresses it",

@@ -67,6 +67,7 @@ pub(crate) mod testutil;
 pub mod timing;
 pub mod tree;
 pub mod upgrade;
+pub mod warm;
 pub mod xattr;
 
 use std::collections::HashMap;

@@ -36,6 +36,19 @@ pub struct Stats {
     /// compaction compresses (gc; in the background once `RECOMPRESS_MIN_BYTES` wait).
     #[serde(default)]
     pub uncompressed_bytes: u64,
+    /// The read cache of decompressed, verified chunks (`--cache-size`), shared by all files:
+    /// chunk reads it served and chunk loads from packs since the datastore was opened, its
+    /// fill, and the bytes read from packs to serve reads.
+    #[serde(default)]
+    pub cache_hits: u64,
+    #[serde(default)]
+    pub cache_misses: u64,
+    #[serde(default)]
+    pub cache_bytes: u64,
+    #[serde(default)]
+    pub cache_capacity_bytes: u64,
+    #[serde(default)]
+    pub pack_read_bytes: u64,
     /// Share of pack bytes that are live records (1.0: nothing to reclaim).
     #[serde(default)]
     pub pack_fill: f64,
@@ -133,6 +146,7 @@ impl Engine {
             dead += r?.1.value().1;
         }
         let uncompressed_bytes = super::gc::deferred_bytes(&rtx)?.values().sum();
+        let cache = self.store.cache_stats();
         let (mut pack_bytes, mut pack_count) = (0, 0);
         let io = self.store.io();
         for p in io.list()? {
@@ -178,6 +192,11 @@ impl Engine {
             pack_bytes,
             reclaimable_bytes: dead,
             uncompressed_bytes,
+            cache_hits: cache.hits,
+            cache_misses: cache.misses,
+            cache_bytes: cache.chunks * self.chunk_size,
+            cache_capacity_bytes: cache.capacity_chunks * self.chunk_size,
+            pack_read_bytes: cache.pack_read_bytes,
             pack_fill: if pack_bytes == 0 {
                 1.0
             } else {

@@ -22,6 +22,7 @@ pub mod scan;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -95,9 +96,36 @@ pub struct Store {
     /// when compaction scans the index, and be deleted with the pack just before their commit
     /// made them live (found by `gc_races_writes_clones_dedup_and_deletes`).
     appenders: parking_lot::RwLock<()>,
-    /// Decompressed, verified chunks, most recently used first.
+    /// Decompressed, verified chunks by id, shared by every file (clones of one golden image
+    /// read the same entries: the boot-storm cache). quick_cache's CLOCK-Pro-like policy
+    /// admits a chunk read once as cold, so a scan (a guest's antivirus sweep, a backup read)
+    /// does not push out chunks read again and again. Scrub, fsck and compaction bypass it.
     cache: quick_cache::sync::Cache<ChunkId, Arc<Vec<u8>>>,
+    /// Reads served by the cache, and chunks loaded from packs for reads (cache misses).
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    /// Bytes read from pack files to serve reads (what the cache did not save).
+    pack_read_bytes: AtomicU64,
     zstd_level: i32,
+}
+
+/// What `Store::warm` did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WarmCounts {
+    /// Chunks read from packs (the others were cached).
+    pub loaded: u64,
+    pub damaged: u64,
+}
+
+/// How the read cache is doing (for stats and metrics).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Chunks held now, and how many fit.
+    pub chunks: u64,
+    pub capacity_chunks: u64,
+    pub pack_read_bytes: u64,
 }
 
 /// Largest record payload an index entry may claim (bytes): chunks are at most 64 KiB raw and
@@ -154,6 +182,9 @@ impl Store {
             appenders: parking_lot::RwLock::new(()),
             unsynced: Mutex::new(BTreeSet::new()),
             cache: quick_cache::sync::Cache::new(cache_items.max(16)),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
+            pack_read_bytes: AtomicU64::new(0),
             zstd_level,
         })
     }
@@ -471,17 +502,35 @@ impl Store {
         // that named another chunk once can never bring back that chunk's bytes.
         let mut ids: Vec<ChunkId> = Vec::with_capacity(keys.len());
         let mut out: Vec<Option<ChunkResult>> = Vec::with_capacity(keys.len());
-        // (position in keys, location) of every miss, in pack order.
+        // (position in keys, location) of every miss this call loads, in pack order, and the
+        // cache placeholders it holds for them: concurrent readers of the same chunk (twenty
+        // clones booting) wait for this load instead of repeating it.
         let mut todo = Vec::new();
+        let mut guards = HashMap::new();
+        // Misses another reader is loading: waited for once this call's own loads are in
+        // (never while holding placeholders, so readers cannot wait on each other in a cycle).
+        let mut waiting: Vec<(usize, ChunkLoc)> = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             match index::entry_in(&t, *k) {
                 Ok(Some(e)) => {
                     ids.push(e.id);
-                    match self.cache.get(&e.id) {
-                        Some(d) => out.push(Some(Ok(d))),
-                        None => {
+                    use quick_cache::sync::GuardResult;
+                    match self
+                        .cache
+                        .get_value_or_guard(&e.id, Some(std::time::Duration::ZERO))
+                    {
+                        GuardResult::Value(d) => {
+                            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                            out.push(Some(Ok(d)))
+                        }
+                        GuardResult::Guard(g) => {
                             out.push(None);
+                            guards.insert(i, g);
                             todo.push((i, e.loc));
+                        }
+                        GuardResult::Timeout => {
+                            out.push(None);
+                            waiting.push((i, e.loc));
                         }
                     }
                 }
@@ -519,6 +568,8 @@ impl Store {
             let len = (last.offset - first.offset) as usize
                 + RECORD_HEADER_LEN
                 + last.stored_len as usize;
+            self.pack_read_bytes
+                .fetch_add(len as u64, Ordering::Relaxed);
             self.io.read_at(first.pack, first.offset, len)
         };
         let fetched: Vec<io::Result<Vec<u8>>> = if runs.len() > 1 {
@@ -556,11 +607,38 @@ impl Store {
         } else {
             records.iter().map(decode).collect()
         };
+        self.cache_misses
+            .fetch_add(decoded.len() as u64, Ordering::Relaxed);
         for (i, r) in decoded {
-            if let Ok(d) = &r {
-                self.cache.insert(ids[i], d.clone());
+            let guard = guards.remove(&i);
+            if let (Ok(d), Some(g)) = (&r, guard) {
+                let _ = g.insert(d.clone());
             }
             out[i] = Some(r);
+        }
+        drop(guards);
+        for (i, loc) in waiting {
+            use quick_cache::sync::GuardResult;
+            out[i] = Some(match self.cache.get_value_or_guard(&ids[i], None) {
+                GuardResult::Value(d) => {
+                    self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    Ok(d)
+                }
+                // The other load failed (or the chunk was dropped meanwhile): load it here.
+                GuardResult::Guard(g) => {
+                    self.cache_misses.fetch_add(1, Ordering::Relaxed);
+                    self.pack_read_bytes.fetch_add(
+                        (RECORD_HEADER_LEN + loc.stored_len as usize) as u64,
+                        Ordering::Relaxed,
+                    );
+                    self.read_loc(&ids[i], &loc).map(|d| {
+                        let d = Arc::new(d);
+                        let _ = g.insert(d.clone());
+                        d
+                    })
+                }
+                GuardResult::Timeout => unreachable!("no timeout given"),
+            });
         }
         out.into_iter()
             .map(|r| r.expect("every id answered"))
@@ -616,6 +694,50 @@ impl Store {
             return Err(corrupt("content does not match its id".into()));
         }
         Ok(data)
+    }
+
+    /// Load the chunks under `keys` into the read cache (`tessera warm`), each touched twice
+    /// so the cache holds it like a chunk read again and again (quick_cache admits a chunk
+    /// read once as cold, the first to go).
+    pub fn warm(&self, rtx: &ReadTransaction, keys: &[ChunkKey]) -> WarmCounts {
+        let mut counts = WarmCounts::default();
+        let Ok(t) = rtx.open_table(schema::CHUNKS) else {
+            counts.damaged = keys.len() as u64;
+            return counts;
+        };
+        let (mut cold, mut ids) = (Vec::new(), Vec::new());
+        for k in keys {
+            match index::entry_in(&t, *k) {
+                // Cached already: this lookup is its second touch.
+                Ok(Some(e)) if self.cache.get(&e.id).is_some() => {}
+                Ok(Some(e)) => {
+                    cold.push(*k);
+                    ids.push(e.id);
+                }
+                _ => counts.damaged += 1,
+            }
+        }
+        for (r, id) in self.read_many(rtx, &cold).into_iter().zip(&ids) {
+            match r {
+                Ok(_) => {
+                    counts.loaded += 1;
+                    let _ = self.cache.get(id);
+                }
+                Err(_) => counts.damaged += 1,
+            }
+        }
+        counts
+    }
+
+    /// Read cache figures since the store was opened.
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.cache_hits.load(Ordering::Relaxed),
+            misses: self.cache_misses.load(Ordering::Relaxed),
+            chunks: self.cache.len() as u64,
+            capacity_chunks: self.cache.capacity(),
+            pack_read_bytes: self.pack_read_bytes.load(Ordering::Relaxed),
+        }
     }
 
     /// Drop a chunk from the read cache (after it was released).
