@@ -71,6 +71,7 @@ bench: build
 	benches/vdi.sh
 	benches/space.sh
 	benches/corpus.sh
+	benches/bootstorm.sh
 	$(MAKE) bench-report
 
 bench-report:

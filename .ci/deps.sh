@@ -6,12 +6,12 @@
 #   apt:   fuse3 (fusermount3), fio, libnfs-utils, qemu-utils + qemu-block-extra (qemu's
 #          nfs:// driver; both of one version), python3, make,
 #          gcc + libc6-dev (linker, zstd-sys), util-linux (mountpoint), ca-certificates,
-#          tar + zstd (fs-tests/fixtures)
+#          tar + zstd (fs-tests/fixtures), curl + prometheus (promtool: fs-tests/metrics.sh)
 #   rustup components rustfmt and clippy (for `make lint`)
 #   cargo: pjdfstest 0.2.2 (fs-tests/pjdfstest.sh)
 set -euo pipefail
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-APT_PACKAGES=(fuse3 fio libnfs-utils qemu-utils python3 make gcc libc6-dev util-linux coreutils ca-certificates tar zstd)
+APT_PACKAGES=(fuse3 fio libnfs-utils qemu-utils python3 make gcc libc6-dev util-linux coreutils ca-certificates tar zstd curl prometheus)
 # RUNTIME_ONLY=1 (used by `make run`): only what building and mounting need.
 [ -n "${RUNTIME_ONLY:-}" ] && APT_PACKAGES=(fuse3 make gcc libc6-dev util-linux ca-certificates)
 PJDFSTEST_VERSION=0.2.2

@@ -34,6 +34,7 @@ SCRIPTS = {
     "vdi": ("benches/vdi.sh", "VDI profile through qemu's NFS client vs nfs-ganesha"),
     "space": ("benches/space.sh", "reclamation and scrub"),
     "corpus": ("benches/corpus.sh", "VDI corpus: space against the dedup floor"),
+    "bootstorm": ("benches/bootstorm.sh", "boot storm: clones of one golden image read at once"),
 }
 
 

@@ -62,7 +62,9 @@ log "golden sha256 $GOLDEN_SHA"
 step "tessera init (defaults) and mount"
 tessera init "$DS" || fail "tessera init $DS failed"
 expect_nonzero tessera init "$DS"      # must not re-initialise (or wipe) a datastore
-start_mount "$DS" "$MNT"
+out=$(tessera mount "$DS" "$MNT" --cache-size 5Q 2>&1) && fail "--cache-size 5Q was accepted"
+grep -q "unknown unit" <<<"$out" || fail "--cache-size 5Q: $out"
+start_mount "$DS" "$MNT" --cache-size 64M
 mkdir "$MNT/templates" "$MNT/desktops"
 tmo cp -- "$SRC" "$MNT/templates/golden.raw" || fail "cp into the mount failed"
 [ "$(sha "$MNT/templates/golden.raw")" = "$GOLDEN_SHA" ] || fail "golden.raw differs from its source after cp"
@@ -166,6 +168,21 @@ print("stats: dedup_ratio=%s" % r, {k: v for k, v in d.items() if not isinstance
 sys.exit(0 if isinstance(r, (int, float)) and r > 1 else 1)
 PY
 
+step "tessera warm loads a template into the serving process's read cache"
+tessera warm "$MNT/templates" --json >"$TEST_TMP/warm.json" || fail "tessera warm failed"
+tessera stats "$DS" --json >"$TEST_TMP/stats-warm.json" || fail "tessera stats --json failed"
+python3 - "$TEST_TMP/warm.json" "$TEST_TMP/stats-warm.json" <<'PY' || fail "tessera warm: $(cat "$TEST_TMP/warm.json")"
+import json, sys
+w = json.load(open(sys.argv[1]))[0]
+s = json.load(open(sys.argv[2]))
+# golden.raw: 64 MiB, a quarter of it zeros (holes are not chunks); it fits the 64 MiB cache.
+assert w["files"] == 1 and w["chunks"] >= 2048 and not w["cache_full"], w
+assert s["cache_capacity_bytes"] == 64 << 20, s["cache_capacity_bytes"]
+assert s["cache_bytes"] >= w["bytes"] * 9 // 10, (s["cache_bytes"], w["bytes"])
+PY
+tessera warm "$MNT/templates/golden.raw" >"$TEST_TMP/warm.txt" || fail "tessera warm (text) failed"
+grep -q "chunks of 1 file(s), 0 read from packs" "$TEST_TMP/warm.txt" || fail "a second warm read from packs again: $(cat "$TEST_TMP/warm.txt")"
+
 step "error cases"
 expect_error 'does not exist' tessera clone "$MNT/templates/missing.raw" "$MNT/desktops/x.raw"
 [ ! -e "$MNT/desktops/x.raw" ] || fail "a failed clone left $MNT/desktops/x.raw behind"
@@ -180,6 +197,8 @@ expect_error . tessera fsck "$TEST_TMP/no-such-dir"
 step "clean unmount, fsck"
 stop_mount "$MNT"
 tessera fsck "$DS" || fail "tessera fsck after a clean unmount exited non-zero"
+
+expect_error 'nothing serves' tessera warm "$DS/templates/golden.raw"
 
 step "clone on the unmounted datastore"
 tessera clone "$DS/templates/golden.raw" "$DS/desktops/offline.raw" || fail "offline tessera clone failed"

@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
@@ -16,6 +16,7 @@ use fuser::{
 
 use crate::fs::data::{Falloc, SetAttr, SetTime};
 use crate::fs::dir::{Ctx, RenameFlags as Rf};
+use crate::fs::ops::{Direction, FrontEnd};
 use crate::fs::xattr::XattrMode;
 use crate::fs::{Attr, Engine, FsError, InodeId, Kind, Time};
 
@@ -114,6 +115,11 @@ fn ctx(req: &Request) -> Ctx {
 }
 
 impl TesseraFuse {
+    /// Count a request for the metrics (`fs::ops`).
+    fn record(&self, op: &'static str, started: Instant, ok: bool) {
+        self.engine.ops.record(FrontEnd::Fuse, op, started, ok);
+    }
+
     fn blksize(&self) -> u32 {
         self.engine.chunk_size() as u32
     }
@@ -162,15 +168,17 @@ impl fuser::Filesystem for TesseraFuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(
-            self.engine.lookup(InodeId(parent.0), name.as_bytes()),
-            "lookup",
-            reply,
-        );
+        let t = Instant::now();
+        let r = self.engine.lookup(InodeId(parent.0), name.as_bytes());
+        self.record("lookup", t, r.is_ok());
+        self.entry(r, "lookup", reply);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.engine.getattr(InodeId(ino.0)) {
+        let t = Instant::now();
+        let r = self.engine.getattr(InodeId(ino.0));
+        self.record("getattr", t, r.is_ok());
+        match r {
             Ok(a) => reply.attr(&TTL, &fattr(&a, self.blksize())),
             Err(e) => reply.error(self.fail("getattr", &e)),
         }
@@ -352,8 +360,16 @@ impl fuser::Filesystem for TesseraFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.engine.read(InodeId(ino.0), offset, size) {
-            Ok(d) => reply.data(&d),
+        let t = Instant::now();
+        let r = self.engine.read(InodeId(ino.0), offset, size);
+        self.record("read", t, r.is_ok());
+        match r {
+            Ok(d) => {
+                self.engine
+                    .ops
+                    .moved(FrontEnd::Fuse, Direction::Read, d.len() as u64);
+                reply.data(&d)
+            }
             Err(e) => reply.error(self.fail("read", &e)),
         }
     }
@@ -371,6 +387,7 @@ impl fuser::Filesystem for TesseraFuse {
         reply: ReplyWrite,
     ) {
         let ino = InodeId(ino.0);
+        let t = Instant::now();
         let r = self.engine.write(ino, offset, data).and_then(|n| {
             // O_SYNC / O_DSYNC writes are durable before they are acknowledged.
             if flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0 {
@@ -378,8 +395,14 @@ impl fuser::Filesystem for TesseraFuse {
             }
             Ok(n)
         });
+        self.record("write", t, r.is_ok());
         match r {
-            Ok(n) => reply.written(n as u32),
+            Ok(n) => {
+                self.engine
+                    .ops
+                    .moved(FrontEnd::Fuse, Direction::Write, n as u64);
+                reply.written(n as u32)
+            }
             Err(e) => reply.error(self.fail("write", &e)),
         }
     }
@@ -416,7 +439,10 @@ impl fuser::Filesystem for TesseraFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.empty(self.engine.fsync(InodeId(ino.0)), "fsync", reply);
+        let t = Instant::now();
+        let r = self.engine.fsync(InodeId(ino.0));
+        self.record("fsync", t, r.is_ok());
+        self.empty(r, "fsync", reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

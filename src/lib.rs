@@ -24,6 +24,7 @@ pub mod control;
 pub(crate) mod deadlock;
 pub mod fs;
 pub mod fuse;
+pub mod metrics;
 pub mod nfs;
 pub mod private;
 pub mod schema;

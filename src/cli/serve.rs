@@ -115,6 +115,10 @@ pub struct DaemonArgs {
     /// from disk once (`tessera warm` preloads it). Examples: 512M, 2G.
     #[arg(long, default_value = "48M", value_name = "SIZE", value_parser = super::parse_bytes)]
     pub cache_size: u64,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (default 127.0.0.1:9477: loopback
+    /// only; give an address of a private network for a Prometheus server elsewhere).
+    #[arg(long, value_name = "ADDR:PORT", num_args = 0..=1, default_missing_value = "127.0.0.1:9477")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// glibc malloc arenas for the daemon. The default (8 per core) lets freed chunk buffers of
@@ -210,6 +214,16 @@ pub fn run(a: Args) -> Result<()> {
     }
     let sock =
         control::serve(engine.clone(), &dir).context("cannot listen on the control socket")?;
+    let _metrics = match a.daemon.metrics {
+        Some(addr) => {
+            let t = tessera::metrics::spawn(&engine, addr).with_context(|| {
+                format!("cannot serve metrics on {addr} (in use? choose another with --metrics ADDR:PORT)")
+            })?;
+            tracing::info!("metrics on http://{addr}/metrics");
+            Some(t)
+        }
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let mut signals = signal_hook::iterator::Signals::new([

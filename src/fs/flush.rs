@@ -202,6 +202,11 @@ impl Engine {
                     .map(|(d, _)| d),
             );
         }
+        let written = hashed.iter().filter(|(_, id)| id.is_some()).count() as u64;
+        self.ops.chunks_written.inc_by(written);
+        self.ops
+            .dedup_hits
+            .inc_by(written.saturating_sub(need.len() as u64));
         // Chunks rewritten in part are stored uncompressed, for compaction to compress
         // (`Encoded::uncompressed`).
         let deferred: HashSet<ChunkId> = need

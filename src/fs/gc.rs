@@ -293,6 +293,9 @@ impl Engine {
             .iter()
             .map(|l| crate::store::pack::RECORD_HEADER_LEN as u64 + u64::from(l.stored_len))
             .sum();
+        self.ops.gc_packs.inc();
+        self.ops.gc_moved_bytes.inc_by(moved);
+        self.ops.gc_freed_bytes.inc_by(size.saturating_sub(moved));
         report.packs_compacted += 1;
         report.chunks_moved += new_locs.len() as u64;
         report.bytes_moved += moved;

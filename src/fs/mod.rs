@@ -55,6 +55,7 @@ pub mod extent;
 pub mod flush;
 pub mod gc;
 pub mod inode;
+pub mod ops;
 pub mod pace;
 pub mod read;
 pub mod repair;
@@ -202,6 +203,8 @@ pub struct Engine {
     flusher_running: AtomicBool,
     /// CPU time per stage of the data path (`tessera stats`, the benchmarks' breakdown).
     pub(crate) timings: timing::Timings,
+    /// Requests per front end and kind, recorded by the front ends (metrics).
+    pub ops: ops::Ops,
 }
 
 /// A read transaction that also keeps the packs it may read from being deleted by compaction
@@ -476,6 +479,7 @@ impl Engine {
             progress: (Mutex::new(()), parking_lot::Condvar::new()),
             flusher_running: AtomicBool::new(false),
             timings: timing::Timings::default(),
+            ops: ops::Ops::default(),
         };
         e.purge_orphans()?;
         Ok(e)
@@ -498,6 +502,16 @@ impl Engine {
     /// The datastore's id, fixed at creation (see `K_DATASTORE_ID`).
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The tuning the engine was opened with.
+    pub fn tuning(&self) -> &Tuning {
+        &self.tuning
+    }
+
+    /// CPU time per stage of the data path since the engine was opened.
+    pub fn timings(&self) -> &timing::Timings {
+        &self.timings
     }
 
     pub fn chunk_size(&self) -> u64 {

@@ -119,9 +119,14 @@ impl Engine {
                     Err(e) => failed.push((id, e)),
                 }
             }
+            let damaged = bad.len();
             if !failed.is_empty() {
                 self.recheck(&recs, &keys, failed, &mut r, &mut bad)?;
             }
+            self.ops.scrub_chunks.inc_by(recs.len() as u64);
+            self.ops
+                .scrub_damaged
+                .inc_by(bad.len().saturating_sub(damaged) as u64);
             progress(r.chunks_checked, total);
             if done {
                 break;

@@ -11,6 +11,7 @@
 pub mod allow;
 pub mod portmap;
 
+use crate::fs::ops::{Direction, FrontEnd};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -167,7 +168,11 @@ impl TesseraNfs {
     }
 
     /// Run one engine operation that may wait for the disk (fsync, a durable commit).
-    fn run<T>(&self, op: &str, f: impl FnOnce(&Engine) -> Result<T, Fail>) -> Result<T, nfsstat3> {
+    fn run<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&Engine) -> Result<T, Fail>,
+    ) -> Result<T, nfsstat3> {
         self.run_on(op, Blocks::Yes, f)
     }
 
@@ -177,16 +182,20 @@ impl TesseraNfs {
     /// call, a large share of a 4 KiB WRITE, and the runtime has more workers than cores.
     fn run_on<T>(
         &self,
-        op: &str,
+        op: &'static str,
         blocks: Blocks,
         f: impl FnOnce(&Engine) -> Result<T, Fail>,
     ) -> Result<T, nfsstat3> {
+        let started = std::time::Instant::now();
         // One request: metadata changes become durable once, before the reply (RFC 1813).
         let call = || self.engine.request(|| f(&self.engine));
         let r = match blocks {
             Blocks::Yes => tokio::task::block_in_place(call),
             Blocks::Rarely => call(),
         };
+        self.engine
+            .ops
+            .record(FrontEnd::Nfs, op, started, r.is_ok());
         r.map_err(|fail| match fail {
             Fail::Stale => nfsstat3::NFS3ERR_STALE,
             Fail::Fs(e) => {
@@ -432,6 +441,8 @@ impl NfsReadFileSystem for TesseraNfs {
             // EOF is judged against the size as of the read; a concurrent extension makes the
             // client read again, never miss data.
             let eof = offset.saturating_add(data.len() as u64) >= a.inode.size;
+            e.ops
+                .moved(FrontEnd::Nfs, Direction::Read, data.len() as u64);
             attr = Some(a);
             Ok((data, eof))
         });
@@ -580,6 +591,8 @@ impl NfsFileSystem for TesseraNfs {
                 }
             })?;
             before = Some(b);
+            e.ops
+                .moved(FrontEnd::Nfs, Direction::Write, data.len() as u64);
             if sync {
                 e.fsync(h.ino())?;
                 Ok((e.getattr(h.ino())?, stable_how::FILE_SYNC))
