@@ -25,7 +25,7 @@ TARGET_DIR  ?= $(or $(CARGO_TARGET_DIR),target)
 TESSERA     ?= $(abspath $(TARGET_DIR))/release/tessera
 DATA        ?= $(CURDIR)/tessera-data
 
-.PHONY: deps build lint unit fs-tests test run bench bench-report
+.PHONY: deps build lint unit fs-tests test run bench bench-report deb
 
 deps:
 	.ci/deps.sh
@@ -44,6 +44,15 @@ fs-tests: build
 	TESSERA=$(TESSERA) fs-tests/run-all.sh
 
 test: deps lint unit fs-tests
+
+# The Debian package (target/debian/tessera_*.deb): the release binary, man pages, shell
+# completions, systemd units, the mount helper (mount -t fuse.tessera, fstab), examples.
+deb: build
+	mkdir -p target/completions
+	"$(TESSERA)" completions bash >target/completions/tessera.bash
+	"$(TESSERA)" completions zsh >target/completions/_tessera
+	"$(TESSERA)" completions fish >target/completions/tessera.fish
+	$(CARGO) deb --no-build --locked --strip
 
 run:
 	RUNTIME_ONLY=1 .ci/deps.sh

@@ -6,15 +6,17 @@
 #   apt:   fuse3 (fusermount3), fio, libnfs-utils, qemu-utils + qemu-block-extra (qemu's
 #          nfs:// driver; both of one version), python3, make,
 #          gcc + libc6-dev (linker, zstd-sys), util-linux (mountpoint), ca-certificates,
-#          tar + zstd (fs-tests/fixtures), curl + prometheus (promtool: fs-tests/metrics.sh)
+#          tar + zstd (fs-tests/fixtures), curl + prometheus (promtool: fs-tests/metrics.sh),
+#          lintian (fs-tests/package.sh)
 #   rustup components rustfmt and clippy (for `make lint`)
-#   cargo: pjdfstest 0.2.2 (fs-tests/pjdfstest.sh)
+#   cargo: pjdfstest 0.2.2 (fs-tests/pjdfstest.sh), cargo-deb 3.8.0 (make deb, fs-tests/package.sh)
 set -euo pipefail
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-APT_PACKAGES=(fuse3 fio libnfs-utils qemu-utils python3 make gcc libc6-dev util-linux coreutils ca-certificates tar zstd curl prometheus)
+APT_PACKAGES=(fuse3 fio libnfs-utils qemu-utils python3 make gcc libc6-dev util-linux coreutils ca-certificates tar zstd curl prometheus lintian)
 # RUNTIME_ONLY=1 (used by `make run`): only what building and mounting need.
 [ -n "${RUNTIME_ONLY:-}" ] && APT_PACKAGES=(fuse3 make gcc libc6-dev util-linux ca-certificates)
 PJDFSTEST_VERSION=0.2.2
+CARGO_DEB_VERSION="cargo-deb 3.8.0"
 
 say() { echo "deps: $*"; }
 die() { echo "deps: ERROR: $*" >&2; exit 1; }
@@ -82,3 +84,10 @@ if [ -z "$pjd" ] || [ "$("$pjd" --version 2>/dev/null)" != "pjdfstest $PJDFSTEST
     pjd=$(command -v pjdfstest) || die "pjdfstest not in PATH after cargo install"
 fi
 say "$("$pjd" --version) at $pjd"
+
+# ---- cargo-deb (make deb, fs-tests/package.sh)
+if [ "$(cargo deb --version 2>/dev/null)" != "$CARGO_DEB_VERSION" ]; then
+    say "cargo install cargo-deb ${CARGO_DEB_VERSION#cargo-deb }"
+    cargo install cargo-deb --locked --version "${CARGO_DEB_VERSION#cargo-deb }" </dev/null
+fi
+say "$(cargo deb --version)"

@@ -2,6 +2,7 @@
 //! One file per subcommand; each turns its arguments into one engine or control-socket call.
 
 pub mod clone;
+pub mod completions;
 pub mod du;
 pub mod fsck;
 pub mod gc;
@@ -41,6 +42,7 @@ pub enum Cmd {
     Gc(gc::Args),
     Scrub(scrub::Args),
     Warm(warm::Args),
+    Completions(completions::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -55,6 +57,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Gc(a) => gc::run(a),
         Cmd::Scrub(a) => scrub::run(a),
         Cmd::Warm(a) => warm::run(a),
+        Cmd::Completions(a) => completions::run(a),
     }
 }
 
