@@ -110,7 +110,17 @@ pub struct Response {
     pub error: String,
 }
 
-fn handle(engine: &Engine, req: Request) -> Response {
+/// How often a long request reports progress (`{"progress":[done,total]}` lines before the
+/// answer): often enough for a progress bar, rarely enough to cost nothing.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// A progress line, sent before the answer of a long request.
+#[derive(Debug, Serialize, Deserialize)]
+struct Progress {
+    progress: (u64, u64),
+}
+
+fn handle(engine: &Engine, req: Request, progress: &dyn Fn(u64, u64)) -> Response {
     let ok = |v| Response {
         ok: true,
         result: v,
@@ -131,12 +141,12 @@ fn handle(engine: &Engine, req: Request) -> Response {
             Ok(u) => ok(serde_json::to_value(u).unwrap_or_default()),
             Err(e) => err(format!("{path}: {e}")),
         },
-        Request::Warm { path } => match engine.warm(&path, &|_, _| {}) {
+        Request::Warm { path } => match engine.warm(&path, progress) {
             Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),
             Err(e) => err(format!("{path}: {e}")),
         },
         Request::Scrub { max_rate_mib } => {
-            match engine.scrub_paced((max_rate_mib > 0).then_some(max_rate_mib << 20), &|_, _| {}) {
+            match engine.scrub_paced((max_rate_mib > 0).then_some(max_rate_mib << 20), progress) {
                 Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),
                 Err(e) => err(format!("scrub failed: {e}")),
             }
@@ -147,7 +157,7 @@ fn handle(engine: &Engine, req: Request) -> Response {
         } => match engine.gc_paced(
             min_live,
             (max_rate_mib > 0).then_some(max_rate_mib << 20),
-            &|_, _| {},
+            progress,
         ) {
             Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),
             Err(e) => err(format!("gc failed: {e}")),
@@ -247,7 +257,12 @@ fn read_request(stream: &UnixStream, timeout: Duration) -> io::Result<String> {
             ));
         }
         stream.set_read_timeout(Some(left))?;
-        let n = (&*stream).read(&mut chunk)?;
+        let n = match (&*stream).read(&mut chunk) {
+            Ok(n) => n,
+            // A signal is not the client's doing: keep waiting for the rest of its time.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             break;
         }
@@ -266,8 +281,30 @@ fn read_request(stream: &UnixStream, timeout: Duration) -> io::Result<String> {
 
 fn serve_one(engine: &Engine, stream: UnixStream, limits: &Limits) -> io::Result<()> {
     let line = read_request(&stream, limits.request_timeout)?;
+    stream.set_write_timeout(Some(limits.write_timeout))?;
+    // Progress lines go out at most every PROGRESS_EVERY, and the last one always; once one
+    // cannot be written (a client that does not read them), no more are tried, so the
+    // request never waits on its client.
+    let last = std::cell::Cell::new(None::<std::time::Instant>);
+    let broken = std::cell::Cell::new(false);
+    let progress = |done: u64, total: u64| {
+        let due = done >= total || last.get().is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+        if broken.get() || !due {
+            return;
+        }
+        last.set(Some(std::time::Instant::now()));
+        let Ok(mut out) = serde_json::to_vec(&Progress {
+            progress: (done, total),
+        }) else {
+            return;
+        };
+        out.push(b'\n');
+        if (&stream).write_all(&out).is_err() {
+            broken.set(true);
+        }
+    };
     let resp = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => handle(engine, req),
+        Ok(req) => handle(engine, req, &progress),
         Err(e) => Response {
             ok: false,
             result: serde_json::Value::Null,
@@ -276,7 +313,6 @@ fn serve_one(engine: &Engine, stream: UnixStream, limits: &Limits) -> io::Result
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
-    stream.set_write_timeout(Some(limits.write_timeout))?;
     (&stream).write_all(&out)
 }
 
@@ -360,15 +396,40 @@ pub fn serve_with(engine: Arc<Engine>, dir: &Path, limits: Limits) -> io::Result
 
 /// Send one request to the process serving `dir`.
 pub fn call(dir: &Path, req: &Request, timeout: Duration) -> io::Result<Response> {
+    call_with_progress(dir, req, timeout, &|_, _| {})
+}
+
+/// `call`, passing the progress a long request reports (gc, scrub, warm) to `progress(done,
+/// total)`. `timeout` bounds the wait for each line, so a long request that reports progress
+/// is not cut off.
+pub fn call_with_progress(
+    dir: &Path,
+    req: &Request,
+    timeout: Duration,
+    progress: &dyn Fn(u64, u64),
+) -> io::Result<Response> {
     let stream = UnixStream::connect(dir.join(SOCKET_FILE))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut msg = serde_json::to_vec(req)?;
     msg.push(b'\n');
     (&stream).write_all(&msg)?;
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the serving process closed the connection without an answer",
+            ));
+        }
+        if let Ok(p) = serde_json::from_str::<Progress>(&line) {
+            progress(p.progress.0, p.progress.1);
+            continue;
+        }
+        return serde_json::from_str(&line)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+    }
 }
 
 #[cfg(test)]
@@ -401,6 +462,54 @@ mod tests {
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line).unwrap();
         serde_json::from_str(&line).unwrap()
+    }
+
+    /// Protects the progress bars of `tessera gc`, `scrub` and `warm` on a served datastore:
+    /// a long request reports progress lines before its answer, the last one complete, and
+    /// the client still gets the answer.
+    #[test]
+    fn long_requests_report_progress_before_the_answer() {
+        use crate::fs::dir::Ctx;
+        use crate::fs::{InodeId, Kind};
+        let d = tempfile::tempdir().unwrap();
+        let e =
+            Arc::new(Engine::in_memory(Format::default(), Arc::new(MemPackIo::default())).unwrap());
+        let i = e
+            .mknod(
+                InodeId::ROOT,
+                b"golden.raw",
+                Kind::File,
+                0o644,
+                0,
+                Ctx::ROOT,
+            )
+            .unwrap()
+            .ino;
+        e.write(i, 0, &crate::fs::testutil::unique_data(3, 600, 16384))
+            .unwrap();
+        e.sync_all().unwrap();
+        serve_with(e, d.path(), Limits::default()).unwrap();
+        let seen = std::sync::Mutex::new(Vec::new());
+        let req = Request::Warm {
+            path: "/golden.raw".into(),
+        };
+        let r = call_with_progress(d.path(), &req, Duration::from_secs(30), &|a, b| {
+            seen.lock().unwrap().push((a, b))
+        })
+        .unwrap();
+        assert!(r.ok, "{}", r.error);
+        assert_eq!(r.result["chunks"], 600);
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen.last(), Some(&(600, 600)), "{seen:?}");
+        // A plain call skips the progress lines.
+        let r = call(
+            d.path(),
+            &Request::Scrub { max_rate_mib: 0 },
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert!(r.ok, "{}", r.error);
+        assert_eq!(r.result["chunks_checked"], 600);
     }
 
     #[test]

@@ -33,12 +33,13 @@ pub fn run(a: Args) -> Result<()> {
     }
     let dir = super::datastore_arg(&a.dir)?;
     let r: GcReport = match super::access(&dir)? {
-        super::Access::Served(d) => serde_json::from_value(super::ask(
+        super::Access::Served(d) => serde_json::from_value(super::ask_with_progress(
             &d,
             &Request::Gc {
                 min_live: a.min_live,
                 max_rate_mib: a.max_rate,
             },
+            "compacting packs",
         )?)?,
         super::Access::Own(_lock, engine) => {
             let rate = (a.max_rate > 0).then_some(a.max_rate << 20);

@@ -118,6 +118,25 @@ pub fn ask(dir: &Path, req: &control::Request) -> Result<serde_json::Value> {
     Ok(r.result)
 }
 
+/// `ask` with a progress bar on a terminal for a long request (gc, scrub, warm).
+pub fn ask_with_progress(
+    dir: &Path,
+    req: &control::Request,
+    what: &str,
+) -> Result<serde_json::Value> {
+    let pb = progress_bar(0, what);
+    let r = control::call_with_progress(dir, req, Duration::from_secs(600), &|done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    });
+    pb.finish_and_clear();
+    let r = r.with_context(|| format!("the process serving {} did not answer", dir.display()))?;
+    if !r.ok {
+        bail!("{}", r.error);
+    }
+    Ok(r.result)
+}
+
 /// Where a user-given path lives: its datastore and the path inside it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Located {

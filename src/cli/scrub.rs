@@ -27,11 +27,12 @@ const SERVED_RATE: u64 = 256;
 pub fn run(a: Args) -> Result<()> {
     let dir = super::datastore_arg(&a.dir)?;
     let r: ScrubReport = match super::access(&dir)? {
-        super::Access::Served(d) => serde_json::from_value(super::ask(
+        super::Access::Served(d) => serde_json::from_value(super::ask_with_progress(
             &d,
             &Request::Scrub {
                 max_rate_mib: a.max_rate.unwrap_or(SERVED_RATE),
             },
+            "verifying chunks",
         )?)?,
         super::Access::Own(_lock, engine) => {
             let rate = a.max_rate.filter(|&r| r > 0).map(|r| r << 20);

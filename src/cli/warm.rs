@@ -32,11 +32,12 @@ pub fn run(a: Args) -> Result<()> {
                 l.datastore.display()
             ),
         };
-        let r: WarmReport = serde_json::from_value(super::ask(
+        let r: WarmReport = serde_json::from_value(super::ask_with_progress(
             &d,
             &Request::Warm {
                 path: l.inner.clone(),
             },
+            "loading chunks",
         )?)?;
         if !a.json {
             println!(
