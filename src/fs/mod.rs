@@ -127,6 +127,9 @@ pub struct Tuning {
     /// The metadata file is compacted at open and when quiet once this many bytes of it (and a
     /// quarter) are free (`Engine::compact_metadata`).
     pub compact_min_free: u64,
+    /// Records stored uncompressed on the write path are compressed by compaction only in
+    /// packs not appended to for this long (`RECOMPRESS_MIN_AGE`).
+    pub recompress_min_age: std::time::Duration,
 }
 
 impl Default for Tuning {
@@ -138,6 +141,7 @@ impl Default for Tuning {
             cache_bytes: 48 << 20,
             meta_cache_bytes: 48 << 20,
             compact_min_free: COMPACT_MIN_FREE,
+            recompress_min_age: gc::RECOMPRESS_MIN_AGE,
         }
     }
 }

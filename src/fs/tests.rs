@@ -615,9 +615,13 @@ fn partial_rewrites_are_stored_raw_and_compaction_compresses_them() {
     assert_eq!(s.uncompressed_bytes, raw, "{s:?}");
     assert_eq!(s.stored_bytes, n as u64 * C as u64, "stored raw");
     assert_clean(&e);
-    // Nothing is dead: not due while the records sit in the pack being appended to, due
-    // (threshold 0: only these packs) once appends go to a new one.
+    // Nothing is dead: not due while the records sit in the pack being appended to, nor once
+    // it is sealed while it is recent (the hot set dies soon); due (threshold 0: only these
+    // packs) once it has gone RECOMPRESS_MIN_AGE without appends (here: since the reopen).
     assert_eq!(e.reclaim_threshold().unwrap(), None);
+    e.store.seal_active().unwrap();
+    assert_eq!(e.reclaim_threshold().unwrap(), None);
+    assert_eq!(e.gc(0.0, &|_, _| {}).unwrap().chunks_compressed, 0);
     let e = reopen(e);
     e.write(i, 0, &want[..C as usize]).unwrap(); // opens a new pack
     e.sync_all().unwrap();

@@ -106,6 +106,9 @@ pub struct Store {
     cache_misses: AtomicU64,
     /// Bytes read from pack files to serve reads (what the cache did not save).
     pack_read_bytes: AtomicU64,
+    /// When each pack was last appended to, since the store was opened (compaction leaves
+    /// recent packs' uncompressed records alone: they are likely rewritten, and dead, soon).
+    last_append: Mutex<HashMap<PackId, std::time::Instant>>,
     zstd_level: i32,
 }
 
@@ -185,6 +188,7 @@ impl Store {
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             pack_read_bytes: AtomicU64::new(0),
+            last_append: Mutex::new(HashMap::new()),
             zstd_level,
         })
     }
@@ -230,6 +234,9 @@ impl Store {
         };
         let offset = self.io.append(a.pack, &buf)?;
         a.len = offset + buf.len() as u64;
+        self.last_append
+            .lock()
+            .insert(a.pack, std::time::Instant::now());
         self.unsynced.lock().insert(a.pack);
         Ok(es
             .iter()
@@ -271,7 +278,13 @@ impl Store {
         }
         let _no_readers = self.gate.write();
         self.io.remove(pack)?;
+        self.last_append.lock().remove(&pack);
         Ok(())
+    }
+
+    /// How long ago `pack` was last appended to; `None` if not since the store was opened.
+    pub fn idle_for(&self, pack: PackId) -> Option<std::time::Duration> {
+        self.last_append.lock().get(&pack).map(|t| t.elapsed())
     }
 
     /// Close the active pack (synced); the next append starts a new one. Lets compaction
