@@ -168,6 +168,12 @@ for r in $(seq 1 "$ROUNDS"); do
             wait_pid_exit "$gc_last" 10 || fail "round $r: tessera gc (pid $gc_last) survived SIGKILL"
         fi
         rm -f -- "$TEST_TMP/gc.pid"
+        # A run the loop started just as it was stopped is not in gc.pid yet (it was killed
+        # between the fork and the echo): find it by its command line.
+        for p in $(pgrep -f -- "gc $DS --min-live 1.0" || true); do
+            kill -KILL "$p" 2>/dev/null || true
+            wait_pid_exit "$p" 10 || fail "round $r: tessera gc (pid $p) survived SIGKILL"
+        done
     fi
     # the writer and the metadata worker now get ENOTCONN and stop by themselves
     for p in $wpid $mpid; do
