@@ -261,21 +261,9 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// Parse a byte size such as `16K`, `16KiB`, `64k` or `16384`.
+/// Parse a byte size that fits 32 bits, such as `16K`, `16KiB`, `64k` or `16384`.
 pub fn parse_size(s: &str) -> Result<u32, String> {
-    let t = s.trim();
-    let digits: String = t.chars().take_while(|c| c.is_ascii_digit()).collect();
-    let unit = t[digits.len()..].trim().to_ascii_lowercase();
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (try 16K)"))?;
-    let mult = match unit.as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1024,
-        "m" | "mb" | "mib" => 1 << 20,
-        _ => return Err(format!("{s:?}: unknown unit (use K or M)")),
-    };
-    u32::try_from(n * mult).map_err(|_| format!("{s:?} is too large"))
+    u32::try_from(parse_bytes(s)?).map_err(|_| format!("{s:?} is too large"))
 }
 
 /// Run a long engine operation with a progress bar on a terminal (nothing otherwise); the
@@ -320,6 +308,9 @@ mod tests {
         assert_eq!(parse_size("64KiB"), Ok(65536));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("12Q").is_err());
+        assert!(parse_size("8G").is_err());
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("48M"), Ok(48 << 20));
     }
 
     #[test]
