@@ -91,6 +91,10 @@ pub enum Request {
     Warm {
         path: String,
     },
+    /// A snapshot command (`crate::fs::snapshot`).
+    Snapshot {
+        action: crate::fs::snapshot::SnapAction,
+    },
     /// Compact packs whose live share is below `min_live`.
     Gc {
         min_live: f64,
@@ -161,6 +165,10 @@ fn handle(engine: &Engine, req: Request, progress: &dyn Fn(u64, u64)) -> Respons
         ) {
             Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),
             Err(e) => err(format!("gc failed: {e}")),
+        },
+        Request::Snapshot { action } => match engine.snapshot_action(&action) {
+            Ok(v) => ok(v),
+            Err(e) => err(e.to_string()),
         },
         Request::Clone { src, dsts } => {
             let dsts: Vec<Vec<u8>> = dsts.into_iter().map(String::into_bytes).collect();

@@ -40,6 +40,7 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::TooBig => Errno::EFBIG,
         FsError::NotSupported => Errno::EOPNOTSUPP,
         FsError::TooManyLinks => Errno::EMLINK,
+        FsError::ReadOnly => Errno::EROFS,
         FsError::NoSpace => Errno::ENOSPC,
         FsError::Corrupt { .. } | FsError::BadMeta(_) | FsError::Io(_) | FsError::Meta(_) => {
             Errno::EIO
@@ -342,8 +343,9 @@ impl fuser::Filesystem for TesseraFuse {
         );
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.engine.open_handle(InodeId(ino.0)) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        match self.engine.open_handle(InodeId(ino.0), write) {
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(self.fail("open", &e)),
         }
@@ -621,7 +623,7 @@ impl fuser::Filesystem for TesseraFuse {
                 0,
                 ctx(req),
             )
-            .and_then(|a| self.engine.open_handle(a.ino));
+            .and_then(|a| self.engine.open_handle(a.ino, true));
         match r {
             Ok(a) => reply.created(
                 &TTL,

@@ -15,6 +15,8 @@
 //! | `packs`     | pack `u32` | (live bytes `u64`, dead bytes `u64`) of stored records |
 //! | `counters`  | name `&str` | `u64` store-wide totals (see the `C_*` constants) |
 //! | `orphans`   | inode `u64` | `()`: unlinked inodes still open; purged at next open |
+//! | `snapshots` | (path bytes, name bytes) | (snapshot's top inode `u64`, created unix seconds `u64`, `SNAP_*` flags `u64`) |
+//! | `snap_schedules` | path bytes | (interval seconds, keep last, keep hourly, keep daily: `u64` each) |
 //!
 //! Every integer inside a byte value is little-endian. The format version is `super.format`.
 //!
@@ -45,6 +47,19 @@ pub const PACKS: TableDefinition<u32, (u64, u64)> = TableDefinition::new("packs"
 pub const PACK_DEFERRED: TableDefinition<u32, u64> = TableDefinition::new("pack_deferred");
 pub const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 pub const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
+/// Snapshots (`crate::fs::snapshot`) by the path they were taken of (relative to the root, no
+/// leading `/`) and name. Absent until the first snapshot; older builds ignore it (and refuse
+/// nothing: the snapshot trees are ordinary, flagged inodes under `/.snapshots`).
+pub const SNAPSHOTS: TableDefinition<SnapKey, SnapValue> = TableDefinition::new("snapshots");
+/// (path, name) of a snapshot.
+pub type SnapKey = (&'static [u8], &'static [u8]);
+/// (top inode, created unix seconds, `SNAP_*` flags) of a snapshot.
+pub type SnapValue = (u64, u64, u64);
+/// Snapshot schedules by path, run by the serving process.
+pub const SNAP_SCHEDULES: TableDefinition<&[u8], (u64, u64, u64, u64)> =
+    TableDefinition::new("snap_schedules");
+/// `snapshots` flag: taken by a schedule (pruned by the schedule's retention rules).
+pub const SNAP_SCHEDULED: u64 = 1;
 
 /// On-disk format version written by this build.
 pub const FORMAT_VERSION: u64 = 2;
@@ -60,6 +75,8 @@ pub const K_NEXT_GENERATION: &str = "next_generation";
 pub const K_DATASTORE_ID: &str = "datastore_id";
 /// Bumped by every durable barrier commit, so the commit is never empty.
 pub const K_BARRIERS: &str = "barriers";
+/// Inode of `/.snapshots`, once the first snapshot created it.
+pub const K_SNAP_ROOT: &str = "snap_root";
 /// Number of distinct chunks stored.
 pub const C_CHUNK_COUNT: &str = "chunk_count";
 /// Next alias number (`ChunkKey::alias`).

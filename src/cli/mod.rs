@@ -10,6 +10,7 @@ pub mod init;
 pub mod mount;
 pub mod scrub;
 pub mod serve;
+pub mod snapshot;
 pub mod stats;
 pub mod warm;
 
@@ -42,6 +43,7 @@ pub enum Cmd {
     Gc(gc::Args),
     Scrub(scrub::Args),
     Warm(warm::Args),
+    Snapshot(snapshot::Args),
     Completions(completions::Args),
 }
 
@@ -57,6 +59,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Gc(a) => gc::run(a),
         Cmd::Scrub(a) => scrub::run(a),
         Cmd::Warm(a) => warm::run(a),
+        Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Completions(a) => completions::run(a),
     }
 }
@@ -143,6 +146,22 @@ pub struct Located {
     pub datastore: PathBuf,
     /// Path inside the datastore, starting with `/`.
     pub inner: String,
+    /// The mount point it was found through, if any.
+    pub mount: Option<PathBuf>,
+}
+
+impl Located {
+    /// Where a user reads `inner` (a path inside this datastore): under the mount it was found
+    /// through, else named inside the datastore.
+    pub fn datastore_path(&self, inner: &str) -> String {
+        match &self.mount {
+            Some(m) => m.join(inner.trim_start_matches('/')).display().to_string(),
+            None => format!(
+                "{inner} (inside {}: mount it or export it over NFS)",
+                self.datastore.display()
+            ),
+        }
+    }
 }
 
 /// Tessera FUSE mounts: (mount point, datastore folder). The mount's source is the datastore.
@@ -224,6 +243,7 @@ pub fn locate(p: &Path) -> Result<Located> {
         return Ok(Located {
             datastore: ds,
             inner: to_inner(rest)?,
+            mount: Some(mp),
         });
     }
     for anc in abs.ancestors() {
@@ -232,6 +252,7 @@ pub fn locate(p: &Path) -> Result<Located> {
             return Ok(Located {
                 datastore: anc.to_path_buf(),
                 inner: to_inner(rest)?,
+                mount: None,
             });
         }
     }

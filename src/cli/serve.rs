@@ -212,6 +212,9 @@ pub fn run(a: Args) -> Result<()> {
         let rate = (d.gc_rate > 0).then_some(d.gc_rate << 20);
         engine.spawn_reclaimer(Duration::from_secs(d.gc_interval), rate);
     }
+    // Scheduled snapshots (`tessera snapshot schedule`): checked twice a minute, the finest
+    // interval a schedule takes being one minute.
+    let _snapshots = engine.spawn_snapshot_scheduler(Duration::from_secs(30));
     let sock =
         control::serve(engine.clone(), &dir).context("cannot listen on the control socket")?;
     let _metrics = match a.daemon.metrics {

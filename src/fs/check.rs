@@ -92,6 +92,7 @@ impl Engine {
         let rtx = self.read_txn()?;
         let mut r = Report::default();
         let inodes = self.check_namespace(&rtx, &mut r)?;
+        check_snapshots(&rtx, &inodes, &mut r)?;
         let nodes_t = rtx.open_table(NODES)?;
         let mut walk = Walk {
             nodes: &nodes_t,
@@ -391,4 +392,68 @@ impl Engine {
         r.damaged_files.sort();
         Ok(())
     }
+}
+
+/// Every listed snapshot's top inode exists and is flagged read-only; every flagged inode is
+/// under `/.snapshots` (a flag anywhere else would make a live file read-only).
+fn check_snapshots(
+    rtx: &ReadTransaction,
+    inodes: &[(InodeId, Inode)],
+    r: &mut Report,
+) -> FsResult<()> {
+    let by_ino: HashMap<InodeId, &Inode> = inodes.iter().map(|(i, n)| (*i, n)).collect();
+    match rtx.open_table(crate::schema::SNAPSHOTS) {
+        Ok(t) => {
+            for e in t.iter()? {
+                let (k, v) = e?;
+                let (path, name) = k.value();
+                let top = InodeId(v.value().0);
+                let what = format!(
+                    "snapshot {} of /{}",
+                    String::from_utf8_lossy(name),
+                    String::from_utf8_lossy(path)
+                );
+                match by_ino.get(&top) {
+                    None => r.problems.push(format!("{what}: its inode {} is missing", top.0)),
+                    Some(i) if !i.is_snapshot() => r
+                        .problems
+                        .push(format!("{what}: its inode {} is not read-only", top.0)),
+                    Some(_) => {}
+                }
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let flagged = inodes.iter().filter(|(_, i)| i.is_snapshot()).count();
+    if flagged > 0 {
+        // Walk /.snapshots: every flagged inode must be found there.
+        let dirents = rtx.open_table(DIRENTS)?;
+        let root = rtx
+            .open_table(SUPER)?
+            .get(crate::schema::K_SNAP_ROOT)?
+            .map(|v| InodeId(v.value()));
+        let mut under = HashSet::new();
+        let mut stack: Vec<InodeId> = root.into_iter().collect();
+        while let Some(d) = stack.pop() {
+            if !under.insert(d) {
+                continue;
+            }
+            for e in dirents.range((d.0, [].as_slice())..(d.0 + 1, [].as_slice()))? {
+                let (k, v) = e?;
+                if k.value().1 != b"..".as_slice() {
+                    stack.push(InodeId(v.value().0));
+                }
+            }
+        }
+        for (ino, i) in inodes {
+            if i.is_snapshot() && !under.contains(ino) {
+                r.problems.push(format!(
+                    "inode {} is read-only (a snapshot's) but not under /.snapshots",
+                    ino.0
+                ));
+            }
+        }
+    }
+    Ok(())
 }

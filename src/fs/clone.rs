@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use redb::ReadableTable;
 
 use super::dir::{add_entry, lookup_in, new_inode};
-use super::inode::{InodeId, Kind, Time};
+use super::inode::{InodeId, Kind, Time, FLAG_SNAPSHOT};
 use super::{check_name, tree, Engine, FsError, FsResult, W};
 
 /// Split `a/b/c` into (`a/b`, `c`).
@@ -83,7 +83,7 @@ impl Engine {
                 if w.inode(s)?.kind == Kind::Dir && Self::is_within(w, parent, s)? {
                     return Ok(Err(CloneError::IntoItself(show(src))));
                 }
-                out.push(clone_tree(w, s, parent, name)?);
+                out.push(clone_tree(w, s, parent, name, CloneAs::Copy)?);
             }
             Ok(Ok(out))
         })?
@@ -208,11 +208,28 @@ impl Engine {
     }
 }
 
+/// What a clone's inodes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CloneAs {
+    /// A new file or folder (`tessera clone`): times are now.
+    Copy,
+    /// A snapshot: times kept, every inode flagged read-only.
+    Snapshot,
+    /// A writable copy of a snapshot (restore, rollback): times kept, flags cleared.
+    Restore,
+}
+
 /// Clone inode `src` (with everything under it, for a directory) as `parent/name`. Walks
 /// with an explicit stack of folders still to copy, not by recursion, so a folder nested any
 /// depth deep cannot overflow the thread's stack (FUSE and control threads have small ones).
-fn clone_tree(w: &mut W<'_>, src: InodeId, parent: InodeId, name: &[u8]) -> FsResult<InodeId> {
-    let (top, kind) = clone_one(w, src, parent, name)?;
+pub(crate) fn clone_tree(
+    w: &mut W<'_>,
+    src: InodeId,
+    parent: InodeId,
+    name: &[u8],
+    how: CloneAs,
+) -> FsResult<InodeId> {
+    let (top, kind) = clone_one(w, src, parent, name, how)?;
     // (source folder, its copy) whose entries are still to be cloned.
     let mut todo = Vec::new();
     if kind == Kind::Dir {
@@ -220,7 +237,7 @@ fn clone_tree(w: &mut W<'_>, src: InodeId, parent: InodeId, name: &[u8]) -> FsRe
     }
     while let Some((s, d)) = todo.pop() {
         for (n, c) in children(w, s)? {
-            let (ino, kind) = clone_one(w, c, d, &n)?;
+            let (ino, kind) = clone_one(w, c, d, &n, how)?;
             if kind == Kind::Dir {
                 todo.push((c, ino));
             }
@@ -230,7 +247,7 @@ fn clone_tree(w: &mut W<'_>, src: InodeId, parent: InodeId, name: &[u8]) -> FsRe
 }
 
 /// The entries of folder `dir` (name, inode), in readdir order.
-fn children(w: &W<'_>, dir: InodeId) -> FsResult<Vec<(Vec<u8>, InodeId)>> {
+pub(crate) fn children(w: &W<'_>, dir: InodeId) -> FsResult<Vec<(Vec<u8>, InodeId)>> {
     let names: Vec<Vec<u8>> = w
         .cookies
         .range((dir.0, 0)..(dir.0 + 1, 0))?
@@ -252,13 +269,24 @@ fn clone_one(
     src: InodeId,
     parent: InodeId,
     name: &[u8],
+    how: CloneAs,
 ) -> FsResult<(InodeId, Kind)> {
     let si = w.inode(src)?;
     let mut ni = si.clone();
     let now = Time::now();
-    ni.atime = now;
-    ni.mtime = now;
-    ni.ctime = now;
+    match how {
+        CloneAs::Copy => {
+            ni.atime = now;
+            ni.mtime = now;
+            ni.ctime = now;
+            ni.flags = 0;
+        }
+        CloneAs::Snapshot => ni.flags = FLAG_SNAPSHOT,
+        CloneAs::Restore => {
+            ni.ctime = now;
+            ni.flags = 0;
+        }
+    }
     ni.nlink = if si.kind == Kind::Dir { 2 } else { 1 };
     match si.kind {
         Kind::File => w.tree().incref_node(si.root.node)?,

@@ -157,6 +157,15 @@ pub(super) fn require_file(kind: Kind) -> FsResult<()> {
     }
 }
 
+/// [`require_file`] for a change of the file's data or size: snapshots are read-only.
+pub(super) fn require_writable(inode: &Inode) -> FsResult<()> {
+    require_file(inode.kind)?;
+    if inode.is_snapshot() {
+        return Err(FsError::ReadOnly);
+    }
+    Ok(())
+}
+
 impl Engine {
     pub(crate) fn entry(&self, ino: InodeId) -> Arc<FileEntry> {
         self.files.entry(ino).or_default().clone()
@@ -211,7 +220,7 @@ impl Engine {
         let inode = get_inode(&rtx.open_table(INODES).map_err(FsError::from)?, ino)?;
         let before = self.attr_of(ino, inode.clone(), Some(&g));
         admit(&before)?;
-        require_file(inode.kind)?;
+        require_writable(&inode)?;
         let mut stored = Some((rtx, inode));
         if !data.is_empty() {
             // A zero-length write changes nothing (not even the size past its offset).
@@ -268,7 +277,7 @@ impl Engine {
         if g.size.is_none() {
             load(stored)?;
             if let Some((_, inode)) = &*stored {
-                require_file(inode.kind)?;
+                require_writable(inode)?;
             }
         }
         let mut pos = offset;

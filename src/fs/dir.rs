@@ -169,7 +169,7 @@ fn has_entries(w: &W<'_>, dir: InodeId) -> FsResult<bool> {
 impl Engine {
     /// One link of `ino` went away; the inode goes with its last link unless it is open.
     /// Returns true when the inode was deleted.
-    fn drop_link(&self, w: &mut W<'_>, ino: InodeId) -> FsResult<bool> {
+    pub(crate) fn drop_link(&self, w: &mut W<'_>, ino: InodeId) -> FsResult<bool> {
         let mut i = w.inode(ino)?;
         i.nlink = if i.kind == Kind::Dir {
             0
@@ -513,7 +513,12 @@ impl Engine {
                 continue;
             };
             let child = InodeId(e.value().0);
-            let kind = get_inode(&inodes, child)?.kind;
+            let ci = get_inode(&inodes, child)?;
+            // `/.snapshots` is entered by name only (see `snapshot.rs`).
+            if ino == InodeId::ROOT && name == super::snapshot::SNAP_DIR && ci.is_snapshot() {
+                continue;
+            }
+            let kind = ci.kind;
             out.push(DirEntry {
                 ino: child,
                 kind,

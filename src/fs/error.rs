@@ -34,6 +34,10 @@ pub enum FsError {
     NotSupported,
     #[error("too many links")]
     TooManyLinks,
+    #[error(
+        "read-only: snapshots cannot be changed (`tessera snapshot restore` makes a writable copy)"
+    )]
+    ReadOnly,
     #[error("no space left on the datastore's disk")]
     NoSpace,
     #[error("data damaged in inode {ino} at offset {offset}: {detail}")]

@@ -8,7 +8,7 @@ use crate::store::chunk::{is_zero, ChunkId};
 use crate::store::Encoded;
 use std::sync::atomic::Ordering;
 
-use super::data::{require_file, Falloc, FileState, SetAttr, SetTime};
+use super::data::{require_writable, Falloc, FileState, SetAttr, SetTime};
 
 impl Engine {
     /// Change attributes (a size change truncates or extends with a hole).
@@ -32,7 +32,7 @@ impl Engine {
         if let Some(sz) = s.size {
             let rtx = self.read_txn()?;
             let inode = get_inode(&rtx.open_table(INODES)?, ino)?;
-            require_file(inode.kind)?;
+            require_writable(&inode)?;
             if sz < inode.size && sz % c != 0 {
                 let idx = sz / c;
                 if let Some(id) = tree::get(&rtx.open_table(NODES)?, inode.root, idx)? {
@@ -135,7 +135,7 @@ impl Engine {
         let _f = st.flush.lock();
         let mut g = st.state.write();
         let inode = self.getattr_locked(ino, &g)?;
-        require_file(inode.kind)?;
+        require_writable(&inode)?;
         let (keep_size, zero) = match mode {
             Falloc::Allocate { keep_size } => (keep_size, false),
             Falloc::PunchHole => (true, true),

@@ -123,9 +123,15 @@ pub struct Inode {
     pub root: Root,
     /// Regular files: number of non-hole chunk slots. Directories: next readdir cookie.
     pub aux: u64,
+    /// `FLAG_*` bits. Byte 88 of the encoding, zero in inodes written before flags existed.
+    pub flags: u8,
 }
 
 pub const INODE_LEN: usize = 96;
+
+/// The inode belongs to a snapshot (`crate::fs::snapshot`): read-only to every operation but
+/// the snapshot commands themselves.
+pub const FLAG_SNAPSHOT: u8 = 1;
 
 impl Inode {
     pub fn new(kind: Kind, perm: u16, uid: u32, gid: u32, generation: Generation) -> Inode {
@@ -145,6 +151,7 @@ impl Inode {
             root: Root::default(),
             // Cookies 1 and 2 are "." and "..": entries start at 3.
             aux: if kind == Kind::Dir { 3 } else { 0 },
+            flags: 0,
         }
     }
 
@@ -183,7 +190,13 @@ impl Inode {
         put(&self.root.node.0.to_le_bytes());
         put(&[self.root.height]);
         put(&self.aux.to_le_bytes());
+        put(&[self.flags]);
         b
+    }
+
+    /// Part of a snapshot (read-only)?
+    pub fn is_snapshot(&self) -> bool {
+        self.flags & FLAG_SNAPSHOT != 0
     }
 
     pub fn decode(b: &[u8]) -> Option<Inode> {
@@ -213,6 +226,7 @@ impl Inode {
         let node = u64::from_le_bytes(take(8).try_into().ok()?);
         let height = take(1)[0];
         let aux = u64::from_le_bytes(take(8).try_into().ok()?);
+        let flags = take(1)[0];
         Some(Inode {
             kind,
             perm,
@@ -230,6 +244,7 @@ impl Inode {
                 height,
             },
             aux,
+            flags,
         })
     }
 }
@@ -247,6 +262,7 @@ mod tests {
             height: 2,
         };
         i.aux = 5;
+        i.flags = FLAG_SNAPSHOT;
         i.atime = Time { secs: -5, nsecs: 7 };
         assert_eq!(Inode::decode(&i.encode()), Some(i));
     }

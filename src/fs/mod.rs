@@ -60,6 +60,9 @@ pub mod pace;
 pub mod read;
 pub mod repair;
 pub mod scrub;
+pub mod snapshot;
+#[cfg(test)]
+mod snapshot_tests;
 pub mod stats;
 #[cfg(test)]
 mod tests;
@@ -227,6 +230,8 @@ impl std::ops::Deref for Snapshot<'_> {
 
 /// The tables a metadata transaction works on, opened once per transaction.
 pub(crate) struct W<'txn> {
+    /// For tables few transactions use (snapshots), opened on demand.
+    pub txn: &'txn WriteTransaction,
     pub inodes: Table<'txn, u64, &'static [u8]>,
     pub dirents: Table<'txn, (u64, &'static [u8]), (u64, u64)>,
     pub cookies: Table<'txn, (u64, u64), &'static [u8]>,
@@ -238,6 +243,10 @@ pub(crate) struct W<'txn> {
     pub refs: Table<'txn, u64, u64>,
     pub chunks: ChunkTables<'txn>,
     pub next_node: u64,
+    /// Set only by the snapshot commands: every other transaction that would store an inode
+    /// of a snapshot fails with `FsError::ReadOnly` (the backstop behind the checks at each
+    /// entry point, so no path can change a snapshot by accident).
+    pub snapshots_writable: bool,
 }
 
 impl<'txn> W<'txn> {
@@ -245,6 +254,7 @@ impl<'txn> W<'txn> {
         let sup = txn.open_table(SUPER)?;
         let next_node = sup.get(K_NEXT_NODE)?.map_or(1, |v| v.value());
         Ok(W {
+            txn,
             inodes: txn.open_table(INODES)?,
             dirents: txn.open_table(DIRENTS)?,
             cookies: txn.open_table(DIRCOOKIE)?,
@@ -256,6 +266,7 @@ impl<'txn> W<'txn> {
             refs: txn.open_table(NODEREFS)?,
             chunks: ChunkTables::open(txn)?,
             next_node,
+            snapshots_writable: false,
         })
     }
 
@@ -279,6 +290,9 @@ impl<'txn> W<'txn> {
     }
 
     pub fn put_inode(&mut self, ino: InodeId, inode: &Inode) -> FsResult<()> {
+        if inode.is_snapshot() && !self.snapshots_writable {
+            return Err(FsError::ReadOnly);
+        }
         self.inodes.insert(ino.0, inode.encode().as_slice())?;
         Ok(())
     }
@@ -680,9 +694,12 @@ impl Engine {
         }
     }
 
-    /// A handle was opened on `ino`.
-    pub fn open_handle(&self, ino: InodeId) -> FsResult<Attr> {
+    /// A handle was opened on `ino`; one `for_write` (or truncating) fails on a snapshot.
+    pub fn open_handle(&self, ino: InodeId, for_write: bool) -> FsResult<Attr> {
         let a = self.getattr(ino)?;
+        if for_write && a.inode.is_snapshot() {
+            return Err(FsError::ReadOnly);
+        }
         *self.open_counts.lock().entry(ino).or_insert(0) += 1;
         Ok(a)
     }

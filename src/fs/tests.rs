@@ -421,7 +421,7 @@ fn unlinked_open_file_lives_until_release() {
         .mknod(InodeId::ROOT, b"tmp", Kind::File, 0o644, 0, Ctx::ROOT)
         .unwrap()
         .ino;
-    e.open_handle(i).unwrap();
+    e.open_handle(i, false).unwrap();
     e.write(i, 0, &pattern(5, 5000)).unwrap();
     e.unlink(InodeId::ROOT, b"tmp").unwrap();
     assert_eq!(e.read(i, 0, 5000).unwrap(), pattern(5, 5000));

@@ -97,6 +97,7 @@ pub fn nfsstat(e: &FsError) -> nfsstat3 {
         FsError::TooBig => nfsstat3::NFS3ERR_FBIG,
         FsError::NotSupported => nfsstat3::NFS3ERR_NOTSUPP,
         FsError::TooManyLinks => nfsstat3::NFS3ERR_MLINK,
+        FsError::ReadOnly => nfsstat3::NFS3ERR_ROFS,
         FsError::NoSpace => nfsstat3::NFS3ERR_NOSPC,
         FsError::Corrupt { .. } | FsError::BadMeta(_) | FsError::Io(_) | FsError::Meta(_) => {
             nfsstat3::NFS3ERR_IO
