@@ -414,7 +414,9 @@ fn check_snapshots(
                     String::from_utf8_lossy(path)
                 );
                 match by_ino.get(&top) {
-                    None => r.problems.push(format!("{what}: its inode {} is missing", top.0)),
+                    None => r
+                        .problems
+                        .push(format!("{what}: its inode {} is missing", top.0)),
                     Some(i) if !i.is_snapshot() => r
                         .problems
                         .push(format!("{what}: its inode {} is not read-only", top.0)),
