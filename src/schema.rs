@@ -60,6 +60,8 @@ pub const SNAP_SCHEDULES: TableDefinition<&[u8], (u64, u64, u64, u64)> =
     TableDefinition::new("snap_schedules");
 /// `snapshots` flag: taken by a schedule (pruned by the schedule's retention rules).
 pub const SNAP_SCHEDULED: u64 = 1;
+/// `snapshots` flag: received from another datastore (`tessera receive`).
+pub const SNAP_RECEIVED: u64 = 2;
 
 /// On-disk format version written by this build.
 pub const FORMAT_VERSION: u64 = 2;

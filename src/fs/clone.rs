@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use redb::ReadableTable;
 
 use super::dir::{add_entry, lookup_in, new_inode};
-use super::inode::{InodeId, Kind, Time, FLAG_SNAPSHOT};
+use super::inode::{InodeId, Kind, Time, FLAG_REPLICA, FLAG_SNAPSHOT};
 use super::{check_name, tree, Engine, FsError, FsResult, W};
 
 /// Split `a/b/c` into (`a/b`, `c`).
@@ -217,6 +217,8 @@ pub(crate) enum CloneAs {
     Snapshot,
     /// A writable copy of a snapshot (restore, rollback): times kept, flags cleared.
     Restore,
+    /// A received replica (`receive.rs`): times kept, read-only until promoted.
+    Replica,
 }
 
 /// Clone inode `src` (with everything under it, for a directory) as `parent/name`. Walks
@@ -286,6 +288,7 @@ fn clone_one(
             ni.ctime = now;
             ni.flags = 0;
         }
+        CloneAs::Replica => ni.flags = FLAG_REPLICA,
     }
     ni.nlink = if si.kind == Kind::Dir { 2 } else { 1 };
     match si.kind {

@@ -157,10 +157,11 @@ pub(super) fn require_file(kind: Kind) -> FsResult<()> {
     }
 }
 
-/// [`require_file`] for a change of the file's data or size: snapshots are read-only.
+/// [`require_file`] for a change of the file's data or size: snapshots and replicas are
+/// read-only.
 pub(super) fn require_writable(inode: &Inode) -> FsResult<()> {
     require_file(inode.kind)?;
-    if inode.is_snapshot() {
+    if inode.is_read_only() {
         return Err(FsError::ReadOnly);
     }
     Ok(())

@@ -38,6 +38,8 @@ pub enum FsError {
         "read-only: snapshots cannot be changed (`tessera snapshot restore` makes a writable copy)"
     )]
     ReadOnly,
+    #[error("{0}")]
+    Stream(String),
     #[error("no space left on the datastore's disk")]
     NoSpace,
     #[error("data damaged in inode {ino} at offset {offset}: {detail}")]

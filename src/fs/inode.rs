@@ -132,6 +132,9 @@ pub const INODE_LEN: usize = 96;
 /// The inode belongs to a snapshot (`crate::fs::snapshot`): read-only to every operation but
 /// the snapshot commands themselves.
 pub const FLAG_SNAPSHOT: u8 = 1;
+/// The inode belongs to a replica received from another datastore (`crate::fs::receive`):
+/// read-only until `tessera promote`.
+pub const FLAG_REPLICA: u8 = 2;
 
 impl Inode {
     pub fn new(kind: Kind, perm: u16, uid: u32, gid: u32, generation: Generation) -> Inode {
@@ -194,9 +197,15 @@ impl Inode {
         b
     }
 
-    /// Part of a snapshot (read-only)?
+    /// Part of a snapshot?
     pub fn is_snapshot(&self) -> bool {
         self.flags & FLAG_SNAPSHOT != 0
+    }
+
+    /// Part of a snapshot or of a replica not promoted: nothing may change it but the
+    /// snapshot and replication commands.
+    pub fn is_read_only(&self) -> bool {
+        self.flags & (FLAG_SNAPSHOT | FLAG_REPLICA) != 0
     }
 
     pub fn decode(b: &[u8]) -> Option<Inode> {

@@ -58,12 +58,17 @@ pub mod inode;
 pub mod ops;
 pub mod pace;
 pub mod read;
+pub mod receive;
 pub mod repair;
+#[cfg(test)]
+mod replication_tests;
 pub mod scrub;
+pub mod send;
 pub mod snapshot;
 #[cfg(test)]
 mod snapshot_tests;
 pub mod stats;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -202,6 +207,9 @@ pub struct Engine {
     durable_lock: Mutex<()>,
     /// Held by a compaction run (one at a time). Lock order 1: first of all.
     gc_lock: Mutex<()>,
+    /// Held by a `receive` (one at a time: it owns `/.snapshots/.receiving`). Taken before
+    /// any other lock and never while holding one.
+    receive_lock: Mutex<()>,
     /// Set by writers under memory pressure to wake the background flusher. Shared with the
     /// flusher thread, which holds no strong reference to the engine while it waits.
     pressure: Arc<(Mutex<bool>, parking_lot::Condvar)>,
@@ -290,7 +298,7 @@ impl<'txn> W<'txn> {
     }
 
     pub fn put_inode(&mut self, ino: InodeId, inode: &Inode) -> FsResult<()> {
-        if inode.is_snapshot() && !self.snapshots_writable {
+        if inode.is_read_only() && !self.snapshots_writable {
             return Err(FsError::ReadOnly);
         }
         self.inodes.insert(ino.0, inode.encode().as_slice())?;
@@ -493,6 +501,7 @@ impl Engine {
             durable_upto: AtomicU64::new(0),
             durable_lock: Mutex::new(()),
             gc_lock: Mutex::new(()),
+            receive_lock: Mutex::new(()),
             pressure: Arc::new((Mutex::new(false), parking_lot::Condvar::new())),
             progress: (Mutex::new(()), parking_lot::Condvar::new()),
             flusher_running: AtomicBool::new(false),
@@ -697,7 +706,7 @@ impl Engine {
     /// A handle was opened on `ino`; one `for_write` (or truncating) fails on a snapshot.
     pub fn open_handle(&self, ino: InodeId, for_write: bool) -> FsResult<Attr> {
         let a = self.getattr(ino)?;
-        if for_write && a.inode.is_snapshot() {
+        if for_write && a.inode.is_read_only() {
             return Err(FsError::ReadOnly);
         }
         *self.open_counts.lock().entry(ino).or_insert(0) += 1;

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::clone::{children, clone_tree, CloneAs};
 use super::dir::{add_entry, lookup_in, new_inode, remove_entry};
-use super::inode::{Inode, InodeId, Kind, Time, FLAG_SNAPSHOT};
+use super::inode::{Inode, InodeId, Kind, Time, FLAG_REPLICA, FLAG_SNAPSHOT};
 use super::{Engine, FsError, FsResult, W};
 use crate::schema::{K_SNAP_ROOT, SNAPSHOTS, SNAP_SCHEDULED, SNAP_SCHEDULES};
 
@@ -183,7 +183,7 @@ fn v<T: Serialize>(x: &T) -> serde_json::Value {
 }
 
 /// `path` as stored: components joined by `/`, no leading or trailing `/`, no `.`.
-fn norm(path: &str) -> FsResult<String> {
+pub(crate) fn norm(path: &str) -> FsResult<String> {
     let mut parts = Vec::new();
     for c in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
         if c == ".." {
@@ -194,7 +194,7 @@ fn norm(path: &str) -> FsResult<String> {
     Ok(parts.join("/"))
 }
 
-fn check_snap_name(name: &str) -> FsResult<()> {
+pub(crate) fn check_snap_name(name: &str) -> FsResult<()> {
     if name.is_empty() || name.len() > NAME_MAX {
         return Err(FsError::Invalid("a snapshot name is 1 to 100 bytes"));
     }
@@ -261,7 +261,7 @@ fn info(path: &str, name: &str, created: u64, flags: u64) -> SnapshotInfo {
 }
 
 /// The mirror folder of `/.snapshots` for the parent of `path`, created (flagged) as needed.
-fn mirror_parent(w: &mut W<'_>, path: &str) -> FsResult<InodeId> {
+pub(crate) fn mirror_parent(w: &mut W<'_>, path: &str) -> FsResult<InodeId> {
     let mut cur = snap_root(w, true)?.expect("created");
     let comps: Vec<&str> = path.split('/').collect();
     for c in &comps[..comps.len() - 1] {
@@ -283,7 +283,7 @@ fn mirror_parent(w: &mut W<'_>, path: &str) -> FsResult<InodeId> {
 }
 
 /// A new read-only folder for the mirror tree, owned like the root.
-fn flagged_dir(w: &mut W<'_>, like: InodeId) -> FsResult<InodeId> {
+pub(crate) fn flagged_dir(w: &mut W<'_>, like: InodeId) -> FsResult<InodeId> {
     let owner = w.inode(like)?;
     let mut i = Inode::new(
         Kind::Dir,
@@ -297,7 +297,7 @@ fn flagged_dir(w: &mut W<'_>, like: InodeId) -> FsResult<InodeId> {
 }
 
 /// `/.snapshots`, created on demand.
-fn snap_root(w: &mut W<'_>, create: bool) -> FsResult<Option<InodeId>> {
+pub(crate) fn snap_root(w: &mut W<'_>, create: bool) -> FsResult<Option<InodeId>> {
     if let Some(v) = w.sup.get(K_SNAP_ROOT)? {
         return Ok(Some(InodeId(v.value())));
     }
@@ -316,7 +316,7 @@ fn snap_root(w: &mut W<'_>, create: bool) -> FsResult<Option<InodeId>> {
 }
 
 /// The entry name of a snapshot in its mirror folder.
-fn entry_name(path: &str, name: &str) -> Vec<u8> {
+pub(crate) fn entry_name(path: &str, name: &str) -> Vec<u8> {
     let base = path.rsplit('/').next().unwrap_or(path);
     format!("{base}@{name}").into_bytes()
 }
@@ -418,7 +418,7 @@ impl Engine {
     }
 
     /// The top inode of snapshot `name` of `p` (normalised).
-    fn snapshot_ino(&self, p: &str, name: &str) -> FsResult<InodeId> {
+    pub(crate) fn snapshot_ino(&self, p: &str, name: &str) -> FsResult<InodeId> {
         let rtx = self.read_txn()?;
         let t = match rtx.open_table(SNAPSHOTS) {
             Ok(t) => t,
@@ -520,9 +520,15 @@ impl Engine {
             let (pp, base) = p.rsplit_once('/').unwrap_or(("", &p));
             let parent = super::dir::resolve_in(&w.dirents, pp.as_bytes())?;
             match lookup_in(w, parent, base.as_bytes())? {
-                Some((cur, _)) => {
-                    self.rollback_one(w, parent, base.as_bytes(), cur, snap, &mut gone)
-                }
+                Some((cur, _)) => self.rollback_one(
+                    w,
+                    parent,
+                    base.as_bytes(),
+                    cur,
+                    snap,
+                    CloneAs::Restore,
+                    &mut gone,
+                ),
                 // Deleted since: rolling back brings it back.
                 None => clone_tree(w, snap, parent, base.as_bytes(), CloneAs::Restore).map(|_| ()),
             }
@@ -535,14 +541,17 @@ impl Engine {
         Ok(())
     }
 
-    /// Make `parent/name` (inode `cur`) hold what snapshot inode `snap` holds.
-    fn rollback_one(
+    /// Make `parent/name` (inode `cur`) hold what snapshot inode `snap` holds; what has to be
+    /// copied in is cloned `how`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rollback_one(
         &self,
         w: &mut W<'_>,
         parent: InodeId,
         name: &[u8],
         cur: InodeId,
         snap: InodeId,
+        how: CloneAs,
         gone: &mut Vec<InodeId>,
     ) -> FsResult<()> {
         // (live folder, snapshot folder) pairs whose entries are still to reconcile.
@@ -551,9 +560,9 @@ impl Engine {
         let si = w.inode(snap)?;
         if ci.kind != si.kind || !matches!(ci.kind, Kind::File | Kind::Dir) {
             self.remove_tree(w, parent, name, gone)?;
-            clone_tree(w, snap, parent, name, CloneAs::Restore)?;
+            clone_tree(w, snap, parent, name, how)?;
         } else {
-            restore_in_place(w, cur, snap)?;
+            restore_in_place(w, cur, snap, how)?;
             if ci.kind == Kind::Dir {
                 todo.push((cur, snap));
             }
@@ -568,18 +577,18 @@ impl Engine {
             for (n, sc) in want {
                 match lookup_in(w, d, &n)? {
                     None => {
-                        clone_tree(w, sc, d, &n, CloneAs::Restore)?;
+                        clone_tree(w, sc, d, &n, how)?;
                     }
                     Some((c, _)) => {
                         let (ck, sk) = (w.inode(c)?.kind, w.inode(sc)?.kind);
                         if ck == sk && matches!(ck, Kind::File | Kind::Dir) {
-                            restore_in_place(w, c, sc)?;
+                            restore_in_place(w, c, sc, how)?;
                             if ck == Kind::Dir {
                                 todo.push((c, sc));
                             }
                         } else {
                             self.remove_tree(w, d, &n, gone)?;
-                            clone_tree(w, sc, d, &n, CloneAs::Restore)?;
+                            clone_tree(w, sc, d, &n, how)?;
                         }
                     }
                 }
@@ -793,10 +802,15 @@ impl Engine {
 
 /// Make file or folder `cur` look like snapshot inode `snap` (same kind): content and size for
 /// a file, owner, mode, times and extended attributes for both. Not its inode number, link
-/// count or a folder's entries (the caller reconciles those).
-fn restore_in_place(w: &mut W<'_>, cur: InodeId, snap: InodeId) -> FsResult<()> {
+/// count or a folder's entries (the caller reconciles those). Its flags become those of a
+/// copy made `how` (a replica's inodes stay read-only, a rolled-back file is writable).
+fn restore_in_place(w: &mut W<'_>, cur: InodeId, snap: InodeId, how: CloneAs) -> FsResult<()> {
     let si = w.inode(snap)?;
     let mut ci = w.inode(cur)?;
+    ci.flags = match how {
+        CloneAs::Replica => FLAG_REPLICA,
+        _ => 0,
+    };
     if si.kind == Kind::File {
         if ci.root != si.root {
             w.tree().incref_node(si.root.node)?;

@@ -136,6 +136,7 @@ pub struct CacheStats {
 pub const MAX_RECORD_PAYLOAD: u32 = 128 << 10;
 
 /// A chunk compressed and ready to append.
+#[derive(Debug)]
 pub struct Encoded {
     pub id: ChunkId,
     pub payload: Vec<u8>,
@@ -153,6 +154,17 @@ impl Encoded {
             codec,
             raw_len: data.len() as u32,
         }
+    }
+
+    /// Check a record received from elsewhere (replication): the payload decodes to `raw_len`
+    /// bytes whose blake3 is `id`. Returns a one-line reason when it does not.
+    pub fn verify(&self) -> Result<(), String> {
+        let data = chunk::decode(&self.payload, self.codec, self.raw_len as usize)
+            .ok_or_else(|| format!("chunk {} does not decode", self.id.short()))?;
+        if ChunkId::of(&data) != self.id {
+            return Err(format!("chunk {} does not match its id", self.id.short()));
+        }
+        Ok(())
     }
 
     /// `data` stored as is, its compression left to compaction: for chunks rewritten in part
@@ -340,6 +352,19 @@ impl Store {
             codec: loc.codec,
             raw_len: loc.raw_len,
         })
+    }
+
+    /// The chunk under `key` as stored (compressed, with its codec), its record checked against
+    /// the index and its crc: for replication, which sends chunks as stored.
+    pub fn read_stored(&self, rtx: &ReadTransaction, key: ChunkKey) -> Result<Encoded, StoreError> {
+        let e = self.entry(rtx, key)?.ok_or(StoreError::MissingKey(key))?;
+        if e.loc.is_lost() {
+            return Err(StoreError::Corrupt {
+                id: e.id,
+                detail: "the chunk is lost (fsck --repair found no intact copy)".into(),
+            });
+        }
+        self.read_record_for_copy(&e.id, &e.loc, false)
     }
 
     /// Make every append so far durable. Called before every durable metadata commit.

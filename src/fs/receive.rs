@@ -1,0 +1,577 @@
+//! `tessera receive`: build a read-only replica from a stream of `tessera send`, and `tessera
+//! promote` to make a replica writable (failover).
+//!
+//! The tree is built in a staging folder, `/.snapshots/.receiving/<n>/tree`, read-only to
+//! everything else; each chunk received is verified against its id, appended if the datastore
+//! does not hold it yet, and held from the moment it is indexed by a staging file
+//! (`.../held`), so reclamation cannot take it before the maps that use it arrive. A stream
+//! cut short or damaged leaves nothing behind (the staging folder is removed; one left by a
+//! kill -9 is removed by the next receive). At the end one durable transaction moves the
+//! result into place: a new replica at the target path, or, for an incremental stream, the
+//! replica changed in place (files present in both keep their inodes), plus a snapshot of the
+//! same name and time as the sender's, the base of the next incremental stream.
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::clone::{children, clone_tree, CloneAs};
+use super::dir::{add_entry, lookup_in, new_inode};
+use super::inode::{Generation, Inode, InodeId, Kind, Time, FLAG_REPLICA, FLAG_SNAPSHOT};
+use super::snapshot::{
+    check_snap_name, entry_name, flagged_dir, mirror_parent, norm, snap_root, SnapshotInfo,
+};
+use super::stream::{Frame, Reader};
+use super::{check_name, Engine, FsError, FsResult, W};
+use crate::schema::{SNAPSHOTS, SNAP_RECEIVED};
+use crate::store::chunk::ChunkId;
+use crate::store::{ChunkLoc, Encoded};
+
+/// Name of the staging folder under `/.snapshots`.
+const RECEIVING: &[u8] = b".receiving";
+
+/// What a receive did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiveReport {
+    /// The replica's path in this datastore.
+    pub path: String,
+    pub snapshot: Option<SnapshotInfo>,
+    pub entries: u64,
+    /// Chunks the stream carried, and of those, how many this datastore already held.
+    pub chunks: u64,
+    pub chunks_already_held: u64,
+    /// Chunk payload bytes in the stream (as stored).
+    pub chunk_bytes: u64,
+    pub stream_bytes: u64,
+    pub incremental: bool,
+}
+
+fn stream_err(e: std::io::Error) -> FsError {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData => FsError::Stream(e.to_string()),
+        _ => FsError::Io(e),
+    }
+}
+
+/// State of one receive.
+struct Staging {
+    /// `/.snapshots/.receiving/<n>`.
+    dir: InodeId,
+    /// Its name in `.receiving`.
+    name: Vec<u8>,
+    /// The holder of received chunks, and its next free slot.
+    held: InodeId,
+    next_slot: u64,
+    /// Entries built so far by relative path.
+    built: HashMap<Vec<u8>, InodeId>,
+    /// The file whose maps come next: (inode, slots it may have).
+    file: Option<(InodeId, u64)>,
+}
+
+impl Engine {
+    /// Receive a stream from `inp` into `target` (default: the path it was sent from).
+    /// `progress(entries done, 0)`.
+    pub fn receive(
+        &self,
+        inp: &mut dyn Read,
+        target: Option<&str>,
+        force: bool,
+        progress: &dyn Fn(u64, u64),
+    ) -> FsResult<ReceiveReport> {
+        let _one = self.receive_lock.lock();
+        self.remove_stale_staging()?;
+        let mut r = Reader::new(inp).map_err(stream_err)?;
+        let Frame::Header(h) = r.next().map_err(stream_err)? else {
+            return Err(FsError::Stream(
+                "the stream does not start with its header".into(),
+            ));
+        };
+        if h.chunk_size != self.chunk_size {
+            return Err(FsError::Stream(format!(
+                "the stream's chunk size ({} bytes) differs from this datastore's ({}): receive into a datastore made with `tessera init --chunk-size {}`",
+                h.chunk_size, self.chunk_size, h.chunk_size
+            )));
+        }
+        let p = norm(target.unwrap_or(&h.path))?;
+        if p.is_empty() {
+            return Err(FsError::Invalid(
+                "receive into a path inside the datastore, not its root",
+            ));
+        }
+        check_snap_name(&h.snap)?;
+        // Where it goes, and the base an incremental stream applies to.
+        let existing = self.resolve(p.as_bytes()).ok();
+        let base = match &h.from {
+            Some((from, created)) => {
+                let b = self.snapshot_ino(&p, from).map_err(|_| {
+                    FsError::Stream(format!(
+                        "/{p} has no snapshot {from}, the base of this incremental stream: send a full stream first (without --from), or name the path that has it"
+                    ))
+                })?;
+                let have = self
+                    .snapshot_list(Some(&p))?
+                    .into_iter()
+                    .find(|s| s.name == *from)
+                    .map(|s| s.created);
+                if have != Some(*created) {
+                    return Err(FsError::Stream(format!(
+                        "snapshot {from} of /{p} is not the one this stream was made against (taken at another time)"
+                    )));
+                }
+                let Some(cur) = existing else {
+                    return Err(FsError::Stream(format!(
+                        "/{p} does not exist: an incremental stream applies to the replica it was made for"
+                    )));
+                };
+                if !self.getattr(cur)?.inode.is_read_only() && !force {
+                    return Err(FsError::Stream(format!(
+                        "/{p} is writable (promoted, or never a replica): --force replaces what changed there since {from}"
+                    )));
+                }
+                Some(b)
+            }
+            None => {
+                if existing.is_some() {
+                    return Err(FsError::Exists);
+                }
+                None
+            }
+        };
+        if self.snapshot_ino(&p, &h.snap).is_ok() {
+            return Err(FsError::Stream(format!(
+                "/{p} already has a snapshot {}: this stream was received before",
+                h.snap
+            )));
+        }
+        let mut st = self.staging_begin()?;
+        let mut rep = ReceiveReport {
+            path: format!("/{p}"),
+            incremental: base.is_some(),
+            ..ReceiveReport::default()
+        };
+        let out = self.receive_frames(&mut r, &mut st, base, &mut rep, progress);
+        let out = out.and_then(|()| self.receive_finish(&p, &h, &st, base.is_some()));
+        match out {
+            Ok(info) => {
+                rep.snapshot = Some(info);
+                rep.stream_bytes = r.bytes;
+                Ok(rep)
+            }
+            Err(e) => {
+                if let Err(e2) = self.staging_remove(&st.name) {
+                    tracing::warn!("cannot remove the staging folder of a failed receive: {e2}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn receive_frames<R: Read>(
+        &self,
+        r: &mut Reader<R>,
+        st: &mut Staging,
+        base: Option<InodeId>,
+        rep: &mut ReceiveReport,
+        progress: &dyn Fn(u64, u64),
+    ) -> FsResult<()> {
+        let c = self.chunk_size;
+        loop {
+            match r.next().map_err(stream_err)? {
+                Frame::Header(_) => {
+                    return Err(FsError::Stream("a second header: damaged stream".into()))
+                }
+                Frame::Chunks(cs) => {
+                    // Sizes first: nothing is decompressed past a chunk's size.
+                    for e in &cs {
+                        if u64::from(e.raw_len) != c
+                            || e.payload.len() > crate::store::MAX_RECORD_PAYLOAD as usize
+                        {
+                            return Err(FsError::Stream(
+                                "a chunk of the wrong size: damaged stream".into(),
+                            ));
+                        }
+                    }
+                    cs.par_iter().try_for_each(|e| {
+                        e.verify()
+                            .map_err(|d| FsError::Stream(format!("{d}: damaged stream")))
+                    })?;
+                    rep.chunks += cs.len() as u64;
+                    rep.chunk_bytes += cs.iter().map(|e| e.payload.len() as u64).sum::<u64>();
+                    // From the first append to the commit that indexes it (gc waits).
+                    let _appending = self.store.append_session();
+                    let ids: Vec<ChunkId> = cs.iter().map(|e| e.id).collect();
+                    let held = self.store.contains_many(&*self.read_txn()?, &ids)?;
+                    let new: Vec<Encoded> = cs
+                        .into_iter()
+                        .zip(&held)
+                        .filter(|(_, h)| !**h)
+                        .map(|(e, _)| e)
+                        .collect();
+                    rep.chunks_already_held += (ids.len() - new.len()) as u64;
+                    let locs: HashMap<ChunkId, ChunkLoc> = new
+                        .iter()
+                        .map(|e| e.id)
+                        .zip(self.store.append_many(&new)?)
+                        .collect();
+                    let (held_ino, first) = (st.held, st.next_slot);
+                    let r = self.txn(false, |w| {
+                        w.snapshots_writable = true;
+                        let mut ups = Vec::with_capacity(ids.len());
+                        for (k, id) in ids.iter().enumerate() {
+                            // Another copy may have arrived meanwhile: `reference` counts ours dead.
+                            let key = w.chunks.reference(id, locs.get(id))?;
+                            ups.push((first + k as u64, Some(key)));
+                        }
+                        let mut i = w.inode(held_ino)?;
+                        let (root, total) = w.tree().set(i.root, &ups)?;
+                        i.root = root;
+                        i.aux = total;
+                        i.size = (first + ids.len() as u64) * c;
+                        w.put_inode(held_ino, &i)
+                    });
+                    if let Err(e) = r {
+                        self.settle_failed_appends(&locs);
+                        return Err(e);
+                    }
+                    st.next_slot += ids.len() as u64;
+                }
+                Frame::Entry(e) => {
+                    self.receive_entry(st, base, &e)?;
+                    rep.entries += 1;
+                    progress(rep.entries, 0);
+                }
+                Frame::Map(slots) => {
+                    let Some((ino, n_slots)) = st.file else {
+                        return Err(FsError::Stream(
+                            "a map without its file: damaged stream".into(),
+                        ));
+                    };
+                    if slots.iter().any(|(s, _)| *s >= n_slots) {
+                        return Err(FsError::Stream(
+                            "a map slot past the end of its file: damaged stream".into(),
+                        ));
+                    }
+                    self.txn(false, |w| {
+                        w.snapshots_writable = true;
+                        let mut ups = Vec::with_capacity(slots.len());
+                        for (s, id) in &slots {
+                            let key = match id {
+                                Some(id) => Some(match w.chunks.find(id)? {
+                                    Some((_, l)) if !l.is_lost() => w.chunks.reference(id, None)?,
+                                    _ => {
+                                        return Err(FsError::Stream(format!(
+                                            "the stream uses chunk {} without sending it, and this datastore does not hold it: damaged stream, or a base that differs",
+                                            id.short()
+                                        )))
+                                    }
+                                }),
+                                None => None,
+                            };
+                            ups.push((*s, key));
+                        }
+                        let mut i = w.inode(ino)?;
+                        let (root, total) = w.tree().set(i.root, &ups)?;
+                        i.root = root;
+                        i.aux = total;
+                        w.put_inode(ino, &i)
+                    })?;
+                }
+                Frame::End(end) => {
+                    if end.entries != rep.entries
+                        || end.chunks != rep.chunks
+                        || end.chunk_bytes != rep.chunk_bytes
+                    {
+                        return Err(FsError::Stream(format!(
+                            "the stream says {} entries and {} chunks, {} arrived: damaged stream",
+                            end.entries, end.chunks, rep.chunks
+                        )));
+                    }
+                    if !st.built.contains_key(&Vec::new()) {
+                        return Err(FsError::Stream("the stream holds no entries".into()));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Create one received entry in the staging tree.
+    fn receive_entry(
+        &self,
+        st: &mut Staging,
+        base: Option<InodeId>,
+        e: &super::stream::Entry,
+    ) -> FsResult<()> {
+        let kind = Kind::from_u8(e.kind)
+            .ok_or_else(|| FsError::Stream("unknown file kind: damaged stream".into()))?;
+        let (parent, name): (InodeId, Vec<u8>) = if e.path.is_empty() {
+            (st.dir, b"tree".to_vec())
+        } else {
+            let (pp, n) = match e.path.iter().rposition(|&b| b == b'/') {
+                Some(i) => (e.path[..i].to_vec(), e.path[i + 1..].to_vec()),
+                None => (Vec::new(), e.path.clone()),
+            };
+            check_name(&n)
+                .map_err(|_| FsError::Stream("a bad name in the stream: damaged stream".into()))?;
+            let p = *st.built.get(&pp).ok_or_else(|| {
+                FsError::Stream("an entry before its folder: damaged stream".into())
+            })?;
+            (p, n)
+        };
+        // The same file in the base snapshot, for an incremental map.
+        let base_file = match (e.on_base, base) {
+            (true, Some(b)) => {
+                let mut cur = b;
+                let rtx = self.read_txn()?;
+                let d = rtx.open_table(crate::schema::DIRENTS)?;
+                for comp in e.path.split(|&x| x == b'/').filter(|c| !c.is_empty()) {
+                    cur = d
+                        .get((cur.0, comp))?
+                        .map(|v| InodeId(v.value().0))
+                        .ok_or_else(|| {
+                            FsError::Stream(
+                                "the stream changes a file its base does not hold".into(),
+                            )
+                        })?;
+                }
+                Some(cur)
+            }
+            (true, None) => {
+                return Err(FsError::Stream(
+                    "an incremental entry in a full stream".into(),
+                ))
+            }
+            _ => None,
+        };
+        let c = self.chunk_size;
+        let n_slots = e.size.div_ceil(c);
+        let ino = self.txn(false, |w| {
+            w.snapshots_writable = true;
+            let mut i = Inode::new(kind, e.perm, e.uid, e.gid, Generation(0));
+            i.rdev = e.rdev;
+            i.size = e.size;
+            i.atime = Time {
+                secs: e.atime.0,
+                nsecs: e.atime.1,
+            };
+            i.mtime = Time {
+                secs: e.mtime.0,
+                nsecs: e.mtime.1,
+            };
+            i.flags = FLAG_SNAPSHOT;
+            if let Some(b) = base_file {
+                let bi = w.inode(b)?;
+                if bi.kind != Kind::File || kind != Kind::File {
+                    return Err(FsError::Stream(
+                        "the stream's base file is not a file".into(),
+                    ));
+                }
+                w.tree().incref_node(bi.root.node)?;
+                let (root, total) = w.tree().truncate(bi.root, n_slots)?;
+                i.root = root;
+                i.aux = total;
+            }
+            let (ino, _) = new_inode(w, i)?;
+            if let Some(t) = &e.symlink {
+                w.symlinks.insert(ino.0, t.as_slice())?;
+            }
+            for (k, v) in &e.xattrs {
+                w.xattrs.insert((ino.0, k.as_slice()), v.as_slice())?;
+            }
+            add_entry(w, parent, &name, ino, kind == Kind::Dir)?;
+            Ok(ino)
+        })?;
+        st.built.insert(e.path.clone(), ino);
+        st.file = (kind == Kind::File).then_some((ino, n_slots));
+        Ok(())
+    }
+
+    /// Put the staged tree in place and record its snapshot, in one durable transaction.
+    fn receive_finish(
+        &self,
+        p: &str,
+        h: &super::stream::Header,
+        st: &Staging,
+        incremental: bool,
+    ) -> FsResult<SnapshotInfo> {
+        let top = st.built[&Vec::new()];
+        let mut gone = Vec::new();
+        self.txn(true, |w| {
+            w.snapshots_writable = true;
+            let (pp, base) = p.rsplit_once('/').unwrap_or(("", p));
+            let parent = mkdir_p(w, pp)?;
+            if incremental {
+                let (cur, _) = lookup_in(w, parent, base.as_bytes())?.ok_or(FsError::NotFound)?;
+                self.rollback_one(
+                    w,
+                    parent,
+                    base.as_bytes(),
+                    cur,
+                    top,
+                    CloneAs::Replica,
+                    &mut gone,
+                )?;
+            } else {
+                if lookup_in(w, parent, base.as_bytes())?.is_some() {
+                    return Err(FsError::Exists);
+                }
+                clone_tree(w, top, parent, base.as_bytes(), CloneAs::Replica)?;
+            }
+            let mp = mirror_parent(w, p)?;
+            let entry = entry_name(p, &h.snap);
+            if lookup_in(w, mp, &entry)?.is_some() {
+                return Err(FsError::Exists);
+            }
+            let snap = clone_tree(w, top, mp, &entry, CloneAs::Snapshot)?;
+            let mut t = w.txn.open_table(SNAPSHOTS)?;
+            t.insert(
+                (p.as_bytes(), h.snap.as_bytes()),
+                (snap.0, h.created, SNAP_RECEIVED),
+            )?;
+            drop(t);
+            let recv = receiving_dir(w)?;
+            self.remove_tree(w, recv, &st.name, &mut gone)?;
+            Ok(())
+        })?;
+        for ino in gone {
+            self.drop_state(ino);
+        }
+        Ok(self
+            .snapshot_list(Some(p))?
+            .into_iter()
+            .find(|s| s.name == h.snap)
+            .expect("just recorded"))
+    }
+
+    /// A new staging folder with its chunk holder.
+    fn staging_begin(&self) -> FsResult<Staging> {
+        self.txn(false, |w| {
+            w.snapshots_writable = true;
+            let recv = receiving_dir(w)?;
+            let name =
+                format!("{:016x}", w.counter(crate::schema::K_NEXT_GENERATION, 2)?).into_bytes();
+            let dir = flagged_dir(w, InodeId::ROOT)?;
+            add_entry(w, recv, &name, dir, true)?;
+            let mut i = Inode::new(Kind::File, 0o400, 0, 0, Generation(0));
+            i.flags = FLAG_SNAPSHOT;
+            let (held, _) = new_inode(w, i)?;
+            add_entry(w, dir, b"held", held, false)?;
+            Ok(Staging {
+                dir,
+                name,
+                held,
+                next_slot: 0,
+                built: HashMap::new(),
+                file: None,
+            })
+        })
+    }
+
+    fn staging_remove(&self, name: &[u8]) -> FsResult<()> {
+        let mut gone = Vec::new();
+        self.txn(true, |w| {
+            w.snapshots_writable = true;
+            let recv = receiving_dir(w)?;
+            if lookup_in(w, recv, name)?.is_some() {
+                self.remove_tree(w, recv, name, &mut gone)?;
+            }
+            Ok(())
+        })?;
+        for ino in gone {
+            self.drop_state(ino);
+        }
+        Ok(())
+    }
+
+    /// Staging folders left by a receive that was killed.
+    fn remove_stale_staging(&self) -> FsResult<()> {
+        let stale: Vec<Vec<u8>> = self.txn(false, |w| {
+            let Some(root) = snap_root(w, false)? else {
+                return Ok(Vec::new());
+            };
+            match lookup_in(w, root, RECEIVING)? {
+                Some((d, _)) => Ok(children(w, d)?.into_iter().map(|(n, _)| n).collect()),
+                None => Ok(Vec::new()),
+            }
+        })?;
+        for n in stale {
+            tracing::info!("removing the staging folder of an interrupted receive");
+            self.staging_remove(&n)?;
+        }
+        Ok(())
+    }
+
+    /// Make the replica at `path` writable: the failover step. Its snapshots stay; a later
+    /// incremental receive into it needs `--force` (it would replace what changed here).
+    pub fn promote(&self, path: &str) -> FsResult<u64> {
+        let p = norm(path)?;
+        self.txn(true, |w| {
+            w.snapshots_writable = true;
+            let top = super::dir::resolve_in(&w.dirents, p.as_bytes())?;
+            let ti = w.inode(top)?;
+            if ti.flags & FLAG_REPLICA == 0 {
+                return Err(FsError::Invalid("not a replica (nothing to promote)"));
+            }
+            let mut n = 0;
+            let mut stack = vec![top];
+            while let Some(ino) = stack.pop() {
+                let mut i = w.inode(ino)?;
+                if i.kind == Kind::Dir {
+                    stack.extend(children(w, ino)?.into_iter().map(|(_, c)| c));
+                }
+                if i.flags & FLAG_REPLICA != 0 {
+                    i.flags &= !FLAG_REPLICA;
+                    i.ctime = Time::now();
+                    w.put_inode(ino, &i)?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+    }
+}
+
+/// `/.snapshots/.receiving`, created on demand.
+fn receiving_dir(w: &mut W<'_>) -> FsResult<InodeId> {
+    let root = snap_root(w, true)?.expect("created");
+    Ok(match lookup_in(w, root, RECEIVING)? {
+        Some((d, _)) => d,
+        None => {
+            let d = flagged_dir(w, InodeId::ROOT)?;
+            add_entry(w, root, RECEIVING, d, true)?;
+            d
+        }
+    })
+}
+
+/// The folder at `path` (relative to the root), created with its parents as needed (owned like
+/// the root). A read-only folder on the way is refused.
+fn mkdir_p(w: &mut W<'_>, path: &str) -> FsResult<InodeId> {
+    let mut cur = InodeId::ROOT;
+    for c in path.split('/').filter(|c| !c.is_empty()) {
+        cur = match lookup_in(w, cur, c.as_bytes())? {
+            Some((ino, _)) => {
+                let i = w.inode(ino)?;
+                if i.kind != Kind::Dir {
+                    return Err(FsError::NotDir);
+                }
+                if i.is_read_only() {
+                    return Err(FsError::ReadOnly);
+                }
+                ino
+            }
+            None => {
+                let owner = w.inode(InodeId::ROOT)?;
+                let (ino, _) = new_inode(
+                    w,
+                    Inode::new(Kind::Dir, 0o755, owner.uid, owner.gid, Generation(0)),
+                )?;
+                add_entry(w, cur, c.as_bytes(), ino, true)?;
+                ino
+            }
+        };
+    }
+    Ok(cur)
+}
