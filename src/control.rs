@@ -91,6 +91,24 @@ pub enum Request {
     Warm {
         path: String,
     },
+    /// Write snapshot `snap` of `path` as a replication stream (`crate::fs::send`), raw on the
+    /// connection, then the answer line. An error before the stream starts is the answer alone.
+    Send {
+        path: String,
+        snap: String,
+        from: Option<String>,
+    },
+    /// Read a replication stream from the connection, raw after the request line, into
+    /// `target` (`crate::fs::receive`); progress lines, then the answer.
+    Receive {
+        target: Option<String>,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Make a replica writable (failover).
+    Promote {
+        path: String,
+    },
     /// A snapshot command (`crate::fs::snapshot`).
     Snapshot {
         action: crate::fs::snapshot::SnapAction,
@@ -166,6 +184,14 @@ fn handle(engine: &Engine, req: Request, progress: &dyn Fn(u64, u64)) -> Respons
             Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),
             Err(e) => err(format!("gc failed: {e}")),
         },
+        Request::Promote { path } => match engine.promote(&path) {
+            Ok(n) => ok(serde_json::json!({ "inodes": n })),
+            Err(e) => err(format!("{path}: {e}")),
+        },
+        // Streams are served by `serve_one` itself.
+        Request::Send { .. } | Request::Receive { .. } => {
+            err("a stream request cannot be nested".into())
+        }
         Request::Snapshot { action } => match engine.snapshot_action(&action) {
             Ok(v) => ok(v),
             Err(e) => err(e.to_string()),
@@ -251,8 +277,9 @@ fn refuse(stream: &UnixStream, error: String) {
     }
 }
 
-/// Read one request line, which must arrive whole within `timeout`.
-fn read_request(stream: &UnixStream, timeout: Duration) -> io::Result<String> {
+/// Read one request line, which must arrive whole within `timeout`; also returns the bytes
+/// read past it (the start of a stream that follows a `Receive` request).
+fn read_request(stream: &UnixStream, timeout: Duration) -> io::Result<(String, Vec<u8>)> {
     let deadline = std::time::Instant::now() + timeout;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -283,12 +310,85 @@ fn read_request(stream: &UnixStream, timeout: Duration) -> io::Result<String> {
         }
     }
     let end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    let rest = buf.get(end + 1..).map(<[u8]>::to_vec).unwrap_or_default();
     buf.truncate(end);
-    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    let line = String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok((line, rest))
+}
+
+/// How long a stream may stall (the other end of the pipe not reading or not writing) before
+/// the request is given up.
+const STREAM_STALL: Duration = Duration::from_secs(600);
+
+/// Counts what passes through to `inner`.
+struct Counting<'a> {
+    inner: std::io::BufWriter<&'a UnixStream>,
+    written: u64,
+}
+
+impl Write for Counting<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn answer(stream: &UnixStream, resp: &Response) -> io::Result<()> {
+    let mut out = serde_json::to_vec(resp)?;
+    out.push(b'\n');
+    (&*stream).write_all(&out)
+}
+
+fn serve_send(
+    engine: &Engine,
+    stream: &UnixStream,
+    path: &str,
+    snap: &str,
+    from: Option<&str>,
+) -> io::Result<()> {
+    stream.set_write_timeout(Some(STREAM_STALL))?;
+    let mut out = Counting {
+        inner: std::io::BufWriter::with_capacity(1 << 20, stream),
+        written: 0,
+    };
+    let r = engine.send(path, snap, from, &mut out, &|_, _| {});
+    let written = out.written;
+    let flushed = out.flush();
+    drop(out);
+    match r {
+        Ok(rep) => {
+            flushed?;
+            answer(
+                stream,
+                &Response {
+                    ok: true,
+                    result: serde_json::to_value(rep).unwrap_or_default(),
+                    error: String::new(),
+                },
+            )
+        }
+        // Nothing sent yet: the error is the answer. Mid-stream: closing the connection cuts
+        // the stream, which the other end reports as such.
+        Err(e) if written == 0 => answer(
+            stream,
+            &Response {
+                ok: false,
+                result: serde_json::Value::Null,
+                error: format!("{path}@{snap}: {e}"),
+            },
+        ),
+        Err(e) => Err(io::Error::other(format!(
+            "send of {path}@{snap} stopped: {e}"
+        ))),
+    }
 }
 
 fn serve_one(engine: &Engine, stream: UnixStream, limits: &Limits) -> io::Result<()> {
-    let line = read_request(&stream, limits.request_timeout)?;
+    let (line, rest) = read_request(&stream, limits.request_timeout)?;
     stream.set_write_timeout(Some(limits.write_timeout))?;
     // Progress lines go out at most every PROGRESS_EVERY, and the last one always; once one
     // cannot be written (a client that does not read them), no more are tried, so the
@@ -296,7 +396,9 @@ fn serve_one(engine: &Engine, stream: UnixStream, limits: &Limits) -> io::Result
     let last = std::cell::Cell::new(None::<std::time::Instant>);
     let broken = std::cell::Cell::new(false);
     let progress = |done: u64, total: u64| {
-        let due = done >= total || last.get().is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+        // total 0: a count with no known end (a stream being received), paced only by time.
+        let due = (total > 0 && done >= total)
+            || last.get().is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
         if broken.get() || !due {
             return;
         }
@@ -312,6 +414,26 @@ fn serve_one(engine: &Engine, stream: UnixStream, limits: &Limits) -> io::Result
         }
     };
     let resp = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Send { path, snap, from }) => {
+            return serve_send(engine, &stream, &path, &snap, from.as_deref())
+        }
+        Ok(Request::Receive { target, force }) => {
+            stream.set_read_timeout(Some(STREAM_STALL))?;
+            let mut inp = std::io::Cursor::new(rest)
+                .chain(std::io::BufReader::with_capacity(1 << 20, &stream));
+            match engine.receive(&mut inp, target.as_deref(), force, &progress) {
+                Ok(rep) => Response {
+                    ok: true,
+                    result: serde_json::to_value(rep).unwrap_or_default(),
+                    error: String::new(),
+                },
+                Err(e) => Response {
+                    ok: false,
+                    result: serde_json::Value::Null,
+                    error: format!("receive failed: {e}"),
+                },
+            }
+        }
         Ok(req) => handle(engine, req, &progress),
         Err(e) => Response {
             ok: false,
@@ -319,9 +441,7 @@ fn serve_one(engine: &Engine, stream: UnixStream, limits: &Limits) -> io::Result
             error: format!("bad request: {e}"),
         },
     };
-    let mut out = serde_json::to_vec(&resp)?;
-    out.push(b'\n');
-    (&stream).write_all(&out)
+    answer(&stream, &resp)
 }
 
 /// One of the control socket's connection slots, given back when dropped.
@@ -438,6 +558,112 @@ pub fn call_with_progress(
         return serde_json::from_str(&line)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
     }
+}
+
+/// `Request::Send` to the process serving `dir`: the stream is copied to `out` as it comes,
+/// then the answer is returned. A stream cut short is an error.
+pub fn call_send(dir: &Path, req: &Request, out: &mut dyn Write) -> io::Result<Response> {
+    use crate::fs::stream::MAGIC;
+    let stream = UnixStream::connect(dir.join(SOCKET_FILE))?;
+    stream.set_read_timeout(Some(STREAM_STALL))?;
+    let mut msg = serde_json::to_vec(req)?;
+    msg.push(b'\n');
+    (&stream).write_all(&msg)?;
+    let mut r = std::io::BufReader::with_capacity(1 << 20, &stream);
+    let cut = |e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof => io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the serving process stopped in the middle of the stream (see its log)",
+        ),
+        _ => e,
+    };
+    let mut head = [0u8; 16];
+    let mut got = 0;
+    while got < head.len() {
+        let n = r.read(&mut head[got..])?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+        if !MAGIC.starts_with(&head[..got]) {
+            break;
+        }
+    }
+    if &head[..got] != MAGIC {
+        // An answer instead of a stream: an error before anything was sent.
+        let mut line = head[..got].to_vec();
+        r.read_until(b'\n', &mut line)?;
+        return serde_json::from_slice(&line)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+    }
+    out.write_all(&head)?;
+    let mut buf = Vec::new();
+    loop {
+        let mut fh = [0u8; 5];
+        r.read_exact(&mut fh).map_err(cut)?;
+        let len = u32::from_le_bytes(fh[1..].try_into().expect("4 bytes")) as usize;
+        if len > crate::fs::stream::FRAME_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "damaged stream from the serving process",
+            ));
+        }
+        buf.resize(len + 4, 0);
+        r.read_exact(&mut buf).map_err(cut)?;
+        out.write_all(&fh)?;
+        out.write_all(&buf)?;
+        if fh[0] == crate::fs::stream::Kind::End as u8 {
+            break;
+        }
+    }
+    out.flush()?;
+    let mut line = Vec::new();
+    r.read_until(b'\n', &mut line)?;
+    serde_json::from_slice(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// `Request::Receive` to the process serving `dir`, with the stream read from `inp`;
+/// `progress(done, 0)` as the serving process reports it.
+pub fn call_receive(
+    dir: &Path,
+    req: &Request,
+    mut inp: Box<dyn Read + Send>,
+    progress: &dyn Fn(u64, u64),
+) -> io::Result<Response> {
+    let stream = UnixStream::connect(dir.join(SOCKET_FILE))?;
+    let mut msg = serde_json::to_vec(req)?;
+    msg.push(b'\n');
+    (&stream).write_all(&msg)?;
+    let mut tx = stream.try_clone()?;
+    // The stream goes out on its own thread while answers come back on this one; a server that
+    // refuses early closes the connection, which ends the copy.
+    let copier = std::thread::spawn(move || -> io::Result<u64> {
+        let n = io::copy(&mut inp, &mut tx)?;
+        tx.shutdown(std::net::Shutdown::Write)?;
+        Ok(n)
+    });
+    let mut reader = BufReader::new(&stream);
+    let resp = loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            break Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the serving process closed the connection without an answer",
+            ));
+        }
+        if let Ok(p) = serde_json::from_str::<Progress>(&line) {
+            progress(p.progress.0, p.progress.1);
+            continue;
+        }
+        break serde_json::from_str(&line)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+    };
+    // An early answer (a refusal) leaves the copier blocked on input nobody reads: it ends
+    // when the process exits.
+    if resp.as_ref().is_ok_and(|r: &Response| r.ok) {
+        let _ = copier.join();
+    }
+    resp
 }
 
 #[cfg(test)]

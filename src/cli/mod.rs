@@ -12,6 +12,7 @@ pub mod scrub;
 pub mod serve;
 pub mod snapshot;
 pub mod stats;
+pub mod stream;
 pub mod warm;
 
 use std::path::{Path, PathBuf};
@@ -44,6 +45,9 @@ pub enum Cmd {
     Scrub(scrub::Args),
     Warm(warm::Args),
     Snapshot(snapshot::Args),
+    Send(stream::SendArgs),
+    Receive(stream::ReceiveArgs),
+    Promote(stream::PromoteArgs),
     Completions(completions::Args),
 }
 
@@ -60,6 +64,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Scrub(a) => scrub::run(a),
         Cmd::Warm(a) => warm::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
+        Cmd::Send(a) => stream::send(a),
+        Cmd::Receive(a) => stream::receive(a),
+        Cmd::Promote(a) => stream::promote(a),
         Cmd::Completions(a) => completions::run(a),
     }
 }

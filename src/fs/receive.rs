@@ -83,7 +83,7 @@ impl Engine {
         let _one = self.receive_lock.lock();
         self.remove_stale_staging()?;
         let mut r = Reader::new(inp).map_err(stream_err)?;
-        let Frame::Header(h) = r.next().map_err(stream_err)? else {
+        let Frame::Header(h) = r.next_frame().map_err(stream_err)? else {
             return Err(FsError::Stream(
                 "the stream does not start with its header".into(),
             ));
@@ -178,7 +178,7 @@ impl Engine {
     ) -> FsResult<()> {
         let c = self.chunk_size;
         loop {
-            match r.next().map_err(stream_err)? {
+            match r.next_frame().map_err(stream_err)? {
                 Frame::Header(_) => {
                     return Err(FsError::Stream("a second header: damaged stream".into()))
                 }

@@ -202,7 +202,7 @@ impl<R: Read> Reader<R> {
             io::ErrorKind::UnexpectedEof => bad("the input is empty or not a Tessera stream"),
             _ => e,
         })?;
-        if &m[..15] != &MAGIC[..15] {
+        if m[..15] != MAGIC[..15] {
             return Err(bad(
                 "the input is not a Tessera stream (made by tessera send)",
             ));
@@ -217,7 +217,7 @@ impl<R: Read> Reader<R> {
     }
 
     /// The next frame; a stream cut short is an error, never a silent end.
-    pub fn next(&mut self) -> io::Result<Frame> {
+    pub fn next_frame(&mut self) -> io::Result<Frame> {
         let mut head = [0u8; 5];
         self.inp.read_exact(&mut head).map_err(cut)?;
         let kind =
@@ -349,21 +349,23 @@ mod tests {
             w.map(&[(5, Some(id)), (6, None)]).unwrap();
         }
         let mut r = Reader::new(&buf[..]).unwrap();
-        assert!(matches!(r.next().unwrap(), Frame::End(e) if e.entries == 3));
+        assert!(matches!(r.next_frame().unwrap(), Frame::End(e) if e.entries == 3));
         assert!(
-            matches!(r.next().unwrap(), Frame::Chunks(c) if c.len() == 1 && c[0].payload == b"x")
+            matches!(r.next_frame().unwrap(), Frame::Chunks(c) if c.len() == 1 && c[0].payload == b"x")
         );
-        assert!(matches!(r.next().unwrap(), Frame::Map(m) if m.len() == 2 && m[1] == (6, None)));
-        assert!(r.next().is_err(), "the end of input is not a frame");
+        assert!(
+            matches!(r.next_frame().unwrap(), Frame::Map(m) if m.len() == 2 && m[1] == (6, None))
+        );
+        assert!(r.next_frame().is_err(), "the end of input is not a frame");
         for i in 16..buf.len() {
             let mut b = buf.clone();
             b[i] ^= 0x40;
             let mut r = Reader::new(&b[..]).unwrap();
-            let all_ok = (0..3).all(|_| r.next().is_ok());
+            let all_ok = (0..3).all(|_| r.next_frame().is_ok());
             assert!(!all_ok, "a flip at byte {i} went unnoticed");
         }
         let mut r = Reader::new(&buf[..buf.len() - 3]).unwrap();
-        let err = (0..3).find_map(|_| r.next().err()).unwrap();
+        let err = (0..3).find_map(|_| r.next_frame().err()).unwrap();
         assert!(err.to_string().contains("cut"), "{err}");
         assert!(Reader::new(&b"not a stream at all"[..]).is_err());
     }
