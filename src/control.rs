@@ -355,7 +355,7 @@ fn serve_send(
         inner: std::io::BufWriter::with_capacity(1 << 20, stream),
         written: 0,
     };
-    let r = engine.send(path, snap, from, &mut out, &|_, _| {});
+    let r = engine.send(path, snap, from, &mut out, None, &|_, _| {});
     let written = out.written;
     let flushed = out.flush();
     drop(out);

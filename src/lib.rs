@@ -1,7 +1,8 @@
 //! Tessera: a deduplicating filesystem for VDI datastores.
 //!
 //! # Code map
-//! Layers depend one way only: `store` <- `fs` <- (`fuse`, `nfs`, `control`, `cli`).
+//! Layers depend one way only: `store` <- `fs` <- (`fuse`, `nfs`, `control`, `replicate`,
+//! `metrics`) <- `cli`.
 //!
 //! - [`store`]: chunks (blake3 ids, zstd), append-only pack files behind the [`store::pack::PackIo`]
 //!   seam, the chunk index and reference counts. Knows nothing of inodes.
@@ -15,10 +16,14 @@
 //!   client allow-list.
 //! - [`control`]: the Unix-socket protocol by which the CLI asks a serving process to clone or
 //!   report stats, and the datastore lock.
+//! - [`replicate`]: network replication of snapshots between datastores (TCP), over the
+//!   engine's send and receive.
+//! - [`allow`]: client allow-lists (addresses and networks) of the network front ends.
 //! - [`private`]: file modes of a datastore (0700 folders, 0600 files), used by every layer
 //!   that creates files in it.
 //! - `cli` (in the binary): one file per subcommand.
 
+pub mod allow;
 pub mod control;
 #[cfg(test)]
 pub(crate) mod deadlock;
@@ -27,5 +32,6 @@ pub mod fuse;
 pub mod metrics;
 pub mod nfs;
 pub mod private;
+pub mod replicate;
 pub mod schema;
 pub mod store;

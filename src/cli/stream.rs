@@ -85,10 +85,17 @@ pub fn send(a: SendArgs) -> Result<()> {
         super::Access::Own(_lock, engine) => {
             let pb = super::progress_bar(0, "sending");
             let r = engine
-                .send(&l.inner, snap, a.from.as_deref(), &mut stdout, &|d, t| {
-                    pb.set_length(t);
-                    pb.set_position(d);
-                })
+                .send(
+                    &l.inner,
+                    snap,
+                    a.from.as_deref(),
+                    &mut stdout,
+                    None,
+                    &|d, t| {
+                        pb.set_length(t);
+                        pb.set_position(d);
+                    },
+                )
                 .map_err(|e| anyhow!("{}", fix(&e.to_string(), path, snap)));
             pb.finish_and_clear();
             r?

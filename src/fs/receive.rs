@@ -32,6 +32,32 @@ use crate::store::{ChunkLoc, Encoded};
 /// Name of the staging folder under `/.snapshots`.
 const RECEIVING: &[u8] = b".receiving";
 
+/// How long the staging folder of a cut receive waits to be resumed before a later receive
+/// removes it (and the chunks it holds become reclaimable).
+const STAGING_KEEP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Answers a `Have` frame: which of its chunks this datastore holds (network replication).
+pub type Answer<'a> = &'a mut dyn FnMut(&[bool]) -> FsResult<()>;
+
+/// The staging folder's name for one stream: resumes find it again.
+fn staging_key(source: u64, path: &str, snap: &str) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&source.to_le_bytes());
+    h.update(path.as_bytes());
+    h.update(&[0]);
+    h.update(snap.as_bytes());
+    h.finalize().to_hex()[..16].to_string()
+}
+
+/// A stream that ended early (as opposed to one that is damaged).
+fn is_cut(e: &FsError) -> bool {
+    match e {
+        FsError::Stream(m) => m.contains("cut"),
+        FsError::Io(_) => true,
+        _ => false,
+    }
+}
+
 /// What a receive did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReceiveReport {
@@ -78,6 +104,19 @@ impl Engine {
         inp: &mut dyn Read,
         target: Option<&str>,
         force: bool,
+        progress: &dyn Fn(u64, u64),
+    ) -> FsResult<ReceiveReport> {
+        self.receive_with(inp, target, force, None, progress)
+    }
+
+    /// [`Engine::receive`] answering the sender's `Have` frames through `answer` (network
+    /// replication: the chunks held are held for the rest of the receive and not sent).
+    pub fn receive_with(
+        &self,
+        inp: &mut dyn Read,
+        target: Option<&str>,
+        force: bool,
+        answer: Option<Answer<'_>>,
         progress: &dyn Fn(u64, u64),
     ) -> FsResult<ReceiveReport> {
         let _one = self.receive_lock.lock();
@@ -145,13 +184,14 @@ impl Engine {
                 h.snap
             )));
         }
-        let mut st = self.staging_begin()?;
+        let key = staging_key(h.source, &p, &h.snap);
+        let mut st = self.staging_begin(&key)?;
         let mut rep = ReceiveReport {
             path: format!("/{p}"),
             incremental: base.is_some(),
             ..ReceiveReport::default()
         };
-        let out = self.receive_frames(&mut r, &mut st, base, &mut rep, progress);
+        let out = self.receive_frames(&mut r, &mut st, base, &mut rep, answer, progress);
         let out = out.and_then(|()| self.receive_finish(&p, &h, &st, base.is_some()));
         match out {
             Ok(info) => {
@@ -159,6 +199,10 @@ impl Engine {
                 rep.stream_bytes = r.bytes;
                 Ok(rep)
             }
+            // A cut (the connection or the pipe closed early): what arrived stays held, and
+            // the same stream sent again resumes from there (chunks already here are not
+            // asked for again over the network, nor stored twice).
+            Err(e) if is_cut(&e) => Err(e),
             Err(e) => {
                 if let Err(e2) = self.staging_remove(&st.name) {
                     tracing::warn!("cannot remove the staging folder of a failed receive: {e2}");
@@ -174,11 +218,29 @@ impl Engine {
         st: &mut Staging,
         base: Option<InodeId>,
         rep: &mut ReceiveReport,
+        mut answer: Option<Answer<'_>>,
         progress: &dyn Fn(u64, u64),
     ) -> FsResult<()> {
         let c = self.chunk_size;
+        let mut last_durable = std::time::Instant::now();
         loop {
+            // What was held is made durable about every second, so a receive cut by a crash
+            // of this side resumes from there too.
+            let durable = last_durable.elapsed() >= std::time::Duration::from_secs(1);
+            if durable {
+                last_durable = std::time::Instant::now();
+            }
             match r.next_frame().map_err(stream_err)? {
+                Frame::Have(ids) => {
+                    let Some(a) = answer.as_deref_mut() else {
+                        return Err(FsError::Stream(
+                            "a chunk query in a stream read from a pipe".into(),
+                        ));
+                    };
+                    let held = self.hold_present(st, &ids, durable)?;
+                    rep.chunks_already_held += held.iter().filter(|h| **h).count() as u64;
+                    a(&held)?;
+                }
                 Frame::Header(_) => {
                     return Err(FsError::Stream("a second header: damaged stream".into()))
                 }
@@ -216,7 +278,7 @@ impl Engine {
                         .zip(self.store.append_many(&new)?)
                         .collect();
                     let (held_ino, first) = (st.held, st.next_slot);
-                    let r = self.txn(false, |w| {
+                    let r = self.txn(durable, |w| {
                         w.snapshots_writable = true;
                         let mut ups = Vec::with_capacity(ids.len());
                         for (k, id) in ids.iter().enumerate() {
@@ -445,13 +507,32 @@ impl Engine {
             .expect("just recorded"))
     }
 
-    /// A new staging folder with its chunk holder.
-    fn staging_begin(&self) -> FsResult<Staging> {
-        self.txn(false, |w| {
+    /// The staging folder of the stream `key`: the one a cut receive of the same stream left
+    /// (its held chunks kept, its tree rebuilt), or a new one.
+    fn staging_begin(&self, key: &str) -> FsResult<Staging> {
+        let c = self.chunk_size;
+        let mut gone = Vec::new();
+        let st = self.txn(false, |w| {
             w.snapshots_writable = true;
             let recv = receiving_dir(w)?;
-            let name =
-                format!("{:016x}", w.counter(crate::schema::K_NEXT_GENERATION, 2)?).into_bytes();
+            let name = key.as_bytes().to_vec();
+            if let Some((dir, _)) = lookup_in(w, recv, &name)? {
+                if lookup_in(w, dir, b"tree")?.is_some() {
+                    self.remove_tree(w, dir, b"tree", &mut gone)?;
+                }
+                let (held, _) = lookup_in(w, dir, b"held")?.ok_or_else(|| {
+                    FsError::BadMeta("a staging folder without its held chunks".into())
+                })?;
+                let next_slot = w.inode(held)?.size.div_ceil(c);
+                return Ok(Staging {
+                    dir,
+                    name,
+                    held,
+                    next_slot,
+                    built: HashMap::new(),
+                    file: None,
+                });
+            }
             let dir = flagged_dir(w, InodeId::ROOT)?;
             add_entry(w, recv, &name, dir, true)?;
             let mut i = Inode::new(Kind::File, 0o400, 0, 0, Generation(0));
@@ -466,7 +547,47 @@ impl Engine {
                 built: HashMap::new(),
                 file: None,
             })
-        })
+        })?;
+        for ino in gone {
+            self.drop_state(ino);
+        }
+        Ok(st)
+    }
+
+    /// Hold (in the staging holder) those of `ids` this datastore has: they cannot be
+    /// reclaimed before the maps that use them arrive. Returns which it has.
+    fn hold_present(
+        &self,
+        st: &mut Staging,
+        ids: &[ChunkId],
+        durable: bool,
+    ) -> FsResult<Vec<bool>> {
+        let c = self.chunk_size;
+        let (held_ino, first) = (st.held, st.next_slot);
+        let (have, n) = self.txn(durable, |w| {
+            w.snapshots_writable = true;
+            let mut have = Vec::with_capacity(ids.len());
+            let mut ups = Vec::new();
+            for id in ids {
+                let present = w.chunks.find(id)?.is_some_and(|(_, l)| !l.is_lost());
+                if present {
+                    let key = w.chunks.reference(id, None)?;
+                    ups.push((first + ups.len() as u64, Some(key)));
+                }
+                have.push(present);
+            }
+            if !ups.is_empty() {
+                let mut i = w.inode(held_ino)?;
+                let (root, total) = w.tree().set(i.root, &ups)?;
+                i.root = root;
+                i.aux = total;
+                i.size = (first + ups.len() as u64) * c;
+                w.put_inode(held_ino, &i)?;
+            }
+            Ok((have, ups.len() as u64))
+        })?;
+        st.next_slot += n;
+        Ok(have)
     }
 
     fn staging_remove(&self, name: &[u8]) -> FsResult<()> {
@@ -485,19 +606,26 @@ impl Engine {
         Ok(())
     }
 
-    /// Staging folders left by a receive that was killed.
+    /// Staging folders of receives cut more than `STAGING_KEEP` ago and never resumed.
     fn remove_stale_staging(&self) -> FsResult<()> {
+        let now = Time::now().secs;
         let stale: Vec<Vec<u8>> = self.txn(false, |w| {
             let Some(root) = snap_root(w, false)? else {
                 return Ok(Vec::new());
             };
-            match lookup_in(w, root, RECEIVING)? {
-                Some((d, _)) => Ok(children(w, d)?.into_iter().map(|(n, _)| n).collect()),
-                None => Ok(Vec::new()),
+            let Some((d, _)) = lookup_in(w, root, RECEIVING)? else {
+                return Ok(Vec::new());
+            };
+            let mut out = Vec::new();
+            for (n, ino) in children(w, d)? {
+                if now - w.inode(ino)?.ctime.secs > STAGING_KEEP.as_secs() as i64 {
+                    out.push(n);
+                }
             }
+            Ok(out)
         })?;
         for n in stale {
-            tracing::info!("removing the staging folder of an interrupted receive");
+            tracing::info!("removing the staging folder of a receive cut long ago");
             self.staging_remove(&n)?;
         }
         Ok(())

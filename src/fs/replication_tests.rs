@@ -65,7 +65,9 @@ fn read(e: &Engine, path: &str) -> Vec<u8> {
 
 fn send(e: &Engine, path: &str, snap: &str, from: Option<&str>) -> (Vec<u8>, send::SendReport) {
     let mut out = Vec::new();
-    let r = e.send(path, snap, from, &mut out, &|_, _| {}).unwrap();
+    let r = e
+        .send(path, snap, from, &mut out, None, &|_, _| {})
+        .unwrap();
     (out, r)
 }
 
@@ -206,8 +208,10 @@ fn receiver_that_holds_the_data_stores_nothing_new() {
     assert_clean(&b);
 }
 
-/// Protects: a damaged or cut stream is refused with a clear error and leaves nothing behind
-/// (no replica, no snapshot, no staging, no held chunks: fsck clean, nothing stored).
+/// Protects: a damaged or cut stream is refused with a clear error and leaves no replica and no
+/// snapshot, fsck clean; a damaged one leaves no chunk either, a cut one keeps what arrived for
+/// the same stream sent again (which then stores none of it twice), and a forged chunk is
+/// refused.
 #[test]
 fn damaged_and_cut_streams_leave_nothing() {
     let a = engine();
@@ -233,7 +237,9 @@ fn damaged_and_cut_streams_leave_nothing() {
             "{what}: a replica was left"
         );
         assert!(b.snapshot_list(None).unwrap().is_empty());
-        assert_eq!(b.stats().unwrap().chunk_count, 0, "{what}: chunks held");
+        if what == "flipped" {
+            assert_eq!(b.stats().unwrap().chunk_count, 0, "{what}: chunks held");
+        }
         assert_clean(&b);
     }
     // A well-framed stream whose chunk does not match its id (a buggy or hostile sender).
@@ -257,12 +263,29 @@ fn damaged_and_cut_streams_leave_nothing() {
         w.chunks(&[crate::store::Encoded::uncompressed(id, &good)])
             .unwrap();
     }
+    let held = b.stats().unwrap().chunk_count;
     let e = receive(&b, &forged, None).unwrap_err();
     assert!(e.to_string().contains("does not match its id"), "{e}");
-    assert_eq!(b.stats().unwrap().chunk_count, 0);
-    // The real stream still goes in afterwards.
-    receive(&b, &s, None).unwrap();
+    assert_eq!(
+        b.stats().unwrap().chunk_count,
+        held,
+        "a forged chunk was stored"
+    );
+    // The real stream still goes in afterwards, finding what the cut ones left.
+    let r = receive(&b, &s, None).unwrap();
+    assert!(r.chunks_already_held > 0, "{r:?}");
     same_tree(&a, "vms/desk01", &b, "vms/desk01");
+    assert_eq!(
+        b.stats().unwrap().chunk_count,
+        a.stats().unwrap().chunk_count,
+        "the staging's hold is gone"
+    );
+    assert!(b.resolve(b".snapshots/.receiving").map_or(true, |d| b
+        .readdir(d, 0, 10)
+        .unwrap()
+        .len()
+        == 2));
+    assert_clean(&b);
 }
 
 /// Protects: failover and failback: promote makes the replica writable; an incremental

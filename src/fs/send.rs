@@ -18,6 +18,7 @@ use super::stream::{self, Entry, Header, Kind as FrameKind, Writer};
 use super::tree::{self, Root};
 use super::{get_inode, Engine, FsError, FsResult};
 use crate::schema::{DIRCOOKIE, DIRENTS, INODES, NODES, SYMLINKS, XATTRS};
+use crate::store::chunk::ChunkId;
 use crate::store::{ChunkKey, Encoded};
 
 /// What a send wrote.
@@ -31,6 +32,8 @@ pub struct SendReport {
     pub stream_bytes: u64,
     /// Map slots sent (changed slots, for an incremental send).
     pub slots: u64,
+    /// Chunks not sent because the receiver said it held them (network replication).
+    pub chunks_held_by_receiver: u64,
 }
 
 /// The tree under `top`, parents before children: (relative path, inode number, inode).
@@ -69,15 +72,33 @@ fn slots_of(size: u64, c: u64) -> u64 {
     size.div_ceil(c)
 }
 
+/// Asks the receiver which of some chunks it holds already (network replication: the
+/// receiver answers a `Have` frame, and holds those it has for the rest of the session).
+pub type AskHave<'a> = &'a mut dyn FnMut(usize) -> FsResult<Vec<bool>>;
+
+/// Entries prepared for sending, their chunks not yet decided.
+struct Pending {
+    entry: Entry,
+    ino: InodeId,
+    /// (slot, chunk key) to send; `None` is a hole.
+    slots: Vec<(u64, Option<ChunkKey>)>,
+}
+
+/// Entries per batch, and chunk candidates per batch: one `Have` round trip per batch.
+const BATCH_ENTRIES: usize = 1024;
+const BATCH_CHUNKS: usize = 65_536;
+
 impl Engine {
     /// Write snapshot `snap` of `path` to `out` as a stream; with `from`, only what changed
-    /// since the older snapshot `from` of the same path. `progress(entries done, entries)`.
+    /// since the older snapshot `from` of the same path. With `ask`, chunks the receiver says
+    /// it holds are not sent. `progress(entries done, entries)`.
     pub fn send(
         &self,
         path: &str,
         snap: &str,
         from: Option<&str>,
         out: &mut dyn Write,
+        ask: Option<AskHave<'_>>,
         progress: &dyn Fn(u64, u64),
     ) -> FsResult<SendReport> {
         let list = self.snapshot_list(Some(path))?;
@@ -106,12 +127,12 @@ impl Engine {
         // The base snapshot: its files' roots by path, and every chunk it holds (the receiver
         // holds them too).
         let mut base_files: HashMap<Vec<u8>, (Root, u64)> = HashMap::new();
-        let mut have: HashSet<ChunkKey> = HashSet::new();
+        let mut sent: HashSet<ChunkKey> = HashSet::new();
         if let Some(b) = base {
             for (p, _, i) in walk(&rtx, b)? {
                 if i.kind == Kind::File {
                     for (_, k) in tree::collect(&nodes, i.root, 0, slots_of(i.size, c))? {
-                        have.insert(k);
+                        sent.insert(k);
                     }
                     base_files.insert(p, (i.root, i.size));
                 }
@@ -132,8 +153,10 @@ impl Engine {
             },
         )?;
         let mut rep = SendReport::default();
-        let mut batch: Vec<Encoded> = Vec::new();
-        let mut batch_bytes = 0usize;
+        let mut ask = ask;
+        let mut batch: Vec<Pending> = Vec::new();
+        let mut candidates = 0usize;
+        let n_entries = entries.len();
         for (n, (path, ino, i)) in entries.into_iter().enumerate() {
             let mut slots: Vec<(u64, Option<ChunkKey>)> = Vec::new();
             let mut on_base = false;
@@ -156,39 +179,7 @@ impl Engine {
                     }
                 }
             }
-            // The chunks these slots need first, as stored, each once.
-            let mut ids = Vec::with_capacity(slots.len());
-            for (s, k) in &slots {
-                let Some(k) = k else {
-                    ids.push((*s, None));
-                    continue;
-                };
-                let e = self
-                    .store
-                    .entry(&rtx, *k)?
-                    .ok_or_else(|| FsError::BadMeta(format!("chunk key {k} not indexed")))?;
-                ids.push((*s, Some(e.id)));
-                if have.insert(*k) {
-                    let enc = self
-                        .store
-                        .read_stored(&rtx, *k)
-                        .map_err(|err| FsError::from(err).at(ino.0, s * c))?;
-                    rep.chunks += 1;
-                    rep.chunk_bytes += enc.payload.len() as u64;
-                    batch_bytes += 41 + enc.payload.len();
-                    batch.push(enc);
-                    if batch_bytes >= stream::FRAME_TARGET {
-                        w.chunks(&batch)?;
-                        batch.clear();
-                        batch_bytes = 0;
-                    }
-                }
-            }
-            if !batch.is_empty() {
-                w.chunks(&batch)?;
-                batch.clear();
-                batch_bytes = 0;
-            }
+            candidates += slots.len();
             let symlink = match i.kind {
                 Kind::Symlink => symlinks.get(ino.0)?.map(|v| v.value().to_vec()),
                 _ => None,
@@ -197,9 +188,8 @@ impl Engine {
                 .range((ino.0, [].as_slice())..(ino.0 + 1, [].as_slice()))?
                 .map(|r| r.map(|(k, v)| (k.value().1.to_vec(), v.value().to_vec())))
                 .collect::<Result<Vec<_>, _>>()?;
-            w.json(
-                FrameKind::Entry,
-                &Entry {
+            batch.push(Pending {
+                entry: Entry {
                     path,
                     kind: i.kind as u8,
                     perm: i.perm,
@@ -213,13 +203,21 @@ impl Engine {
                     xattrs: xs,
                     on_base,
                 },
-            )?;
-            for part in ids.chunks(stream::MAP_SLOTS_PER_FRAME) {
-                w.map(part)?;
+                ino,
+                slots,
+            });
+            if batch.len() >= BATCH_ENTRIES || candidates >= BATCH_CHUNKS || n + 1 == n_entries {
+                self.send_batch(
+                    &rtx,
+                    &mut w,
+                    std::mem::take(&mut batch),
+                    &mut sent,
+                    ask.as_deref_mut(),
+                    &mut rep,
+                )?;
+                candidates = 0;
+                progress(n as u64 + 1, total);
             }
-            rep.slots += ids.len() as u64;
-            rep.entries += 1;
-            progress(n as u64 + 1, total);
         }
         w.json(
             FrameKind::End,
@@ -232,6 +230,92 @@ impl Engine {
         w.flush()?;
         rep.stream_bytes = w.bytes;
         Ok(rep)
+    }
+
+    /// Send a batch of entries: the chunks they need first (not sent before, not in the base,
+    /// not held by the receiver when it can be asked), then each entry and its maps.
+    fn send_batch(
+        &self,
+        rtx: &redb::ReadTransaction,
+        w: &mut Writer<&mut dyn Write>,
+        batch: Vec<Pending>,
+        sent: &mut HashSet<ChunkKey>,
+        ask: Option<&mut (dyn FnMut(usize) -> FsResult<Vec<bool>> + '_)>,
+        rep: &mut SendReport,
+    ) -> FsResult<()> {
+        let c = self.chunk_size;
+        // Chunk ids of every slot, and the chunks not known to be on the other side yet.
+        let mut ids: HashMap<ChunkKey, ChunkId> = HashMap::new();
+        let mut todo: Vec<(ChunkKey, InodeId, u64)> = Vec::new();
+        for p in &batch {
+            for (s, k) in &p.slots {
+                let Some(k) = k else { continue };
+                if let std::collections::hash_map::Entry::Vacant(v) = ids.entry(*k) {
+                    let e = self
+                        .store
+                        .entry(rtx, *k)?
+                        .ok_or_else(|| FsError::BadMeta(format!("chunk key {k} not indexed")))?;
+                    v.insert(e.id);
+                }
+                if sent.insert(*k) {
+                    todo.push((*k, p.ino, *s));
+                }
+            }
+        }
+        if let Some(ask) = ask {
+            if !todo.is_empty() {
+                let q: Vec<ChunkId> = todo.iter().map(|t| ids[&t.0]).collect();
+                w.have(&q)?;
+                w.flush()?;
+                let held = ask(q.len())?;
+                if held.len() != q.len() {
+                    return Err(FsError::Stream(
+                        "the receiver answered for other chunks".into(),
+                    ));
+                }
+                rep.chunks_held_by_receiver += held.iter().filter(|h| **h).count() as u64;
+                todo = todo
+                    .into_iter()
+                    .zip(held)
+                    .filter(|(_, h)| !h)
+                    .map(|(t, _)| t)
+                    .collect();
+            }
+        }
+        let mut frame: Vec<Encoded> = Vec::new();
+        let mut frame_bytes = 0usize;
+        for (k, ino, s) in todo {
+            let enc = self
+                .store
+                .read_stored(rtx, k)
+                .map_err(|err| FsError::from(err).at(ino.0, s * c))?;
+            rep.chunks += 1;
+            rep.chunk_bytes += enc.payload.len() as u64;
+            frame_bytes += 41 + enc.payload.len();
+            frame.push(enc);
+            if frame_bytes >= stream::FRAME_TARGET {
+                w.chunks(&frame)?;
+                frame.clear();
+                frame_bytes = 0;
+            }
+        }
+        if !frame.is_empty() {
+            w.chunks(&frame)?;
+        }
+        for p in batch {
+            w.json(FrameKind::Entry, &p.entry)?;
+            let slots: Vec<(u64, Option<ChunkId>)> = p
+                .slots
+                .iter()
+                .map(|(s, k)| (*s, k.map(|k| ids[&k])))
+                .collect();
+            for part in slots.chunks(stream::MAP_SLOTS_PER_FRAME) {
+                w.map(part)?;
+            }
+            rep.slots += slots.len() as u64;
+            rep.entries += 1;
+        }
+        Ok(())
     }
 }
 

@@ -37,6 +37,8 @@ pub enum Kind {
     Entry = 3,
     Map = 4,
     End = 5,
+    /// Network replication: which of these chunk ids (32 bytes each) does the receiver hold?
+    Have = 6,
 }
 
 impl Kind {
@@ -47,6 +49,7 @@ impl Kind {
             3 => Kind::Entry,
             4 => Kind::Map,
             5 => Kind::End,
+            6 => Kind::Have,
             _ => return None,
         })
     }
@@ -108,6 +111,7 @@ pub enum Frame {
     /// (slot, chunk or hole)
     Map(Vec<(u64, Option<ChunkId>)>),
     End(End),
+    Have(Vec<ChunkId>),
 }
 
 /// Writes frames.
@@ -174,6 +178,15 @@ impl<W: Write> Writer<W> {
             }
         }
         self.frame(Kind::Map, &b)
+    }
+
+    /// A `Have` frame: the chunk ids, 32 bytes each.
+    pub fn have(&mut self, ids: &[ChunkId]) -> io::Result<()> {
+        let mut b = Vec::with_capacity(ids.len() * 32);
+        for id in ids {
+            b.extend_from_slice(&id.0);
+        }
+        self.frame(Kind::Have, &b)
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
@@ -259,6 +272,17 @@ impl<R: Read> Reader<R> {
             Kind::End => Frame::End(serde_json::from_slice(&payload).map_err(|_| json(&payload))?),
             Kind::Chunks => Frame::Chunks(decode_chunks(&payload)?),
             Kind::Map => Frame::Map(decode_map(&payload)?),
+            Kind::Have => {
+                if !payload.len().is_multiple_of(32) {
+                    return Err(bad("bad chunk list: damaged stream"));
+                }
+                Frame::Have(
+                    payload
+                        .chunks_exact(32)
+                        .map(|c| ChunkId(c.try_into().expect("32 bytes")))
+                        .collect(),
+                )
+            }
         })
     }
 }

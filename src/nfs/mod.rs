@@ -8,7 +8,7 @@
 //! data is buffered and made durable by COMMIT; the write verifier changes at every start of
 //! the server (vendor/nfs3_server/PATCHES.md), so clients resend what a crash lost.
 
-pub mod allow;
+pub use crate::allow;
 pub mod portmap;
 
 use crate::fs::ops::{Direction, FrontEnd};
