@@ -7,7 +7,12 @@
 # stream after 1 % of the disk changed carrying about that 1 %, into the other datastore while it
 # is served (FUSE), applied in place; the replica read-only (EROFS) until `tessera promote`; a
 # stream cut short refused with a one-line error and leaving nothing behind; a second receive of
-# the same stream refused; through a file (send > FILE, receive < FILE); fsck clean on both.
+# the same stream refused; through a file (send > FILE, receive < FILE). Over TCP (`tessera
+# replicate --to`, `--replication` on the receiver): a full run, an incremental run sending about
+# the changed 1 %, three runs each broken by kill -9 of the receiver and two by kill -9 of the
+# sender, each resumed by the next run (chunks received before the kill not sent again) and
+# ending byte-identical; a schedule run by the serving process with its point and lag in
+# `tessera stats`; fsck clean on both.
 set -euo pipefail
 . "$(dirname -- "$0")/lib.sh"
 command -v python3 >/dev/null || fail "python3 is required"
@@ -86,6 +91,75 @@ step "promote: writable"
 tessera promote "$MB/vms/desk01" | grep -q "is writable now" || fail "promote"
 echo "changed on B" >"$MB/vms/desk01/desk01.vmx" || fail "a promoted replica is not writable"
 expect_error "not a replica" tessera promote "$MB/vms/desk01"
+
+step "over TCP: replicate to a receiver (tessera mount --replication)"
+stop_mount "$MB"
+RPORT=127.0.0.1:19479
+start_mount "$B" "$MB" --replication "$RPORT"
+tessera replicate "$MA/vms/desk01" --to "$RPORT" --target /dr/desk01 --json >"$W/r1.json" || fail "replicate: $(cat "$W/r1.json")"
+[ "$(sha "$MB/dr/desk01/disk.raw")" = "$(sha "$MA/vms/desk01/disk.raw")" ] || fail "TCP replica differs"
+held=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sent"]["chunks_held_by_receiver"])' "$W/r1.json")
+[ "$held" -ge 4000 ] || fail "the receiver held $held chunks already (it has the same disk elsewhere): they crossed anyway"
+log "ok: full run, $held chunks the target already held were not sent"
+dd if=/dev/urandom of="$MA/vms/desk01/disk.raw" bs=64K seek=300 count=10 conv=notrunc status=none
+tessera replicate "$MA/vms/desk01" --to "$RPORT" --target /dr/desk01 --json >"$W/r2.json"
+sent=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sent"]["chunk_bytes"])' "$W/r2.json")
+[ "$sent" -le $((700 * 1024)) ] || fail "incremental TCP run sent $sent bytes of chunks for 640 KiB changed"
+[ "$(sha "$MB/dr/desk01/disk.raw")" = "$(sha "$MA/vms/desk01/disk.raw")" ] || fail "TCP replica differs after the incremental"
+log "ok: incremental run sent $sent bytes of chunks"
+
+step "kill -9 of either side mid-run; the next run resumes"
+head -c $((48 * MiB)) /dev/urandom >"$MA/vms/desk01/big.raw"
+for round in 1 2 3 4 5; do
+    if [ "$round" -le 3 ]; then side=receiver; else side=sender; fi
+    dd if=/dev/urandom of="$MA/vms/desk01/big.raw" bs=1M seek=$((round * 4)) count=24 conv=notrunc status=none
+    # 24 MiB new at 4 MiB/s: the run takes 6 s, killed after 3.
+    tmo "$TESSERA" replicate "$MA/vms/desk01" --to "$RPORT" --target /dr/desk01 --max-rate 4 >/dev/null 2>&1 &
+    RUN=$!
+    sleep 3
+    if [ "$side" = receiver ]; then
+        pid=${MOUNT_PID[$(abs "$MB")]}
+        kill -KILL "$pid"
+        wait_pid_exit "$pid" 10 || fail "receiver survived kill -9"
+        reap "$pid"; unset "MOUNT_PID[$(abs "$MB")]"
+        lazy_unmount "$MB" || true
+        wait "$RUN" && fail "round $round: the run succeeded although the receiver was killed"
+        start_mount "$B" "$MB" --replication "$RPORT"
+    else
+        kill9_serve
+        wait "$RUN" && fail "round $round: the run succeeded although the sender was killed"
+        start_serve "$A" --mount "$MA" --gc-interval 0
+    fi
+    tessera replicate "$MA/vms/desk01" --to "$RPORT" --target /dr/desk01 --json >"$W/resume.json" || fail "round $round: resume failed"
+    python3 - "$W/resume.json" "$round" <<'PY' || fail "round $round: $(cat "$W/resume.json")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["resumed"], "the snapshot of the cut run was not sent again"
+# Chunks that arrived before the kill (made durable about every second) are not sent again.
+assert r["sent"]["chunks_held_by_receiver"] > 0, "every chunk crossed again"
+PY
+    [ "$(sha "$MB/dr/desk01/big.raw")" = "$(sha "$MA/vms/desk01/big.raw")" ] || fail "round $round: replica differs"
+    log "ok: round $round ($side killed): resumed, $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["sent"]["chunks"], "chunks sent,", r["sent"]["chunks_held_by_receiver"], "held")' "$W/resume.json")"
+done
+
+step "a replication schedule in the serving process"
+tessera clone "$MA/vms/desk01" "$MA/vms/desk02" >/dev/null
+echo "desk02 config" >"$MA/vms/desk02/desk01.vmx"
+tessera replicate "$MA/vms/desk02" --to "$RPORT" --every 1m >/dev/null
+# Never replicated: due at the scheduler's next check (every 30 s).
+deadline=$((SECONDS + 50))
+until tessera stats "$A" --json | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+r = [x for x in s["replication"] if x["path"] == "/vms/desk02" and x["every"] == 60]
+sys.exit(0 if r and r[0]["last_point"] > 0 and not r[0]["last_error"] else 1)'; do
+    [ $SECONDS -lt "$deadline" ] || fail "the schedule did not replicate within 50 s: $(tessera stats "$A" | grep -A1 replication)"
+    sleep 2
+done
+[ "$(cat "$MB/vms/desk02/desk01.vmx")" = "desk02 config" ] || fail "the scheduled run did not carry desk02"
+tessera stats "$A" | grep -q "^replication .*/vms/desk02 -> $RPORT, every 60 s: point of .* (lag" || fail "stats: $(tessera stats "$A" | grep replication)"
+log "ok: $(tessera stats "$A" | grep '^replication .*desk02')"
+tessera replicate "$MA/vms/desk02" --off >/dev/null
 
 stop_mount "$MB"
 stop_serve

@@ -105,6 +105,22 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Replicate `path` to the receiver at `to` now (`crate::replicate`).
+    Replicate {
+        path: String,
+        to: String,
+        target: Option<String>,
+        #[serde(default)]
+        max_rate_mib: u64,
+    },
+    /// Set the replication schedule of `path` (`every` seconds), or remove it (`every: None`).
+    ReplicateSchedule {
+        path: String,
+        to: String,
+        every: Option<u64>,
+        #[serde(default)]
+        max_rate_mib: u64,
+    },
     /// Make a replica writable (failover).
     Promote {
         path: String,
@@ -184,6 +200,42 @@ fn handle(engine: &Engine, req: Request, progress: &dyn Fn(u64, u64)) -> Respons
             Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),
             Err(e) => err(format!("gc failed: {e}")),
         },
+        Request::Replicate {
+            path,
+            to,
+            target,
+            max_rate_mib,
+        } => {
+            let o = crate::replicate::Options {
+                target,
+                max_rate: (max_rate_mib > 0).then_some(max_rate_mib << 20),
+            };
+            match crate::replicate::run(engine, &path, &to, &o, progress) {
+                Ok(r) => ok(serde_json::to_value(r).unwrap_or_default()),
+                Err(e) => err(format!("replication of {path} to {to} failed: {e}")),
+            }
+        }
+        Request::ReplicateSchedule {
+            path,
+            to,
+            every,
+            max_rate_mib,
+        } => {
+            let r = match every {
+                Some(every) => engine.resolve(path.as_bytes()).and_then(|_| {
+                    engine.update_replication(&path, |s| {
+                        s.to = to.clone();
+                        s.every = every;
+                        s.max_rate = max_rate_mib << 20;
+                    })
+                }),
+                None => engine.forget_replication(&path),
+            };
+            match r {
+                Ok(()) => ok(serde_json::Value::Null),
+                Err(e) => err(format!("{path}: {e}")),
+            }
+        }
         Request::Promote { path } => match engine.promote(&path) {
             Ok(n) => ok(serde_json::json!({ "inodes": n })),
             Err(e) => err(format!("{path}: {e}")),

@@ -427,6 +427,69 @@ pub fn replicate(
     })
 }
 
+/// [`replicate`], with its outcome recorded for `tessera stats` and the schedule.
+pub fn run(
+    engine: &Engine,
+    path: &str,
+    to: &str,
+    o: &Options,
+    progress: &dyn Fn(u64, u64),
+) -> FsResult<ReplicateReport> {
+    let r = replicate(engine, path, to, o, progress);
+    let outcome = match &r {
+        Ok(rep) => Ok((
+            rep.received.snapshot.as_ref().map_or(0, |s| s.created),
+            rep.sent.stream_bytes,
+        )),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = engine.record_replication(path, to, outcome) {
+        tracing::warn!("cannot record the replication of {path}: {e}");
+    }
+    r
+}
+
+/// Run the replication schedules (`tessera replicate --every`) every `interval` while
+/// serving: a path is replicated once its newest replicated point is `every` old, and retried
+/// a minute after a failure. Holds no strong reference while waiting.
+pub fn spawn_scheduler(engine: &Arc<Engine>, interval: Duration) -> std::thread::JoinHandle<()> {
+    let weak = Arc::downgrade(engine);
+    std::thread::Builder::new()
+        .name("tessera-repl-sched".into())
+        .spawn(move || loop {
+            let start = Instant::now();
+            while start.elapsed() < interval {
+                std::thread::sleep(Duration::from_millis(500));
+                if weak.strong_count() == 0 {
+                    return;
+                }
+            }
+            let Some(e) = weak.upgrade() else { return };
+            let Ok(all) = e.replication_state() else { continue };
+            let now = crate::fs::inode::Time::now().secs.max(0) as u64;
+            for s in all.into_iter().filter(|s| s.every > 0) {
+                let due = s.last_point == 0 || now >= s.last_point + s.every;
+                let backoff = s.last_error_at > 0 && now < s.last_error_at + 60;
+                if !due || backoff {
+                    continue;
+                }
+                let o = Options {
+                    target: None,
+                    max_rate: (s.max_rate > 0).then_some(s.max_rate),
+                };
+                match run(&e, &s.path, &s.to, &o, &|_, _| {}) {
+                    Ok(r) => tracing::info!(
+                        path = %s.path, to = %s.to, snapshot = %r.snapshot,
+                        "replicated: {} chunks, {} bytes sent, {} chunks the receiver held",
+                        r.sent.chunks, r.sent.stream_bytes, r.sent.chunks_held_by_receiver
+                    ),
+                    Err(err) => tracing::warn!(path = %s.path, to = %s.to, "replication failed (retried in a minute): {err}"),
+                }
+            }
+        })
+        .expect("spawn replication scheduler")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

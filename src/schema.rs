@@ -16,6 +16,7 @@
 //! | `counters`  | name `&str` | `u64` store-wide totals (see the `C_*` constants) |
 //! | `orphans`   | inode `u64` | `()`: unlinked inodes still open; purged at next open |
 //! | `snapshots` | (path bytes, name bytes) | (snapshot's top inode `u64`, created unix seconds `u64`, `SNAP_*` flags `u64`) |
+//! | `repl_state` | path bytes | JSON `crate::fs::repl_state::ReplState`: receiver, schedule, last run |
 //! | `snap_schedules` | path bytes | (interval seconds, keep last, keep hourly, keep daily: `u64` each) |
 //!
 //! Every integer inside a byte value is little-endian. The format version is `super.format`.
@@ -58,6 +59,9 @@ pub type SnapValue = (u64, u64, u64);
 /// Snapshot schedules by path, run by the serving process.
 pub const SNAP_SCHEDULES: TableDefinition<&[u8], (u64, u64, u64, u64)> =
     TableDefinition::new("snap_schedules");
+/// Replication per path (`crate::fs::repl_state`), JSON values. Absent until the first
+/// replication; older builds ignore it.
+pub const REPL_STATE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("repl_state");
 /// `snapshots` flag: taken by a schedule (pruned by the schedule's retention rules).
 pub const SNAP_SCHEDULED: u64 = 1;
 /// `snapshots` flag: received from another datastore (`tessera receive`).

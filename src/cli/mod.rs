@@ -48,6 +48,7 @@ pub enum Cmd {
     Send(stream::SendArgs),
     Receive(stream::ReceiveArgs),
     Promote(stream::PromoteArgs),
+    Replicate(stream::ReplicateArgs),
     Completions(completions::Args),
 }
 
@@ -67,6 +68,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Send(a) => stream::send(a),
         Cmd::Receive(a) => stream::receive(a),
         Cmd::Promote(a) => stream::promote(a),
+        Cmd::Replicate(a) => stream::replicate(a),
         Cmd::Completions(a) => completions::run(a),
     }
 }

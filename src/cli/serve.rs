@@ -98,6 +98,10 @@ impl Default for NfsLimits {
 /// Options of a serving process, shared by `serve` and `mount`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DaemonArgs {
+    /// Receive replicas from other datastores' `tessera replicate` on this address (default
+    /// 127.0.0.1:9479: loopback only). `--allow` of `serve` applies to it too.
+    #[arg(long, value_name = "ADDR:PORT", num_args = 0..=1, default_missing_value = "127.0.0.1:9479")]
+    pub replication: Option<SocketAddr>,
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
@@ -212,9 +216,15 @@ pub fn run(a: Args) -> Result<()> {
         let rate = (d.gc_rate > 0).then_some(d.gc_rate << 20);
         engine.spawn_reclaimer(Duration::from_secs(d.gc_interval), rate);
     }
-    // Scheduled snapshots (`tessera snapshot schedule`): checked twice a minute, the finest
-    // interval a schedule takes being one minute.
+    // Scheduled snapshots (`tessera snapshot schedule`) and replication (`tessera replicate
+    // --every`): checked twice a minute, the finest interval a schedule takes being one minute.
     let _snapshots = engine.spawn_snapshot_scheduler(Duration::from_secs(30));
+    let _replication = tessera::replicate::spawn_scheduler(&engine, Duration::from_secs(30));
+    if let Some(addr) = a.daemon.replication {
+        let at = tessera::replicate::serve(engine.clone(), addr, AllowList(a.allow.clone()))
+            .with_context(|| format!("cannot receive replicas on {addr} (in use? choose another with --replication ADDR:PORT)"))?;
+        tracing::info!("receiving replicas on {at}");
+    }
     let sock =
         control::serve(engine.clone(), &dir).context("cannot listen on the control socket")?;
     let _metrics = match a.daemon.metrics {

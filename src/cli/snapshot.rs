@@ -100,7 +100,7 @@ impl From<KeepArgs> for Keep {
 }
 
 /// `90s`, `30m`, `1h`, `1d` (or plain seconds) as seconds.
-fn parse_interval(s: &str) -> Result<u64, String> {
+pub fn parse_interval(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, 's')) => (&s[..i], 1),

@@ -124,6 +124,30 @@ pub fn run(a: Args) -> Result<()> {
         human(s.disk_free_bytes),
         human(s.disk_total_bytes)
     );
+    if s.snapshots > 0 {
+        println!("snapshots         {} (tessera snapshot list)", s.snapshots);
+    }
+    for r in &s.replication {
+        let age = |t: u64| tessera::fs::snapshot::rfc3339(t);
+        let every = if r.every > 0 {
+            format!("every {} s", r.every)
+        } else {
+            "by hand".to_string()
+        };
+        let last = if r.last_point > 0 {
+            format!("point of {} (lag {} s)", age(r.last_point), r.lag)
+        } else {
+            "nothing replicated yet".to_string()
+        };
+        println!("replication       {} -> {}, {every}: {last}", r.path, r.to);
+        if !r.last_error.is_empty() {
+            println!(
+                "  last run failed at {}: {}",
+                age(r.last_error_at),
+                r.last_error
+            );
+        }
+    }
     let busy: Vec<_> = s.stages.iter().filter(|t| t.calls > 0).collect();
     if !busy.is_empty() {
         // CPU-seconds per stage since the serving process opened the datastore.

@@ -222,3 +222,111 @@ pub fn promote(a: PromoteArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// Replicate a file or VM folder to another datastore's `tessera serve --replication` over TCP:
+/// a new point in time, sent from the newest one both sides hold, only data new to the target
+/// crossing. With --every, the serving process does it on that schedule (the RPO).
+#[derive(clap::Args, Debug)]
+pub struct ReplicateArgs {
+    /// A file or folder on a Tessera mount or in a datastore folder.
+    pub path: PathBuf,
+    /// The receiver: HOST:PORT of `tessera serve --replication` on the target.
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "off")]
+    pub to: Option<String>,
+    /// Where the receiver puts it (default: the same path).
+    #[arg(long, value_name = "PATH")]
+    pub target: Option<String>,
+    /// MiB per second at most (0: unlimited).
+    #[arg(long, value_name = "MIB_PER_S", default_value_t = 0)]
+    pub max_rate: u64,
+    /// Replicate on this schedule in the serving process instead of now: 15m, 1h, 1d.
+    #[arg(long, value_parser = super::snapshot::parse_interval)]
+    pub every: Option<u64>,
+    /// Remove the schedule of PATH.
+    #[arg(long, conflicts_with_all = ["every", "to"])]
+    pub off: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn replicate(a: ReplicateArgs) -> Result<()> {
+    let l = super::locate(&a.path)?;
+    if a.off || a.every.is_some() {
+        let d = match super::access(&l.datastore)? {
+            super::Access::Served(d) => d,
+            super::Access::Own(..) => bail!(
+                "nothing serves {}: schedules run in the serving process; start `tessera serve {} --nfs` (or --mount) first",
+                l.datastore.display(),
+                l.datastore.display()
+            ),
+        };
+        super::ask(
+            &d,
+            &Request::ReplicateSchedule {
+                path: l.inner.clone(),
+                to: a.to.clone().unwrap_or_default(),
+                every: a.every,
+                max_rate_mib: a.max_rate,
+            },
+        )
+        .map_err(|e| match e.to_string() {
+            s if a.off && s.ends_with("no such file or directory") => {
+                anyhow!("{} has no replication schedule", a.path.display())
+            }
+            _ => e,
+        })?;
+        match a.every {
+            Some(s) => println!(
+                "{} is replicated to {} every {s} s by the serving process; see tessera stats",
+                a.path.display(),
+                a.to.as_deref().unwrap_or("?")
+            ),
+            None => println!("replication schedule of {} removed", a.path.display()),
+        }
+        return Ok(());
+    }
+    let to = a.to.clone().expect("required by clap");
+    let t0 = Instant::now();
+    let rep: tessera::replicate::ReplicateReport = match super::access(&l.datastore)? {
+        super::Access::Served(d) => serde_json::from_value(super::ask_with_progress(
+            &d,
+            &Request::Replicate {
+                path: l.inner.clone(),
+                to: to.clone(),
+                target: a.target.clone(),
+                max_rate_mib: a.max_rate,
+            },
+            "replicating",
+        )?)?,
+        super::Access::Own(_lock, engine) => {
+            let pb = super::progress_bar(0, "replicating");
+            let o = tessera::replicate::Options {
+                target: a.target.clone(),
+                max_rate: (a.max_rate > 0).then_some(a.max_rate << 20),
+            };
+            let r = tessera::replicate::run(&engine, &l.inner, &to, &o, &|d, t| {
+                pb.set_length(t);
+                pb.set_position(d);
+            });
+            pb.finish_and_clear();
+            r.map_err(|e| anyhow!("replication of {} to {to} failed: {e}", a.path.display()))?
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "replicated {} to {to} as {}{}{}: {} chunks sent ({:.1} MiB as stored), {} the target held, {:.1} MiB on the wire in {:.1} s",
+            a.path.display(),
+            rep.snapshot,
+            rep.base.as_ref().map(|b| format!(" (since {b})")).unwrap_or_else(|| " (full)".into()),
+            if rep.resumed { ", resumed" } else { "" },
+            rep.sent.chunks,
+            mib(rep.sent.chunk_bytes),
+            rep.sent.chunks_held_by_receiver,
+            mib(rep.sent.stream_bytes),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

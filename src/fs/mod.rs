@@ -60,6 +60,7 @@ pub mod pace;
 pub mod read;
 pub mod receive;
 pub mod repair;
+pub mod repl_state;
 #[cfg(test)]
 mod replication_tests;
 pub mod scrub;

@@ -222,7 +222,8 @@ impl Engine {
         progress: &dyn Fn(u64, u64),
     ) -> FsResult<()> {
         let c = self.chunk_size;
-        let mut last_durable = std::time::Instant::now();
+        // The first record is made durable at once, then about every second.
+        let mut last_durable = std::time::Instant::now() - std::time::Duration::from_secs(2);
         loop {
             // What was held is made durable about every second, so a receive cut by a crash
             // of this side resumes from there too.

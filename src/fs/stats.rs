@@ -80,6 +80,11 @@ pub struct Stats {
     /// process's figures when asked of one).
     #[serde(default)]
     pub stages: Vec<super::timing::StageTime>,
+    /// Snapshots kept, and replication per path: receiver, schedule, last point and lag.
+    #[serde(default)]
+    pub snapshots: u64,
+    #[serde(default)]
+    pub replication: Vec<super::repl_state::ReplState>,
 }
 
 /// One metadata table's share of `meta.redb`.
@@ -213,6 +218,8 @@ impl Engine {
             disk_free_bytes,
             metadata_tables,
             stages: self.timings.snapshot(),
+            snapshots: self.snapshot_list(None)?.len() as u64,
+            replication: self.replication_state()?,
         })
     }
 }
