@@ -9,9 +9,9 @@
 # stream cut short refused with a one-line error and leaving nothing behind; a second receive of
 # the same stream refused; through a file (send > FILE, receive < FILE). Over TCP (`tessera
 # replicate --to`, `--replication` on the receiver): a full run, an incremental run sending about
-# the changed 1 %, three runs each broken by kill -9 of the receiver and two by kill -9 of the
-# sender, each resumed by the next run (chunks received before the kill not sent again) and
-# ending byte-identical; a schedule run by the serving process with its point and lag in
+# the changed 1 %, ROUNDS (20) runs broken at random points by kill -9 of the receiver or of
+# the sender or a cut connection, each resumed by the next run (chunks received before the
+# break not sent again) and ending byte-identical; a schedule run by the serving process with its point and lag in
 # `tessera stats`; fsck clean on both.
 set -euo pipefail
 . "$(dirname -- "$0")/lib.sh"
@@ -25,6 +25,7 @@ MB=$TEST_TMP/mb
 W=$TEST_TMP/work
 mkdir -p "$W"
 MiB=$((1024 * 1024))
+ROUNDS=${ROUNDS:-20}
 
 tessera init "$A" >/dev/null
 tessera init "$B" >/dev/null
@@ -108,16 +109,52 @@ sent=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sent"]["
 [ "$(sha "$MB/dr/desk01/disk.raw")" = "$(sha "$MA/vms/desk01/disk.raw")" ] || fail "TCP replica differs after the incremental"
 log "ok: incremental run sent $sent bytes of chunks"
 
-step "kill -9 of either side mid-run; the next run resumes"
+step "$ROUNDS runs broken at random points (kill -9 of the receiver or the sender, a cut connection); each resumed"
+# A TCP proxy in front of the receiver, to cut connections (killed mid-run).
+PROXY_PORT=127.0.0.1:19478
+start_proxy() {
+    python3 - "$PROXY_PORT" "$RPORT" <<'PY' &
+import socket, sys, threading
+lh, lp = sys.argv[1].split(":"); uh, up = sys.argv[2].split(":")
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind((lh, int(lp))); ls.listen(4)
+def pipe(a, b):
+    try:
+        while (d := a.recv(65536)):
+            b.sendall(d)
+    except OSError:
+        pass
+    for s in (a, b):
+        try: s.shutdown(socket.SHUT_RDWR)
+        except OSError: pass
+while True:
+    c, _ = ls.accept()
+    u = socket.create_connection((uh, int(up)))
+    threading.Thread(target=pipe, args=(c, u), daemon=True).start()
+    threading.Thread(target=pipe, args=(u, c), daemon=True).start()
+PY
+    PROXY=$!
+    BG_PIDS+=("$PROXY")
+    for _ in $(seq 50); do port_open "$PROXY_PORT" && return 0; sleep 0.1; done
+    fail "the test proxy did not start"
+}
+port_open() { (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; }
 head -c $((48 * MiB)) /dev/urandom >"$MA/vms/desk01/big.raw"
-for round in 1 2 3 4 5; do
-    if [ "$round" -le 3 ]; then side=receiver; else side=sender; fi
-    dd if=/dev/urandom of="$MA/vms/desk01/big.raw" bs=1M seek=$((round * 4)) count=24 conv=notrunc status=none
-    # 24 MiB new at 4 MiB/s: the run takes 6 s, killed after 3.
-    tmo "$TESSERA" replicate "$MA/vms/desk01" --to "$RPORT" --target /dr/desk01 --max-rate 4 >/dev/null 2>&1 &
+tessera replicate "$MA/vms/desk01" --to "$RPORT" --target /dr/desk01 >/dev/null
+RANDOM=2026
+for round in $(seq 1 "$ROUNDS"); do
+    kinds=(receiver sender connection)
+    kind=${kinds[$((RANDOM % 3))]}
+    at=$((20 + RANDOM % 21))   # kill at 2.0 .. 4.0 s, in tenths
+    dd if=/dev/urandom of="$MA/vms/desk01/big.raw" bs=1M seek=$((RANDOM % 24)) count=24 conv=notrunc status=none
+    to=$RPORT
+    [ "$kind" = connection ] && { start_proxy; to=$PROXY_PORT; }
+    # 24 MiB new at 4 MiB/s: the run takes about 6 s and is broken in the middle.
+    tmo "$TESSERA" replicate "$MA/vms/desk01" --to "$to" --target /dr/desk01 --max-rate 4 >/dev/null 2>&1 &
     RUN=$!
-    sleep 3
-    if [ "$side" = receiver ]; then
+    sleep "$((at / 10)).$((at % 10))"
+    case $kind in
+    receiver)
         pid=${MOUNT_PID[$(abs "$MB")]}
         kill -KILL "$pid"
         wait_pid_exit "$pid" 10 || fail "receiver survived kill -9"
@@ -125,21 +162,28 @@ for round in 1 2 3 4 5; do
         lazy_unmount "$MB" || true
         wait "$RUN" && fail "round $round: the run succeeded although the receiver was killed"
         start_mount "$B" "$MB" --replication "$RPORT"
-    else
+        ;;
+    sender)
         kill9_serve
         wait "$RUN" && fail "round $round: the run succeeded although the sender was killed"
         start_serve "$A" --mount "$MA" --gc-interval 0
-    fi
+        ;;
+    connection)
+        kill -KILL "$PROXY"
+        wait "$PROXY" 2>/dev/null || true
+        wait "$RUN" && fail "round $round: the run succeeded although its connection was cut"
+        ;;
+    esac
     tessera replicate "$MA/vms/desk01" --to "$RPORT" --target /dr/desk01 --json >"$W/resume.json" || fail "round $round: resume failed"
-    python3 - "$W/resume.json" "$round" <<'PY' || fail "round $round: $(cat "$W/resume.json")"
+    python3 - "$W/resume.json" <<'PY' || fail "round $round ($kind at ${at}00 ms): $(cat "$W/resume.json")"
 import json, sys
 r = json.load(open(sys.argv[1]))
-assert r["resumed"], "the snapshot of the cut run was not sent again"
-# Chunks that arrived before the kill (made durable about every second) are not sent again.
+assert r["resumed"], "the point of the broken run was not sent again"
+# Chunks that arrived before the break (made durable about every second) are not sent again.
 assert r["sent"]["chunks_held_by_receiver"] > 0, "every chunk crossed again"
 PY
     [ "$(sha "$MB/dr/desk01/big.raw")" = "$(sha "$MA/vms/desk01/big.raw")" ] || fail "round $round: replica differs"
-    log "ok: round $round ($side killed): resumed, $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["sent"]["chunks"], "chunks sent,", r["sent"]["chunks_held_by_receiver"], "held")' "$W/resume.json")"
+    log "ok: round $round ($kind at ${at}00 ms): resumed, $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["sent"]["chunks"], "chunks sent,", r["sent"]["chunks_held_by_receiver"], "held")' "$W/resume.json")"
 done
 
 step "a replication schedule in the serving process"

@@ -570,6 +570,12 @@ mod tests {
         let r1 = replicate(&a, "/pool", &to, &Options::default(), &|_, _| {}).unwrap();
         assert!(r1.base.is_none());
         assert_eq!(r1.sent.chunks, 256, "each chunk once: {:?}", r1.sent);
+        // Clones go as references to the first file's map: one map, not 51.
+        assert!(
+            r1.sent.stream_bytes <= r1.sent.chunk_bytes + 256 * 41 + 51 * 512 + 16 * 1024,
+            "{:?}",
+            r1.sent
+        );
         // 1 % of the blocks (3 of 256) in 10 desktops.
         let mut new_bytes = 0u64;
         for n in 0..10 {

@@ -318,22 +318,27 @@ impl Engine {
                     }
                     self.txn(false, |w| {
                         w.snapshots_writable = true;
-                        let mut ups = Vec::with_capacity(slots.len());
-                        for (s, id) in &slots {
-                            let key = match id {
-                                Some(id) => Some(match w.chunks.find(id)? {
-                                    Some((_, l)) if !l.is_lost() => w.chunks.reference(id, None)?,
-                                    _ => {
-                                        return Err(FsError::Stream(format!(
-                                            "the stream uses chunk {} without sending it, and this datastore does not hold it: damaged stream, or a base that differs",
-                                            id.short()
-                                        )))
-                                    }
-                                }),
-                                None => None,
-                            };
-                            ups.push((*s, key));
+                        // One index lookup and one update per distinct chunk, not per slot.
+                        let mut uses: HashMap<ChunkId, u64> = HashMap::new();
+                        for id in slots.iter().filter_map(|(_, id)| id.as_ref()) {
+                            *uses.entry(*id).or_insert(0) += 1;
                         }
+                        let mut keys = HashMap::with_capacity(uses.len());
+                        for (id, n) in &uses {
+                            match w.chunks.find(id)? {
+                                Some((k, l)) if !l.is_lost() => {
+                                    w.chunks.incref_by(k, *n)?;
+                                    keys.insert(*id, k);
+                                }
+                                _ => {
+                                    return Err(FsError::Stream(format!(
+                                        "the stream uses chunk {} without sending it, and this datastore does not hold it: damaged stream, or a base that differs",
+                                        id.short()
+                                    )))
+                                }
+                            }
+                        }
+                        let ups: Vec<_> = slots.iter().map(|(s, id)| (*s, id.map(|id| keys[&id]))).collect();
                         let mut i = w.inode(ino)?;
                         let (root, total) = w.tree().set(i.root, &ups)?;
                         i.root = root;
@@ -410,6 +415,12 @@ impl Engine {
         };
         let c = self.chunk_size;
         let n_slots = e.size.div_ceil(c);
+        let twin = match &e.same_as {
+            Some(p) => Some(*st.built.get(p).ok_or_else(|| {
+                FsError::Stream("a file shares the map of a file not received: damaged stream".into())
+            })?),
+            None => None,
+        };
         let ino = self.txn(false, |w| {
             w.snapshots_writable = true;
             let mut i = Inode::new(kind, e.perm, e.uid, e.gid, Generation(0));
@@ -424,7 +435,16 @@ impl Engine {
                 nsecs: e.mtime.1,
             };
             i.flags = FLAG_SNAPSHOT;
-            if let Some(b) = base_file {
+            if let Some(t) = twin {
+                let ti = w.inode(t)?;
+                if ti.kind != Kind::File || kind != Kind::File {
+                    return Err(FsError::Stream("a file shares the map of a non-file: damaged stream".into()));
+                }
+                w.tree().incref_node(ti.root.node)?;
+                let (root, total) = w.tree().truncate(ti.root, n_slots)?;
+                i.root = root;
+                i.aux = total;
+            } else if let Some(b) = base_file {
                 let bi = w.inode(b)?;
                 if bi.kind != Kind::File || kind != Kind::File {
                     return Err(FsError::Stream(
@@ -447,7 +467,7 @@ impl Engine {
             Ok(ino)
         })?;
         st.built.insert(e.path.clone(), ino);
-        st.file = (kind == Kind::File).then_some((ino, n_slots));
+        st.file = (kind == Kind::File && twin.is_none()).then_some((ino, n_slots));
         Ok(())
     }
 

@@ -153,6 +153,9 @@ impl Engine {
             },
         )?;
         let mut rep = SendReport::default();
+        // Files sent in this stream by chunk-map root: a clone of one of them is sent as a
+        // reference to it, not as a map.
+        let mut by_root: HashMap<Root, Vec<u8>> = HashMap::new();
         let mut ask = ask;
         let mut batch: Vec<Pending> = Vec::new();
         let mut candidates = 0usize;
@@ -160,7 +163,13 @@ impl Engine {
         for (n, (path, ino, i)) in entries.into_iter().enumerate() {
             let mut slots: Vec<(u64, Option<ChunkKey>)> = Vec::new();
             let mut on_base = false;
-            if i.kind == Kind::File {
+            let same_as = (i.kind == Kind::File && !i.root.node.is_none())
+                .then(|| by_root.get(&i.root).cloned())
+                .flatten();
+            if i.kind == Kind::File && !i.root.node.is_none() && same_as.is_none() {
+                by_root.insert(i.root, path.clone());
+            }
+            if i.kind == Kind::File && same_as.is_none() {
                 let n_slots = slots_of(i.size, c);
                 match base_files.get(&path) {
                     Some(&(broot, bsize)) => {
@@ -202,6 +211,7 @@ impl Engine {
                     symlink,
                     xattrs: xs,
                     on_base,
+                    same_as,
                 },
                 ino,
                 slots,

@@ -91,6 +91,10 @@ pub struct Entry {
     /// A file whose `Map` frames change the same path of the base snapshot (only the slots that
     /// differ are sent); otherwise its maps hold every present slot.
     pub on_base: bool,
+    /// A file with the same chunk map as this earlier file of the stream (a clone): no maps
+    /// follow, the receiver shares that file's map.
+    #[serde(default)]
+    pub same_as: Option<Vec<u8>>,
 }
 
 /// Totals, to check the stream arrived whole.

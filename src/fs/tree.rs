@@ -31,7 +31,7 @@ pub const FANOUT: usize = 1 << FANOUT_BITS;
 
 /// A file's chunk-map root, kept in its inode: node id (`NodeId::NONE` = empty file) and
 /// height (0 = the root is a leaf).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Root {
     pub node: NodeId,
     pub height: u8,

@@ -195,6 +195,13 @@ impl<'txn> ChunkTables<'txn> {
         self.put(key, &e.id, &e.loc)
     }
 
+    /// Add `n` references to a chunk that is already stored (one update for many slots).
+    pub fn incref_by(&mut self, key: ChunkKey, n: u64) -> Result<(), StoreError> {
+        let mut e = self.entry(key)?.ok_or(StoreError::MissingKey(key))?;
+        e.loc.refs += n;
+        self.put(key, &e.id, &e.loc)
+    }
+
     /// Add a reference to a chunk by id; it must be stored.
     pub fn incref_id(&mut self, id: &ChunkId) -> Result<ChunkKey, StoreError> {
         let (k, _) = self.find(id)?.ok_or(StoreError::Missing(*id))?;
