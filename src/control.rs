@@ -471,9 +471,11 @@ fn serve_one(engine: &Engine, stream: UnixStream, limits: &Limits) -> io::Result
         }
         Ok(Request::Receive { target, force }) => {
             stream.set_read_timeout(Some(STREAM_STALL))?;
-            let mut inp = std::io::Cursor::new(rest)
-                .chain(std::io::BufReader::with_capacity(1 << 20, &stream));
-            match engine.receive(&mut inp, target.as_deref(), force, &progress) {
+            let inp = std::io::Cursor::new(rest).chain(std::io::BufReader::with_capacity(
+                1 << 20,
+                stream.try_clone()?,
+            ));
+            let resp = match engine.receive(Box::new(inp), target.as_deref(), force, &progress) {
                 Ok(rep) => Response {
                     ok: true,
                     result: serde_json::to_value(rep).unwrap_or_default(),
@@ -484,7 +486,11 @@ fn serve_one(engine: &Engine, stream: UnixStream, limits: &Limits) -> io::Result
                     result: serde_json::Value::Null,
                     error: format!("receive failed: {e}"),
                 },
-            }
+            };
+            let r = answer(&stream, &resp);
+            // Ends the stream's reader thread, which may still wait for input.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return r;
         }
         Ok(req) => handle(engine, req, &progress),
         Err(e) => Response {

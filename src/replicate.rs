@@ -220,7 +220,7 @@ fn session(engine: &Engine, s: TcpStream) -> FsResult<()> {
         Ok(())
     };
     let r = engine.receive_with(
-        &mut inp,
+        Box::new(inp),
         Some(&target),
         false,
         Some(&mut answer),
@@ -250,6 +250,8 @@ fn session(engine: &Engine, s: TcpStream) -> FsResult<()> {
         },
     };
     line(&mut out, &done)?;
+    // Ends the stream's reader thread, which may still wait for input.
+    let _ = out.shutdown(std::net::Shutdown::Both);
     Ok(())
 }
 

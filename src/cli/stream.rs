@@ -165,7 +165,7 @@ pub fn receive(a: ReceiveArgs) -> Result<()> {
             Ok(serde_json::from_value(r.result)?)
         })(),
         super::Access::Own(_lock, engine) => engine
-            .receive(&mut stdin.lock(), target.as_deref(), a.force, &|done, _| {
+            .receive(Box::new(stdin), target.as_deref(), a.force, &|done, _| {
                 pb.set_position(done)
             })
             .map_err(|e| anyhow!("receive failed: {e}")),

@@ -29,6 +29,9 @@ use crate::schema::{SNAPSHOTS, SNAP_RECEIVED};
 use crate::store::chunk::ChunkId;
 use crate::store::{ChunkLoc, Encoded};
 
+/// Records read ahead of the one being stored (4 MiB each at most).
+const READ_AHEAD: usize = 3;
+
 /// Name of the staging folder under `/.snapshots`.
 const RECEIVING: &[u8] = b".receiving";
 
@@ -101,7 +104,7 @@ impl Engine {
     /// `progress(entries done, 0)`.
     pub fn receive(
         &self,
-        inp: &mut dyn Read,
+        inp: Box<dyn Read + Send>,
         target: Option<&str>,
         force: bool,
         progress: &dyn Fn(u64, u64),
@@ -113,7 +116,7 @@ impl Engine {
     /// replication: the chunks held are held for the rest of the receive and not sent).
     pub fn receive_with(
         &self,
-        inp: &mut dyn Read,
+        inp: Box<dyn Read + Send>,
         target: Option<&str>,
         force: bool,
         answer: Option<Answer<'_>>,
@@ -191,12 +194,28 @@ impl Engine {
             incremental: base.is_some(),
             ..ReceiveReport::default()
         };
-        let out = self.receive_frames(&mut r, &mut st, base, &mut rep, answer, progress);
+        // Frames are read and checked on their own thread, a few ahead, so the network (or
+        // pipe) is read while the previous record is verified, stored and committed. The
+        // thread ends at the stream's end, at an error, or when the input closes (the caller
+        // closes it once this returns).
+        let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Frame>>(READ_AHEAD);
+        let (btx, brx) = std::sync::mpsc::channel::<u64>();
+        std::thread::Builder::new()
+            .name("tessera-recv-rd".into())
+            .spawn(move || loop {
+                let f = r.next_frame();
+                let last = !matches!(f, Ok(ref x) if !matches!(x, Frame::End(_)));
+                if tx.send(f).is_err() || last {
+                    let _ = btx.send(r.bytes);
+                    return;
+                }
+            })?;
+        let out = self.receive_frames(&rx, &mut st, base, &mut rep, answer, progress);
         let out = out.and_then(|()| self.receive_finish(&p, &h, &st, base.is_some()));
         match out {
             Ok(info) => {
                 rep.snapshot = Some(info);
-                rep.stream_bytes = r.bytes;
+                rep.stream_bytes = brx.recv().unwrap_or(0);
                 Ok(rep)
             }
             // A cut (the connection or the pipe closed early): what arrived stays held, and
@@ -212,9 +231,9 @@ impl Engine {
         }
     }
 
-    fn receive_frames<R: Read>(
+    fn receive_frames(
         &self,
-        r: &mut Reader<R>,
+        r: &std::sync::mpsc::Receiver<std::io::Result<Frame>>,
         st: &mut Staging,
         base: Option<InodeId>,
         rep: &mut ReceiveReport,
@@ -231,7 +250,10 @@ impl Engine {
             if durable {
                 last_durable = std::time::Instant::now();
             }
-            match r.next_frame().map_err(stream_err)? {
+            let f = r.recv().map_err(|_| {
+                FsError::Stream("the stream reader stopped: the stream was cut".into())
+            })?;
+            match f.map_err(stream_err)? {
                 Frame::Have(ids) => {
                     let Some(a) = answer.as_deref_mut() else {
                         return Err(FsError::Stream(
@@ -417,7 +439,9 @@ impl Engine {
         let n_slots = e.size.div_ceil(c);
         let twin = match &e.same_as {
             Some(p) => Some(*st.built.get(p).ok_or_else(|| {
-                FsError::Stream("a file shares the map of a file not received: damaged stream".into())
+                FsError::Stream(
+                    "a file shares the map of a file not received: damaged stream".into(),
+                )
             })?),
             None => None,
         };
@@ -438,7 +462,9 @@ impl Engine {
             if let Some(t) = twin {
                 let ti = w.inode(t)?;
                 if ti.kind != Kind::File || kind != Kind::File {
-                    return Err(FsError::Stream("a file shares the map of a non-file: damaged stream".into()));
+                    return Err(FsError::Stream(
+                        "a file shares the map of a non-file: damaged stream".into(),
+                    ));
                 }
                 w.tree().incref_node(ti.root.node)?;
                 let (root, total) = w.tree().truncate(ti.root, n_slots)?;

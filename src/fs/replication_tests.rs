@@ -72,7 +72,12 @@ fn send(e: &Engine, path: &str, snap: &str, from: Option<&str>) -> (Vec<u8>, sen
 }
 
 fn receive(e: &Engine, s: &[u8], target: Option<&str>) -> FsResult<receive::ReceiveReport> {
-    e.receive(&mut &s[..], target, false, &|_, _| {})
+    e.receive(
+        Box::new(std::io::Cursor::new(s.to_vec())),
+        target,
+        false,
+        &|_, _| {},
+    )
 }
 
 /// A VM folder: a 256-chunk disk, a config with an xattr, a symlink, a subfolder.
@@ -309,10 +314,21 @@ fn promote_and_failback() {
     assert!(r.chunks <= 2, "{r:?}");
     // A's copy is writable: refused without --force.
     assert!(matches!(
-        a.receive(&mut &back[..], None, false, &|_, _| {}),
+        a.receive(
+            Box::new(std::io::Cursor::new(back.clone())),
+            None,
+            false,
+            &|_, _| {}
+        ),
         Err(FsError::Stream(_))
     ));
-    a.receive(&mut &back[..], None, true, &|_, _| {}).unwrap();
+    a.receive(
+        Box::new(std::io::Cursor::new(back.clone())),
+        None,
+        true,
+        &|_, _| {},
+    )
+    .unwrap();
     assert_eq!(
         read(&a, "vms/desk01/disk.raw"),
         read(&b, "vms/desk01/disk.raw")
