@@ -81,6 +81,7 @@ bench: build
 	benches/space.sh
 	benches/corpus.sh
 	benches/bootstorm.sh
+	benches/replication.sh
 	$(MAKE) bench-report
 
 bench-report:

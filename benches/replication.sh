@@ -142,15 +142,15 @@ PA= PB=
 "$TESSERA" fsck "$A" >/dev/null
 "$TESSERA" fsck "$B" >/dev/null
 
-bench_metric full_speed x "full replication of the corpus over loopback: speed / cat of the pack files | nc to a synced file (both cold)" \
+bench_metric full_speed x "full replication of the corpus over loopback: speed / the pack files sent with cat piped to nc into a synced file (both cold)" \
     better=higher headline=1 target=">= 0.7x"
 bench_value full_speed tessera "$(calc "$T_REF / $T_REPL")"
 bench_metric full_s s "full replication of the corpus ($(numfmt --to=iec "$PACK_BYTES") of packs)" better=lower
 bench_value full_s tessera "$T_REPL"
-bench_value full_s "cat | nc" "$T_REF"
+bench_value full_s "cat+nc" "$T_REF"
 bench_metric full_stream MiB "full replication: bytes on the wire" better=lower
 bench_value full_stream tessera "$(calc "$STREAM / 1048576")"
-bench_value full_stream "cat | nc" "$(calc "$PACK_BYTES / 1048576")"
+bench_value full_stream "cat+nc" "$(calc "$PACK_BYTES / 1048576")"
 bench_metric pool_first KiB "$CLONES clones of a golden image the target holds: bytes on the wire" better=lower
 bench_value pool_first tessera "$(calc "$SENT1 / 1024")"
 bench_metric incr_ratio x "1 % of blocks changed in 10 of $CLONES clones: chunk bytes sent / compressed size of the chunks new to the target" \

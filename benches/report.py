@@ -35,6 +35,7 @@ SCRIPTS = {
     "space": ("benches/space.sh", "reclamation and scrub"),
     "corpus": ("benches/corpus.sh", "VDI corpus: space against the dedup floor"),
     "bootstorm": ("benches/bootstorm.sh", "boot storm: clones of one golden image read at once"),
+    "replication": ("benches/replication.sh", "replication between two datastores"),
 }
 
 
