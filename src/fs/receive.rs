@@ -52,6 +52,27 @@ fn staging_key(source: u64, path: &str, snap: &str) -> String {
     h.finalize().to_hex()[..16].to_string()
 }
 
+/// Check a `Chunks` frame as it is read: each chunk the datastore's size, its payload within
+/// the record limit, and its content matching its id (decompressed and hashed on all cores).
+/// Sizes first: nothing is decompressed past a chunk's size.
+fn check_chunks(chunk_size: u64) -> impl Fn(Frame) -> std::io::Result<Frame> {
+    move |f| {
+        if let Frame::Chunks(cs) = &f {
+            let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+            for e in cs {
+                if u64::from(e.raw_len) != chunk_size
+                    || e.payload.len() > crate::store::MAX_RECORD_PAYLOAD as usize
+                {
+                    return Err(bad("a chunk of the wrong size: damaged stream".into()));
+                }
+            }
+            cs.par_iter()
+                .try_for_each(|e| e.verify().map_err(|d| bad(format!("{d}: damaged stream"))))?;
+        }
+        Ok(f)
+    }
+}
+
 /// A stream that ended early (as opposed to one that is damaged).
 fn is_cut(e: &FsError) -> bool {
     match e {
@@ -199,11 +220,13 @@ impl Engine {
         // thread ends at the stream's end, at an error, or when the input closes (the caller
         // closes it once this returns).
         let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Frame>>(READ_AHEAD);
+        let chunk_size = self.chunk_size;
         let (btx, brx) = std::sync::mpsc::channel::<u64>();
         std::thread::Builder::new()
             .name("tessera-recv-rd".into())
             .spawn(move || loop {
-                let f = r.next_frame();
+                // Chunks are checked here, on all cores, while the previous record is stored.
+                let f = r.next_frame().and_then(check_chunks(chunk_size));
                 let last = !matches!(f, Ok(ref x) if !matches!(x, Frame::End(_)));
                 if tx.send(f).is_err() || last {
                     let _ = btx.send(r.bytes);
@@ -268,20 +291,6 @@ impl Engine {
                     return Err(FsError::Stream("a second header: damaged stream".into()))
                 }
                 Frame::Chunks(cs) => {
-                    // Sizes first: nothing is decompressed past a chunk's size.
-                    for e in &cs {
-                        if u64::from(e.raw_len) != c
-                            || e.payload.len() > crate::store::MAX_RECORD_PAYLOAD as usize
-                        {
-                            return Err(FsError::Stream(
-                                "a chunk of the wrong size: damaged stream".into(),
-                            ));
-                        }
-                    }
-                    cs.par_iter().try_for_each(|e| {
-                        e.verify()
-                            .map_err(|d| FsError::Stream(format!("{d}: damaged stream")))
-                    })?;
                     rep.chunks += cs.len() as u64;
                     rep.chunk_bytes += cs.iter().map(|e| e.payload.len() as u64).sum::<u64>();
                     // From the first append to the commit that indexes it (gc waits).
