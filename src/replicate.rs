@@ -455,41 +455,29 @@ pub fn run(
 /// serving: a path is replicated once its newest replicated point is `every` old, and retried
 /// a minute after a failure. Holds no strong reference while waiting.
 pub fn spawn_scheduler(engine: &Arc<Engine>, interval: Duration) -> std::thread::JoinHandle<()> {
-    let weak = Arc::downgrade(engine);
-    std::thread::Builder::new()
-        .name("tessera-repl-sched".into())
-        .spawn(move || loop {
-            let start = Instant::now();
-            while start.elapsed() < interval {
-                std::thread::sleep(Duration::from_millis(500));
-                if weak.strong_count() == 0 {
-                    return;
-                }
+    engine.spawn_periodic("tessera-repl-sched", interval, |e| {
+        let Ok(all) = e.replication_state() else { return };
+        let now = crate::fs::inode::Time::now().secs.max(0) as u64;
+        for s in all.into_iter().filter(|s| s.every > 0) {
+            let due = s.last_point == 0 || now >= s.last_point + s.every;
+            let backoff = s.last_error_at > 0 && now < s.last_error_at + 60;
+            if !due || backoff {
+                continue;
             }
-            let Some(e) = weak.upgrade() else { return };
-            let Ok(all) = e.replication_state() else { continue };
-            let now = crate::fs::inode::Time::now().secs.max(0) as u64;
-            for s in all.into_iter().filter(|s| s.every > 0) {
-                let due = s.last_point == 0 || now >= s.last_point + s.every;
-                let backoff = s.last_error_at > 0 && now < s.last_error_at + 60;
-                if !due || backoff {
-                    continue;
-                }
-                let o = Options {
-                    target: None,
-                    max_rate: (s.max_rate > 0).then_some(s.max_rate),
-                };
-                match run(&e, &s.path, &s.to, &o, &|_, _| {}) {
-                    Ok(r) => tracing::info!(
-                        path = %s.path, to = %s.to, snapshot = %r.snapshot,
-                        "replicated: {} chunks, {} bytes sent, {} chunks the receiver held",
-                        r.sent.chunks, r.sent.stream_bytes, r.sent.chunks_held_by_receiver
-                    ),
-                    Err(err) => tracing::warn!(path = %s.path, to = %s.to, "replication failed (retried in a minute): {err}"),
-                }
+            let o = Options {
+                target: None,
+                max_rate: (s.max_rate > 0).then_some(s.max_rate),
+            };
+            match run(e, &s.path, &s.to, &o, &|_, _| {}) {
+                Ok(r) => tracing::info!(
+                    path = %s.path, to = %s.to, snapshot = %r.snapshot,
+                    "replicated: {} chunks, {} bytes sent, {} chunks the receiver held",
+                    r.sent.chunks, r.sent.stream_bytes, r.sent.chunks_held_by_receiver
+                ),
+                Err(err) => tracing::warn!(path = %s.path, to = %s.to, "replication failed (retried in a minute): {err}"),
             }
-        })
-        .expect("spawn replication scheduler")
+        }
+    })
 }
 
 #[cfg(test)]

@@ -404,38 +404,26 @@ impl Engine {
         interval: std::time::Duration,
         rate: Option<u64>,
     ) -> std::thread::JoinHandle<()> {
-        let weak = std::sync::Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("tessera-gc".into())
-            .spawn(move || loop {
-                let start = std::time::Instant::now();
-                while start.elapsed() < interval {
-                    std::thread::sleep(std::time::Duration::from_millis(500));
-                    if weak.strong_count() == 0 {
-                        return;
-                    }
+        self.spawn_periodic("tessera-gc", interval, move |e| {
+            let min_live = match e.reclaim_threshold() {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(err) => {
+                    tracing::warn!("background gc: cannot read pack accounting: {err}");
+                    return;
                 }
-                let Some(e) = weak.upgrade() else { return };
-                let min_live = match e.reclaim_threshold() {
-                    Ok(Some(m)) => m,
-                    Ok(None) => continue,
-                    Err(err) => {
-                        tracing::warn!("background gc: cannot read pack accounting: {err}");
-                        continue;
-                    }
-                };
-                match e.gc_paced(min_live, rate, &|_, _| {}) {
-                    Ok(r) if r.packs_compacted > 0 => tracing::info!(
-                        "background gc: {} packs compacted, {} MiB moved, {} MiB freed",
-                        r.packs_compacted,
-                        r.bytes_moved >> 20,
-                        r.bytes_freed >> 20
-                    ),
-                    Ok(_) => {}
-                    Err(err) => tracing::warn!("background gc failed (will retry): {err}"),
-                }
-            })
-            .expect("spawn gc thread")
+            };
+            match e.gc_paced(min_live, rate, &|_, _| {}) {
+                Ok(r) if r.packs_compacted > 0 => tracing::info!(
+                    "background gc: {} packs compacted, {} MiB moved, {} MiB freed",
+                    r.packs_compacted,
+                    r.bytes_moved >> 20,
+                    r.bytes_freed >> 20
+                ),
+                Ok(_) => {}
+                Err(err) => tracing::warn!("background gc failed (will retry): {err}"),
+            }
+        })
     }
 }
 

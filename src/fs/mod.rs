@@ -57,6 +57,7 @@ pub mod gc;
 pub mod inode;
 pub mod ops;
 pub mod pace;
+pub mod periodic;
 pub mod read;
 pub mod receive;
 pub mod repair;

@@ -772,31 +772,19 @@ impl Engine {
         self: &std::sync::Arc<Self>,
         interval: std::time::Duration,
     ) -> std::thread::JoinHandle<()> {
-        let weak = std::sync::Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("tessera-snap".into())
-            .spawn(move || loop {
-                let start = std::time::Instant::now();
-                while start.elapsed() < interval {
-                    std::thread::sleep(std::time::Duration::from_millis(500));
-                    if weak.strong_count() == 0 {
-                        return;
+        self.spawn_periodic("tessera-snap", interval, |e| {
+            match e.run_snapshot_schedules(now_secs()) {
+                Ok(r) => {
+                    for c in &r.created {
+                        tracing::info!(path = %c.path, name = %c.name, "scheduled snapshot taken");
+                    }
+                    for p in &r.pruned {
+                        tracing::info!(path = %p.path, name = %p.name, "scheduled snapshot pruned");
                     }
                 }
-                let Some(e) = weak.upgrade() else { return };
-                match e.run_snapshot_schedules(now_secs()) {
-                    Ok(r) => {
-                        for c in &r.created {
-                            tracing::info!(path = %c.path, name = %c.name, "scheduled snapshot taken");
-                        }
-                        for p in &r.pruned {
-                            tracing::info!(path = %p.path, name = %p.name, "scheduled snapshot pruned");
-                        }
-                    }
-                    Err(err) => tracing::warn!("snapshot schedule failed (will retry): {err}"),
-                }
-            })
-            .expect("spawn snapshot thread")
+                Err(err) => tracing::warn!("snapshot schedule failed (will retry): {err}"),
+            }
+        })
     }
 }
 

@@ -11,6 +11,7 @@ use super::data::SetAttr;
 use super::dir::{Ctx, RenameFlags};
 use super::snapshot::{Keep, SNAP_DIR};
 use super::*;
+use crate::fs::testutil::{put_path as put, read_path as read};
 use crate::store::pack::MemPackIo;
 
 const C: usize = 4096;
@@ -39,33 +40,6 @@ fn assert_clean(e: &Engine) {
 
 fn data(seed: u64, chunks: usize) -> Vec<u8> {
     crate::fs::testutil::unique_data(seed, chunks, C)
-}
-
-fn put(e: &Engine, path: &str, bytes: &[u8]) -> InodeId {
-    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
-    let d = e.resolve(dir.as_bytes()).unwrap();
-    let i = match e.lookup(d, name.as_bytes()) {
-        Ok(a) => a.ino,
-        Err(_) => {
-            e.mknod(d, name.as_bytes(), Kind::File, 0o644, 0, Ctx::ROOT)
-                .unwrap()
-                .ino
-        }
-    };
-    e.write(i, 0, bytes).unwrap();
-    i
-}
-
-fn read(e: &Engine, path: &str) -> Vec<u8> {
-    let i = e.resolve(path.as_bytes()).unwrap();
-    let size = e.getattr(i).unwrap().inode.size;
-    let mut out = Vec::new();
-    while (out.len() as u64) < size {
-        let b = e.read(i, out.len() as u64, 1 << 20).unwrap();
-        assert!(!b.is_empty(), "short read of {path}");
-        out.extend_from_slice(&b);
-    }
-    out
 }
 
 fn names(e: &Engine, path: &str) -> Vec<String> {

@@ -33,3 +33,39 @@ pub(crate) fn content(e: &Engine, name: &str) -> Vec<u8> {
     }
     out
 }
+
+/// Write `bytes` at the start of the file at `path` (created 0644 in its existing folder).
+pub(crate) fn put_path(e: &Engine, path: &str, bytes: &[u8]) -> InodeId {
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let d = e.resolve(dir.as_bytes()).unwrap();
+    let i = match e.lookup(d, name.as_bytes()) {
+        Ok(a) => a.ino,
+        Err(_) => {
+            e.mknod(
+                d,
+                name.as_bytes(),
+                super::Kind::File,
+                0o644,
+                0,
+                super::dir::Ctx::ROOT,
+            )
+            .unwrap()
+            .ino
+        }
+    };
+    e.write(i, 0, bytes).unwrap();
+    i
+}
+
+/// The whole content of the file at `path`, read 1 MiB at a time.
+pub(crate) fn read_path(e: &Engine, path: &str) -> Vec<u8> {
+    let i = e.resolve(path.as_bytes()).unwrap();
+    let size = e.getattr(i).unwrap().inode.size;
+    let mut out = Vec::new();
+    while (out.len() as u64) < size {
+        let b = e.read(i, out.len() as u64, 1 << 20).unwrap();
+        assert!(!b.is_empty(), "short read of {path}");
+        out.extend_from_slice(&b);
+    }
+    out
+}
