@@ -318,12 +318,7 @@ impl Engine {
                             let key = w.chunks.reference(id, locs.get(id))?;
                             ups.push((first + k as u64, Some(key)));
                         }
-                        let mut i = w.inode(held_ino)?;
-                        let (root, total) = w.tree().set(i.root, &ups)?;
-                        i.root = root;
-                        i.aux = total;
-                        i.size = (first + ids.len() as u64) * c;
-                        w.put_inode(held_ino, &i)
+                        set_slots(w, held_ino, &ups, Some((first + ids.len() as u64) * c))
                     });
                     if let Err(e) = r {
                         self.settle_failed_appends(&locs);
@@ -370,11 +365,7 @@ impl Engine {
                             }
                         }
                         let ups: Vec<_> = slots.iter().map(|(s, id)| (*s, id.map(|id| keys[&id]))).collect();
-                        let mut i = w.inode(ino)?;
-                        let (root, total) = w.tree().set(i.root, &ups)?;
-                        i.root = root;
-                        i.aux = total;
-                        w.put_inode(ino, &i)
+                        set_slots(w, ino, &ups, None)
                     })?;
                 }
                 Frame::End(end) => {
@@ -633,12 +624,7 @@ impl Engine {
                 have.push(present);
             }
             if !ups.is_empty() {
-                let mut i = w.inode(held_ino)?;
-                let (root, total) = w.tree().set(i.root, &ups)?;
-                i.root = root;
-                i.aux = total;
-                i.size = (first + ups.len() as u64) * c;
-                w.put_inode(held_ino, &i)?;
+                set_slots(w, held_ino, &ups, Some((first + ups.len() as u64) * c))?;
             }
             Ok((have, ups.len() as u64))
         })?;
@@ -715,6 +701,23 @@ impl Engine {
             Ok(n)
         })
     }
+}
+
+/// Set chunk-map slots of file `ino` (their references already taken) and, if given, its size.
+fn set_slots(
+    w: &mut W<'_>,
+    ino: InodeId,
+    ups: &[(u64, Option<crate::store::ChunkKey>)],
+    size: Option<u64>,
+) -> FsResult<()> {
+    let mut i = w.inode(ino)?;
+    let (root, total) = w.tree().set(i.root, ups)?;
+    i.root = root;
+    i.aux = total;
+    if let Some(s) = size {
+        i.size = s;
+    }
+    w.put_inode(ino, &i)
 }
 
 /// `/.snapshots/.receiving`, created on demand.
