@@ -74,12 +74,49 @@ pub struct ChunkTables<'txn> {
     /// chunk that one slot gives up and another slot takes in the same transaction (data moved
     /// within a file, or between clones) never drops out of the index in between.
     pending: Vec<ChunkKey>,
+    /// Counter and per-pack changes of this transaction, written once by `apply_decrefs`:
+    /// written per chunk, they cost eight B-tree operations for every chunk stored or released.
+    acct: Accounting,
+}
+
+/// Changes to the store counters and the per-pack live/dead bytes, not written yet.
+#[derive(Default)]
+struct Accounting {
+    chunks: i64,
+    unique: i64,
+    stored: i64,
+    /// Pack -> (live, dead) byte changes.
+    packs: HashMap<u32, (i64, i64)>,
+}
+
+impl Accounting {
+    fn pack(&mut self, pack: PackId, live: i64, dead: i64) {
+        let e = self.packs.entry(pack.0).or_insert((0, 0));
+        e.0 += live;
+        e.1 += dead;
+    }
+
+    /// A chunk record entering (`sign` 1) or leaving (-1) the index.
+    fn chunk(&mut self, loc: &ChunkLoc, sign: i64) {
+        self.chunks += sign;
+        self.unique += sign * i64::from(loc.raw_len);
+        self.stored += sign * i64::from(loc.stored_len);
+    }
 }
 
 fn bump(t: &mut redb::Table<'_, &'static str, u64>, k: &str, d: i64) -> Result<(), StoreError> {
     let cur = t.get(k)?.map_or(0, |v| v.value());
     t.insert(k, cur.saturating_add_signed(d))?;
     Ok(())
+}
+
+/// What a lookup by id found.
+enum Found {
+    At(ChunkKey, ChunkLoc),
+    /// Not stored, and its preferred key is free.
+    Free(ChunkKey),
+    /// Not stored, and another chunk holds its preferred key.
+    Taken,
 }
 
 /// Bytes a record takes in its pack (header and payload).
@@ -97,6 +134,7 @@ impl<'txn> ChunkTables<'txn> {
             counters: txn.open_table(schema::COUNTERS)?,
             released: Vec::new(),
             pending: Vec::new(),
+            acct: Accounting::default(),
         })
     }
 
@@ -130,6 +168,8 @@ impl<'txn> ChunkTables<'txn> {
         index: &[(ChunkKey, IndexEntry)],
         pack_lens: &[(PackId, u64)],
     ) -> Result<(), StoreError> {
+        // Everything is recomputed: changes made earlier in this transaction are in it.
+        self.acct = Accounting::default();
         self.index.retain(|_, _| false)?;
         self.aliases.retain(|_, _| false)?;
         let (mut unique, mut stored) = (0u64, 0u64);
@@ -204,9 +244,44 @@ impl<'txn> ChunkTables<'txn> {
 
     /// Add a reference to a chunk by id; it must be stored.
     pub fn incref_id(&mut self, id: &ChunkId) -> Result<ChunkKey, StoreError> {
-        let (k, _) = self.find(id)?.ok_or(StoreError::Missing(*id))?;
-        self.incref(k)?;
-        Ok(k)
+        match self.find(id)? {
+            Some((k, mut l)) => {
+                l.refs += 1;
+                self.put(k, id, &l)?;
+                Ok(k)
+            }
+            None => Err(StoreError::Missing(*id)),
+        }
+    }
+
+    /// Add `n` references to chunk `id` through `key`, a key it had earlier in this session,
+    /// if it still names that chunk and the chunk is not lost; false if not (look it up by id).
+    pub fn incref_known(
+        &mut self,
+        key: ChunkKey,
+        id: &ChunkId,
+        n: u64,
+    ) -> Result<bool, StoreError> {
+        match self.entry(key)? {
+            Some(mut e) if e.id == *id && !e.loc.is_lost() => {
+                e.loc.refs += n;
+                self.put(key, id, &e.loc)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Add a reference to `id` if it is stored and intact; its key, or `None`.
+    pub fn incref_present(&mut self, id: &ChunkId) -> Result<Option<ChunkKey>, StoreError> {
+        match self.find(id)? {
+            Some((k, mut l)) if !l.is_lost() => {
+                l.refs += 1;
+                self.put(k, id, &l)?;
+                Ok(Some(k))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Point a chunk at a new copy of its record (compaction); its old record becomes dead.
@@ -216,29 +291,16 @@ impl<'txn> ChunkTables<'txn> {
         l.refs = old.loc.refs;
         self.put(key, &old.id, &l)?;
         // The copy may be smaller (compaction compresses records stored uncompressed).
-        bump(
-            &mut self.counters,
-            schema::C_STORED_BYTES,
-            i64::from(l.stored_len) - i64::from(old.loc.stored_len),
-        )?;
-        let (live, dead) = self
-            .packs
-            .get(old.loc.pack.0)?
-            .map_or((0, 0), |v| v.value());
-        let r = record_bytes(&old.loc);
-        self.packs
-            .insert(old.loc.pack.0, (live.saturating_sub(r), dead + r))?;
-        let (live, dead) = self.packs.get(l.pack.0)?.map_or((0, 0), |v| v.value());
-        self.packs
-            .insert(l.pack.0, (live + record_bytes(&l), dead))?;
+        self.acct.stored += i64::from(l.stored_len) - i64::from(old.loc.stored_len);
+        let r = record_bytes(&old.loc) as i64;
+        self.acct.pack(old.loc.pack, -r, r);
+        self.acct.pack(l.pack, record_bytes(&l) as i64, 0);
         Ok(())
     }
 
     /// Count a record nothing references (a copy made by compaction that lost a race).
     pub fn add_dead(&mut self, loc: &ChunkLoc) -> Result<(), StoreError> {
-        let (live, dead) = self.packs.get(loc.pack.0)?.map_or((0, 0), |v| v.value());
-        self.packs
-            .insert(loc.pack.0, (live, dead + record_bytes(loc)))?;
+        self.acct.pack(loc.pack, 0, record_bytes(loc) as i64);
         Ok(())
     }
 
@@ -276,6 +338,7 @@ impl<'txn> ChunkTables<'txn> {
 
     /// Forget a pack's accounting (it is about to be deleted).
     pub fn forget_pack(&mut self, pack: PackId) -> Result<(), StoreError> {
+        self.acct.packs.remove(&pack.0);
         self.packs.remove(pack.0)?;
         self.deferred.remove(pack.0)?;
         Ok(())
@@ -289,39 +352,47 @@ impl<'txn> ChunkTables<'txn> {
         loc: &ChunkLoc,
     ) -> Result<ChunkKey, StoreError> {
         let mut l = *loc;
-        let key = match self.find(id)? {
-            Some((k, cur)) if !cur.is_lost() => {
-                self.incref(k)?;
+        let key = match self.find_or_free(id)? {
+            Found::At(k, cur) if !cur.is_lost() => {
+                let mut cur = cur;
+                cur.refs += 1;
+                self.put(k, id, &cur)?;
                 return Ok(k);
             }
             // A lost chunk stored again: the new record takes over, with every reference
             // the damaged files still hold.
-            Some((k, cur)) => {
+            Found::At(k, cur) => {
                 l.refs = cur.refs + 1;
-                bump(&mut self.counters, schema::C_CHUNK_COUNT, -1)?;
+                self.acct.chunks -= 1;
                 k
             }
-            None => {
+            Found::Free(k) => {
                 l.refs = 1;
-                self.new_key(id)?
+                k
+            }
+            Found::Taken => {
+                l.refs = 1;
+                self.new_alias(id)?
             }
         };
         self.put(key, id, &l)?;
-        let (live, dead) = self.packs.get(l.pack.0)?.map_or((0, 0), |v| v.value());
-        self.packs
-            .insert(l.pack.0, (live + record_bytes(&l), dead))?;
-        bump(&mut self.counters, schema::C_CHUNK_COUNT, 1)?;
-        bump(
-            &mut self.counters,
-            schema::C_UNIQUE_BYTES,
-            i64::from(l.raw_len),
-        )?;
-        bump(
-            &mut self.counters,
-            schema::C_STORED_BYTES,
-            i64::from(l.stored_len),
-        )?;
+        self.acct.pack(l.pack, record_bytes(&l) as i64, 0);
+        self.acct.chunk(&l, 1);
         Ok(key)
+    }
+
+    /// Where `id` is, or else whether its preferred key is free: one lookup for a chunk that
+    /// is new (the common case of a write), not two.
+    fn find_or_free(&self, id: &ChunkId) -> Result<Found, StoreError> {
+        let k = ChunkKey::preferred(id);
+        match entry_in(&self.index, k)? {
+            Some(e) if e.id == *id => Ok(Found::At(k, e.loc)),
+            None => Ok(Found::Free(k)),
+            Some(_) => match self.find(id)? {
+                Some((k, l)) => Ok(Found::At(k, l)),
+                None => Ok(Found::Taken),
+            },
+        }
     }
 
     /// Take a reference to `id` for a chunk-map slot: recorded at `appended` (the record just
@@ -355,6 +426,11 @@ impl<'txn> ChunkTables<'txn> {
         if self.index.get(k.0)?.is_none() {
             return Ok(k);
         }
+        self.new_alias(id)
+    }
+
+    /// An alias key for `id`, whose preferred key another chunk holds.
+    fn new_alias(&mut self, id: &ChunkId) -> Result<ChunkKey, StoreError> {
         let n = self.get_counter(schema::C_NEXT_ALIAS)?;
         self.counters.insert(schema::C_NEXT_ALIAS, n + 1)?;
         let a = ChunkKey::alias(n);
@@ -379,6 +455,26 @@ impl<'txn> ChunkTables<'txn> {
         for k in std::mem::take(&mut self.pending) {
             self.decref_now(k)?;
         }
+        let a = std::mem::take(&mut self.acct);
+        for (k, d) in [
+            (schema::C_CHUNK_COUNT, a.chunks),
+            (schema::C_UNIQUE_BYTES, a.unique),
+            (schema::C_STORED_BYTES, a.stored),
+        ] {
+            if d != 0 {
+                bump(&mut self.counters, k, d)?;
+            }
+        }
+        for (p, (dl, dd)) in a.packs {
+            let (live, dead) = self.packs.get(p)?.map_or((0, 0), |v| v.value());
+            self.packs.insert(
+                p,
+                (
+                    live.saturating_add_signed(dl),
+                    dead.saturating_add_signed(dd),
+                ),
+            )?;
+        }
         Ok(())
     }
 
@@ -401,22 +497,10 @@ impl<'txn> ChunkTables<'txn> {
         }
         let loc = e.loc;
         if !loc.is_lost() {
-            let r = record_bytes(&loc);
-            let (live, dead) = self.packs.get(loc.pack.0)?.map_or((0, 0), |v| v.value());
-            self.packs
-                .insert(loc.pack.0, (live.saturating_sub(r), dead + r))?;
+            let r = record_bytes(&loc) as i64;
+            self.acct.pack(loc.pack, -r, r);
         }
-        bump(&mut self.counters, schema::C_CHUNK_COUNT, -1)?;
-        bump(
-            &mut self.counters,
-            schema::C_UNIQUE_BYTES,
-            -i64::from(loc.raw_len),
-        )?;
-        bump(
-            &mut self.counters,
-            schema::C_STORED_BYTES,
-            -i64::from(loc.stored_len),
-        )?;
+        self.acct.chunk(&loc, -1);
         self.released.push(e.id);
         Ok(())
     }
