@@ -557,6 +557,12 @@ impl Engine {
         durable: bool,
         f: impl FnOnce(&mut W<'_>) -> FsResult<T>,
     ) -> FsResult<T> {
+        if durable {
+            // Most of the pack fsync happens here, before the metadata writer lock is taken,
+            // so other writers' commits do not wait for it; the sync inside covers only
+            // appends made meanwhile.
+            self.store.sync()?;
+        }
         let mut txn = self.db.read().begin_write()?;
         // Commits completed before this transaction began; a durable commit covers them.
         let covers = self.commits.load(Ordering::SeqCst);

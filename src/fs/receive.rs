@@ -27,10 +27,10 @@ use super::stream::{Frame, Reader};
 use super::{check_name, Engine, FsError, FsResult, W};
 use crate::schema::{SNAPSHOTS, SNAP_RECEIVED};
 use crate::store::chunk::ChunkId;
-use crate::store::{ChunkLoc, Encoded};
+use crate::store::{ChunkKey, ChunkLoc, Encoded};
 
 /// Records read ahead of the one being stored (4 MiB each at most).
-const READ_AHEAD: usize = 3;
+const READ_AHEAD: usize = 8;
 
 /// Name of the staging folder under `/.snapshots`.
 const RECEIVING: &[u8] = b".receiving";
@@ -118,6 +118,35 @@ struct Staging {
     built: HashMap<Vec<u8>, InodeId>,
     /// The file whose maps come next: (inode, slots it may have).
     file: Option<(InodeId, u64)>,
+    /// Keys of chunks received or held in this session (at most `KEYS_KEPT`): the maps that
+    /// follow use them without looking each chunk up by id again.
+    keys: HashMap<ChunkId, ChunkKey>,
+    /// Map slots received and not set yet, by file (`apply_maps`), and how many.
+    maps: Vec<(InodeId, Vec<MapSlot>)>,
+    map_slots: usize,
+}
+
+/// A map slot as received: slot number, and its chunk (`None`: a hole).
+type MapSlot = (u64, Option<ChunkId>);
+
+/// Map slots buffered before they are set (about 48 bytes each): a few files' maps, so the
+/// chunks they share get one reference update, not one per file.
+const MAP_SLOTS_BUFFERED: usize = 1 << 19;
+
+/// Chunk keys remembered by a receive (about 48 bytes each): several batches of a stream.
+const KEYS_KEPT: usize = 1 << 18;
+
+impl Staging {
+    fn remember(&mut self, keys: impl IntoIterator<Item = (ChunkId, ChunkKey)>) {
+        for (id, k) in keys {
+            if self.keys.len() >= KEYS_KEPT {
+                // The maps that use older ones have arrived: a stream sends a batch's chunks
+                // just before the batch's entries.
+                self.keys.clear();
+            }
+            self.keys.insert(id, k);
+        }
+    }
 }
 
 impl Engine {
@@ -233,7 +262,29 @@ impl Engine {
                     return;
                 }
             })?;
-        let out = self.receive_frames(&rx, &mut st, base, &mut rep, answer, progress);
+        // What was held is made durable about every second by a helper thread, so a receive
+        // cut by a crash of this side resumes from there too; the fsyncs happen there, not in
+        // the way of storing the next record.
+        let out = std::thread::scope(|scope| {
+            let (stop, stopped) = std::sync::mpsc::channel::<()>();
+            let keeper = std::thread::Builder::new()
+                .name("tessera-recv-sync".into())
+                .spawn_scoped(scope, move || -> FsResult<()> {
+                    use std::sync::mpsc::RecvTimeoutError;
+                    while let Err(RecvTimeoutError::Timeout) =
+                        stopped.recv_timeout(std::time::Duration::from_secs(1))
+                    {
+                        self.make_durable()?;
+                    }
+                    Ok(())
+                })?;
+            let out = self.receive_frames(&rx, &mut st, base, &mut rep, answer, progress);
+            drop(stop);
+            let kept = keeper
+                .join()
+                .unwrap_or_else(|_| Err(FsError::BadMeta("the durability thread panicked".into())));
+            out.and(kept)
+        });
         let out = out.and_then(|()| self.receive_finish(&p, &h, &st, base.is_some()));
         match out {
             Ok(info) => {
@@ -264,15 +315,7 @@ impl Engine {
         progress: &dyn Fn(u64, u64),
     ) -> FsResult<()> {
         let c = self.chunk_size;
-        // The first record is made durable at once, then about every second.
-        let mut last_durable = std::time::Instant::now() - std::time::Duration::from_secs(2);
         loop {
-            // What was held is made durable about every second, so a receive cut by a crash
-            // of this side resumes from there too.
-            let durable = last_durable.elapsed() >= std::time::Duration::from_secs(1);
-            if durable {
-                last_durable = std::time::Instant::now();
-            }
             let f = r.recv().map_err(|_| {
                 FsError::Stream("the stream reader stopped: the stream was cut".into())
             })?;
@@ -283,7 +326,7 @@ impl Engine {
                             "a chunk query in a stream read from a pipe".into(),
                         ));
                     };
-                    let held = self.hold_present(st, &ids, durable)?;
+                    let held = self.hold_present(st, &ids)?;
                     rep.chunks_already_held += held.iter().filter(|h| **h).count() as u64;
                     a(&held)?;
                 }
@@ -310,7 +353,7 @@ impl Engine {
                         .zip(self.store.append_many(&new)?)
                         .collect();
                     let (held_ino, first) = (st.held, st.next_slot);
-                    let r = self.txn(durable, |w| {
+                    let r = self.txn(false, |w| {
                         w.snapshots_writable = true;
                         let mut ups = Vec::with_capacity(ids.len());
                         for (k, id) in ids.iter().enumerate() {
@@ -318,15 +361,24 @@ impl Engine {
                             let key = w.chunks.reference(id, locs.get(id))?;
                             ups.push((first + k as u64, Some(key)));
                         }
-                        set_slots(w, held_ino, &ups, Some((first + ids.len() as u64) * c))
+                        set_slots(w, held_ino, &ups, Some((first + ids.len() as u64) * c))?;
+                        Ok(ups)
                     });
-                    if let Err(e) = r {
-                        self.settle_failed_appends(&locs);
-                        return Err(e);
-                    }
+                    let ups = match r {
+                        Ok(ups) => ups,
+                        Err(e) => {
+                            self.settle_failed_appends(&locs);
+                            return Err(e);
+                        }
+                    };
                     st.next_slot += ids.len() as u64;
+                    st.remember(ids.into_iter().zip(ups.into_iter().filter_map(|(_, k)| k)));
                 }
                 Frame::Entry(e) => {
+                    if e.same_as.is_some() {
+                        // A clone of a file received earlier: its maps must be in place.
+                        self.apply_maps(st)?;
+                    }
                     self.receive_entry(st, base, &e)?;
                     rep.entries += 1;
                     progress(rep.entries, 0);
@@ -342,31 +394,14 @@ impl Engine {
                             "a map slot past the end of its file: damaged stream".into(),
                         ));
                     }
-                    self.txn(false, |w| {
-                        w.snapshots_writable = true;
-                        // One index lookup and one update per distinct chunk, not per slot.
-                        let mut uses: HashMap<ChunkId, u64> = HashMap::new();
-                        for id in slots.iter().filter_map(|(_, id)| id.as_ref()) {
-                            *uses.entry(*id).or_insert(0) += 1;
-                        }
-                        let mut keys = HashMap::with_capacity(uses.len());
-                        for (id, n) in &uses {
-                            match w.chunks.find(id)? {
-                                Some((k, l)) if !l.is_lost() => {
-                                    w.chunks.incref_by(k, *n)?;
-                                    keys.insert(*id, k);
-                                }
-                                _ => {
-                                    return Err(FsError::Stream(format!(
-                                        "the stream uses chunk {} without sending it, and this datastore does not hold it: damaged stream, or a base that differs",
-                                        id.short()
-                                    )))
-                                }
-                            }
-                        }
-                        let ups: Vec<_> = slots.iter().map(|(s, id)| (*s, id.map(|id| keys[&id]))).collect();
-                        set_slots(w, ino, &ups, None)
-                    })?;
+                    st.map_slots += slots.len();
+                    match st.maps.last_mut() {
+                        Some((i, m)) if *i == ino => m.extend(slots),
+                        _ => st.maps.push((ino, slots)),
+                    }
+                    if st.map_slots >= MAP_SLOTS_BUFFERED {
+                        self.apply_maps(st)?;
+                    }
                 }
                 Frame::End(end) => {
                     if end.entries != rep.entries
@@ -381,10 +416,70 @@ impl Engine {
                     if !st.built.contains_key(&Vec::new()) {
                         return Err(FsError::Stream("the stream holds no entries".into()));
                     }
-                    return Ok(());
+                    return self.apply_maps(st);
                 }
             }
         }
+    }
+
+    /// Set the buffered map slots in the staging tree, in one transaction: one reference
+    /// update per distinct chunk across all of them (files of one family share most chunks),
+    /// in key order.
+    fn apply_maps(&self, st: &mut Staging) -> FsResult<()> {
+        let maps = std::mem::take(&mut st.maps);
+        st.map_slots = 0;
+        if maps.is_empty() {
+            return Ok(());
+        }
+        self.txn(false, |w| {
+            w.snapshots_writable = true;
+            let mut uses: HashMap<ChunkId, u64> = HashMap::new();
+            for (_, slots) in &maps {
+                for id in slots.iter().filter_map(|(_, id)| id.as_ref()) {
+                    *uses.entry(*id).or_insert(0) += 1;
+                }
+            }
+            let mut keys = HashMap::with_capacity(uses.len());
+            // Most were received (or held) in this session: their key is known.
+            let mut known: Vec<(ChunkKey, ChunkId, u64)> = Vec::new();
+            let mut unknown: Vec<(ChunkId, u64)> = Vec::new();
+            for (id, n) in uses {
+                match st.keys.get(&id) {
+                    Some(&k) => known.push((k, id, n)),
+                    None => unknown.push((id, n)),
+                }
+            }
+            known.sort_unstable_by_key(|x| x.0);
+            for (k, id, n) in known {
+                if w.chunks.incref_known(k, &id, n)? {
+                    keys.insert(id, k);
+                } else {
+                    unknown.push((id, n));
+                }
+            }
+            for (id, n) in unknown {
+                match w.chunks.find(&id)? {
+                    Some((k, l)) if !l.is_lost() => {
+                        w.chunks.incref_by(k, n)?;
+                        keys.insert(id, k);
+                    }
+                    _ => {
+                        return Err(FsError::Stream(format!(
+                            "the stream uses chunk {} without sending it, and this datastore does not hold it: damaged stream, or a base that differs",
+                            id.short()
+                        )))
+                    }
+                }
+            }
+            for (ino, slots) in &maps {
+                let ups: Vec<_> = slots
+                    .iter()
+                    .map(|(s, id)| (*s, id.map(|id| keys[&id])))
+                    .collect();
+                set_slots(w, *ino, &ups, None)?;
+            }
+            Ok(())
+        })
     }
 
     /// Create one received entry in the staging tree.
@@ -578,6 +673,9 @@ impl Engine {
                     next_slot,
                     built: HashMap::new(),
                     file: None,
+                    keys: HashMap::new(),
+                    maps: Vec::new(),
+                    map_slots: 0,
                 });
             }
             let dir = flagged_dir(w, InodeId::ROOT)?;
@@ -593,6 +691,9 @@ impl Engine {
                 next_slot: 0,
                 built: HashMap::new(),
                 file: None,
+                keys: HashMap::new(),
+                maps: Vec::new(),
+                map_slots: 0,
             })
         })?;
         for ino in gone {
@@ -603,25 +704,21 @@ impl Engine {
 
     /// Hold (in the staging holder) those of `ids` this datastore has: they cannot be
     /// reclaimed before the maps that use them arrive. Returns which it has.
-    fn hold_present(
-        &self,
-        st: &mut Staging,
-        ids: &[ChunkId],
-        durable: bool,
-    ) -> FsResult<Vec<bool>> {
+    fn hold_present(&self, st: &mut Staging, ids: &[ChunkId]) -> FsResult<Vec<bool>> {
         let c = self.chunk_size;
         let (held_ino, first) = (st.held, st.next_slot);
-        let (have, n) = self.txn(durable, |w| {
+        let mut keys = Vec::new();
+        let (have, n) = self.txn(false, |w| {
             w.snapshots_writable = true;
             let mut have = Vec::with_capacity(ids.len());
             let mut ups = Vec::new();
             for id in ids {
-                let present = w.chunks.find(id)?.is_some_and(|(_, l)| !l.is_lost());
-                if present {
-                    let key = w.chunks.reference(id, None)?;
+                let key = w.chunks.incref_present(id)?;
+                if let Some(key) = key {
                     ups.push((first + ups.len() as u64, Some(key)));
+                    keys.push((*id, key));
                 }
-                have.push(present);
+                have.push(key.is_some());
             }
             if !ups.is_empty() {
                 set_slots(w, held_ino, &ups, Some((first + ups.len() as u64) * c))?;
@@ -629,6 +726,7 @@ impl Engine {
             Ok((have, ups.len() as u64))
         })?;
         st.next_slot += n;
+        st.remember(keys);
         Ok(have)
     }
 

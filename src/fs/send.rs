@@ -19,7 +19,7 @@ use super::tree::{self, Root};
 use super::{get_inode, Engine, FsError, FsResult};
 use crate::schema::{DIRCOOKIE, DIRENTS, INODES, NODES, SYMLINKS, XATTRS};
 use crate::store::chunk::ChunkId;
-use crate::store::{ChunkKey, Encoded};
+use crate::store::{ChunkKey, Encoded, IndexEntry};
 
 /// What a send wrote.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +83,10 @@ struct Pending {
     /// (slot, chunk key) to send; `None` is a hole.
     slots: Vec<(u64, Option<ChunkKey>)>,
 }
+
+/// Frames of chunks read ahead of the one being written (4 MiB each at most): the disk is
+/// read while the network (or pipe) is busy.
+const READ_AHEAD: usize = 4;
 
 /// Entries per batch, and chunk candidates per batch: one `Have` round trip per batch.
 const BATCH_ENTRIES: usize = 1024;
@@ -157,6 +161,11 @@ impl Engine {
         // reference to it, not as a map.
         let mut by_root: HashMap<Root, Vec<u8>> = HashMap::new();
         let mut ask = ask;
+        let asking = ask.is_some();
+        // The batch whose `Have` is out and whose chunks go next: the next batch's question is
+        // sent before it, so the receiver answers while this batch crosses and the sender
+        // never waits for a drained pipe (the answer comes before this batch in the stream).
+        let mut prev: Option<Prepared> = None;
         let mut batch: Vec<Pending> = Vec::new();
         let mut candidates = 0usize;
         let n_entries = entries.len();
@@ -217,17 +226,22 @@ impl Engine {
                 slots,
             });
             if batch.len() >= BATCH_ENTRIES || candidates >= BATCH_CHUNKS || n + 1 == n_entries {
-                self.send_batch(
+                let p = self.prepare_batch(
                     &rtx,
                     &mut w,
                     std::mem::take(&mut batch),
                     &mut sent,
-                    ask.as_deref_mut(),
-                    &mut rep,
+                    asking,
                 )?;
+                if let Some(prev) = prev.replace(p) {
+                    self.send_batch(&mut w, prev, ask.as_deref_mut(), &mut rep)?;
+                }
                 candidates = 0;
                 progress(n as u64 + 1, total);
             }
+        }
+        if let Some(prev) = prev.take() {
+            self.send_batch(&mut w, prev, ask, &mut rep)?;
         }
         w.json(
             FrameKind::End,
@@ -242,82 +256,136 @@ impl Engine {
         Ok(rep)
     }
 
-    /// Send a batch of entries: the chunks they need first (not sent before, not in the base,
-    /// not held by the receiver when it can be asked), then each entry and its maps.
-    fn send_batch(
+    /// Look up a batch's chunks and pick those not known to be on the other side yet (not
+    /// sent before, not in the base); with `asking`, ask the receiver which of those it holds.
+    fn prepare_batch(
         &self,
         rtx: &redb::ReadTransaction,
         w: &mut Writer<&mut dyn Write>,
         batch: Vec<Pending>,
         sent: &mut HashSet<ChunkKey>,
+        asking: bool,
+    ) -> FsResult<Prepared> {
+        let mut keys: Vec<ChunkKey> = batch
+            .iter()
+            .flat_map(|p| p.slots.iter().filter_map(|(_, k)| *k))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let entries = self.store.entries_many(rtx, &keys)?;
+        let mut ids: HashMap<ChunkKey, IndexEntry> = HashMap::with_capacity(keys.len());
+        for (k, e) in keys.into_iter().zip(entries) {
+            let e = e.ok_or_else(|| FsError::BadMeta(format!("chunk key {k} not indexed")))?;
+            ids.insert(k, e);
+        }
+        let mut todo: Vec<(ChunkKey, InodeId, u64)> = Vec::new();
+        for p in &batch {
+            for (s, k) in &p.slots {
+                if let Some(k) = k {
+                    if sent.insert(*k) {
+                        todo.push((*k, p.ino, *s));
+                    }
+                }
+            }
+        }
+        let asked = asking && !todo.is_empty();
+        if asked {
+            let q: Vec<ChunkId> = todo.iter().map(|t| ids[&t.0].id).collect();
+            w.have(&q)?;
+            w.flush()?;
+        }
+        Ok(Prepared {
+            batch,
+            ids,
+            todo,
+            asked,
+        })
+    }
+
+    /// Send a prepared batch: the chunks it needs first (less those the receiver said it
+    /// holds), read in pack order on a helper thread while the previous frame is written, then
+    /// each entry and its maps.
+    fn send_batch(
+        &self,
+        w: &mut Writer<&mut dyn Write>,
+        p: Prepared,
         ask: Option<&mut (dyn FnMut(usize) -> FsResult<Vec<bool>> + '_)>,
         rep: &mut SendReport,
     ) -> FsResult<()> {
         let c = self.chunk_size;
-        // Chunk ids of every slot, and the chunks not known to be on the other side yet.
-        let mut ids: HashMap<ChunkKey, ChunkId> = HashMap::new();
-        let mut todo: Vec<(ChunkKey, InodeId, u64)> = Vec::new();
-        for p in &batch {
-            for (s, k) in &p.slots {
-                let Some(k) = k else { continue };
-                if let std::collections::hash_map::Entry::Vacant(v) = ids.entry(*k) {
-                    let e = self
+        let Prepared {
+            batch,
+            ids,
+            mut todo,
+            asked,
+        } = p;
+        if asked {
+            let ask =
+                ask.ok_or_else(|| FsError::Stream("a chunk query without a receiver".into()))?;
+            let held = ask(todo.len())?;
+            if held.len() != todo.len() {
+                return Err(FsError::Stream(
+                    "the receiver answered for other chunks".into(),
+                ));
+            }
+            rep.chunks_held_by_receiver += held.iter().filter(|h| **h).count() as u64;
+            todo = todo
+                .into_iter()
+                .zip(held)
+                .filter(|(_, h)| !h)
+                .map(|(t, _)| t)
+                .collect();
+        }
+        // In pack order (sequential reads), in frames of about FRAME_TARGET bytes.
+        todo.sort_by_key(|t| {
+            let l = ids[&t.0].loc;
+            (l.pack, l.offset)
+        });
+        let mut groups: Vec<&[(ChunkKey, InodeId, u64)]> = Vec::new();
+        let (mut start, mut bytes) = (0, 0usize);
+        for (i, t) in todo.iter().enumerate() {
+            bytes += 41 + ids[&t.0].loc.stored_len as usize;
+            if bytes >= stream::FRAME_TARGET || i + 1 == todo.len() {
+                groups.push(&todo[start..=i]);
+                start = i + 1;
+                bytes = 0;
+            }
+        }
+        std::thread::scope(|scope| -> FsResult<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<FsResult<Vec<Encoded>>>(READ_AHEAD);
+            let ids = &ids;
+            scope.spawn(move || {
+                let mut buf = Vec::new();
+                for g in groups {
+                    let want: Vec<IndexEntry> = g.iter().map(|t| ids[&t.0]).collect();
+                    let frame = self
                         .store
-                        .entry(rtx, *k)?
-                        .ok_or_else(|| FsError::BadMeta(format!("chunk key {k} not indexed")))?;
-                    v.insert(e.id);
+                        .read_stored_many(&want, &mut buf)
+                        .into_iter()
+                        .zip(g)
+                        .map(|(r, (_, ino, s))| r.map_err(|e| FsError::from(e).at(ino.0, s * c)))
+                        .collect::<FsResult<Vec<Encoded>>>();
+                    let stop = frame.is_err();
+                    if tx.send(frame).is_err() || stop {
+                        return;
+                    }
                 }
-                if sent.insert(*k) {
-                    todo.push((*k, p.ino, *s));
-                }
-            }
-        }
-        if let Some(ask) = ask {
-            if !todo.is_empty() {
-                let q: Vec<ChunkId> = todo.iter().map(|t| ids[&t.0]).collect();
-                w.have(&q)?;
-                w.flush()?;
-                let held = ask(q.len())?;
-                if held.len() != q.len() {
-                    return Err(FsError::Stream(
-                        "the receiver answered for other chunks".into(),
-                    ));
-                }
-                rep.chunks_held_by_receiver += held.iter().filter(|h| **h).count() as u64;
-                todo = todo
-                    .into_iter()
-                    .zip(held)
-                    .filter(|(_, h)| !h)
-                    .map(|(t, _)| t)
-                    .collect();
-            }
-        }
-        let mut frame: Vec<Encoded> = Vec::new();
-        let mut frame_bytes = 0usize;
-        for (k, ino, s) in todo {
-            let enc = self
-                .store
-                .read_stored(rtx, k)
-                .map_err(|err| FsError::from(err).at(ino.0, s * c))?;
-            rep.chunks += 1;
-            rep.chunk_bytes += enc.payload.len() as u64;
-            frame_bytes += 41 + enc.payload.len();
-            frame.push(enc);
-            if frame_bytes >= stream::FRAME_TARGET {
+            });
+            // Leaving early (an error) drops `rx`, which ends the reader.
+            for frame in rx {
+                let frame = frame?;
+                rep.chunks += frame.len() as u64;
+                rep.chunk_bytes += frame.iter().map(|e| e.payload.len() as u64).sum::<u64>();
                 w.chunks(&frame)?;
-                frame.clear();
-                frame_bytes = 0;
             }
-        }
-        if !frame.is_empty() {
-            w.chunks(&frame)?;
-        }
+            Ok(())
+        })?;
         for p in batch {
             w.json(FrameKind::Entry, &p.entry)?;
             let slots: Vec<(u64, Option<ChunkId>)> = p
                 .slots
                 .iter()
-                .map(|(s, k)| (*s, k.map(|k| ids[&k])))
+                .map(|(s, k)| (*s, k.map(|k| ids[&k].id)))
                 .collect();
             for part in slots.chunks(stream::MAP_SLOTS_PER_FRAME) {
                 w.map(part)?;
@@ -327,6 +395,16 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// A batch looked up, its `Have` sent if asking.
+struct Prepared {
+    batch: Vec<Pending>,
+    /// Index entry of every chunk key its slots use.
+    ids: HashMap<ChunkKey, IndexEntry>,
+    /// Chunks to send unless the receiver holds them: (key, file, slot) of first use.
+    todo: Vec<(ChunkKey, InodeId, u64)>,
+    asked: bool,
 }
 
 /// Slots of `b` (new) that differ from `a` (old), both sorted present-slot lists; a slot

@@ -86,6 +86,9 @@ pub struct Store {
     active: Mutex<Option<Active>>,
     /// Packs appended to since their last sync.
     unsynced: Mutex<BTreeSet<PackId>>,
+    /// Held for the whole of [`Store::sync`], so a sync never returns while another one's
+    /// fsync of a pack it took from `unsynced` is still running. A leaf but for `unsynced`.
+    syncing: Mutex<()>,
     /// Readers hold it shared while they may read packs; compaction holds it exclusively to
     /// delete a pack, so no read that looked up an old location is still running.
     gate: parking_lot::RwLock<()>,
@@ -196,6 +199,7 @@ impl Store {
             gate: parking_lot::RwLock::new(()),
             appenders: parking_lot::RwLock::new(()),
             unsynced: Mutex::new(BTreeSet::new()),
+            syncing: Mutex::new(()),
             cache: quick_cache::sync::Cache::new(cache_items.max(16)),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
@@ -220,12 +224,26 @@ impl Store {
 
     /// Append several chunks with one write; returns their locations (`refs == 0`) in order.
     pub fn append_many(&self, es: &[Encoded]) -> Result<Vec<ChunkLoc>, StoreError> {
-        let mut buf =
-            Vec::with_capacity(es.iter().map(|e| RECORD_HEADER_LEN + e.payload.len()).sum());
+        APPEND_BUF.with_borrow_mut(|buf| {
+            buf.clear();
+            let r = self.append_records(es, buf);
+            // Kept for the thread's next append unless unusually large.
+            if buf.capacity() > 2 * MAX_COALESCED_READ as usize {
+                *buf = Vec::new();
+            }
+            r
+        })
+    }
+
+    fn append_records(
+        &self,
+        es: &[Encoded],
+        buf: &mut Vec<u8>,
+    ) -> Result<Vec<ChunkLoc>, StoreError> {
         let mut rel = Vec::with_capacity(es.len());
         for e in es {
             rel.push(buf.len() as u64);
-            pack::write_record(&mut buf, &e.id, e.codec, e.raw_len, &e.payload);
+            pack::write_record(buf, &e.id, e.codec, e.raw_len, &e.payload);
         }
         let mut guard = self.active.lock();
         let a = match &mut *guard {
@@ -244,7 +262,7 @@ impl Store {
                 })
             }
         };
-        let offset = self.io.append(a.pack, &buf)?;
+        let offset = self.io.append(a.pack, buf)?;
         a.len = offset + buf.len() as u64;
         self.last_append
             .lock()
@@ -330,11 +348,22 @@ impl Store {
         compress: bool,
     ) -> Result<Encoded, StoreError> {
         let rec = self.fetch_record(id, loc)?;
+        self.check_record(id, loc, &rec, compress)
+    }
+
+    /// [`Store::read_record_for_copy`] of a record already read.
+    fn check_record(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLoc,
+        rec: &[u8],
+        compress: bool,
+    ) -> Result<Encoded, StoreError> {
         let corrupt = |detail: &str| StoreError::Corrupt {
             id: *id,
             detail: format!("{detail} in pack {:08x} at {}", loc.pack.0, loc.offset),
         };
-        let h = pack::decode_header(&rec).ok_or_else(|| corrupt("bad record header"))?;
+        let h = pack::decode_header(rec).ok_or_else(|| corrupt("bad record header"))?;
         let payload = &rec[RECORD_HEADER_LEN..];
         if h.id != *id
             || h.stored_len != loc.stored_len
@@ -354,6 +383,56 @@ impl Store {
         })
     }
 
+    /// Chunks as stored (compressed, with their codec), each record checked against its index
+    /// entry and its crc, in the order given: for replication, which sends chunks as stored
+    /// (the receiver verifies their content against the ids). Records adjacent in a pack are
+    /// read with one read of up to [`MAX_COALESCED_READ`] bytes; a lost chunk is an error.
+    /// `buf` is scratch space the caller keeps between calls.
+    pub fn read_stored_many(
+        &self,
+        chunks: &[IndexEntry],
+        buf: &mut Vec<u8>,
+    ) -> Vec<Result<Encoded, StoreError>> {
+        let mut order: Vec<(usize, ChunkLoc)> =
+            chunks.iter().enumerate().map(|(i, e)| (i, e.loc)).collect();
+        order.sort_by_key(|(_, l)| (l.pack, l.offset));
+        let mut out: Vec<Option<Result<Encoded, StoreError>>> =
+            chunks.iter().map(|_| None).collect();
+        for run in adjacent_runs(&order, |t| &t.1) {
+            let (first, last) = (run[0].1, run[run.len() - 1].1);
+            let len = (last.offset - first.offset) as usize
+                + RECORD_HEADER_LEN
+                + last.stored_len as usize;
+            buf.resize(len, 0);
+            let bytes = (!first.is_lost()
+                && self.io.read_into(first.pack, first.offset, buf).is_ok())
+            .then_some(&buf[..]);
+            for (i, loc) in run {
+                let e = &chunks[*i];
+                out[*i] = Some(if loc.is_lost() {
+                    Err(StoreError::Corrupt {
+                        id: e.id,
+                        detail: "the chunk is lost (fsck --repair found no intact copy)".into(),
+                    })
+                } else {
+                    match bytes {
+                        Some(b) => {
+                            let s = (loc.offset - first.offset) as usize;
+                            let rec = &b[s..s + RECORD_HEADER_LEN + loc.stored_len as usize];
+                            self.check_record(&e.id, loc, rec, false)
+                        }
+                        // The run could not be read whole: read this record alone to tell
+                        // exactly which one is damaged.
+                        None => self.read_record_for_copy(&e.id, loc, false),
+                    }
+                });
+            }
+        }
+        out.into_iter()
+            .map(|r| r.expect("every chunk answered"))
+            .collect()
+    }
+
     /// The chunk under `key` as stored (compressed, with its codec), its record checked against
     /// the index and its crc: for replication, which sends chunks as stored.
     pub fn read_stored(&self, rtx: &ReadTransaction, key: ChunkKey) -> Result<Encoded, StoreError> {
@@ -369,6 +448,7 @@ impl Store {
 
     /// Make every append so far durable. Called before every durable metadata commit.
     pub fn sync(&self) -> Result<(), StoreError> {
+        let _one = self.syncing.lock();
         let packs: Vec<PackId> = std::mem::take(&mut *self.unsynced.lock())
             .into_iter()
             .collect();
@@ -417,6 +497,16 @@ impl Store {
                     || index::find_in(&t, &a, id)?.is_some_and(|(_, l)| !l.is_lost()))
             })
             .collect()
+    }
+
+    /// The id and location of each chunk under `keys` (read snapshot; one table open for all).
+    pub fn entries_many(
+        &self,
+        rtx: &ReadTransaction,
+        keys: &[ChunkKey],
+    ) -> Result<Vec<Option<IndexEntry>>, StoreError> {
+        let t = rtx.open_table(schema::CHUNKS)?;
+        keys.iter().map(|k| index::entry_in(&t, *k)).collect()
     }
 
     /// The id and location of the chunk under `key` (read snapshot).
@@ -583,23 +673,7 @@ impl Store {
             }
         }
         todo.sort_by_key(|(_, l)| (l.pack, l.offset));
-        // Runs of adjacent records.
-        let mut runs: Vec<&[(usize, ChunkLoc)]> = Vec::new();
-        let mut start = 0;
-        for k in 1..=todo.len() {
-            let end_of_run = k == todo.len() || {
-                let (p, n) = (&todo[k - 1].1, &todo[k].1);
-                let p_end = p.offset + (RECORD_HEADER_LEN + p.stored_len as usize) as u64;
-                n.pack != p.pack
-                    || n.offset != p_end
-                    || n.offset + u64::from(n.stored_len) - todo[start].1.offset
-                        > MAX_COALESCED_READ
-            };
-            if end_of_run {
-                runs.push(&todo[start..k]);
-                start = k;
-            }
-        }
+        let runs = adjacent_runs(&todo, |t| &t.1);
         // One read per run, then verification and decompression per record on all cores.
         let fetch = |run: &&[(usize, ChunkLoc)]| {
             let (first, last) = (run[0].1, run[run.len() - 1].1);
@@ -786,3 +860,31 @@ impl Store {
 
 /// A verified chunk, or why it could not be read.
 pub type ChunkResult = Result<Arc<Vec<u8>>, StoreError>;
+
+thread_local! {
+    /// Records being appended, reused by each thread: a fresh multi-MiB buffer per append
+    /// costs a page fault and the zeroing of every page.
+    static APPEND_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs of records adjacent in one pack, among `items` sorted by location, each spanning at
+/// most [`MAX_COALESCED_READ`] bytes: one read each.
+fn adjacent_runs<T>(items: &[T], loc: impl Fn(&T) -> &ChunkLoc) -> Vec<&[T]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for k in 1..=items.len() {
+        let end_of_run = k == items.len() || {
+            let (p, n) = (loc(&items[k - 1]), loc(&items[k]));
+            let p_end = p.offset + (RECORD_HEADER_LEN + p.stored_len as usize) as u64;
+            n.pack != p.pack
+                || n.offset != p_end
+                || n.offset + u64::from(n.stored_len) - loc(&items[start]).offset
+                    > MAX_COALESCED_READ
+        };
+        if end_of_run {
+            runs.push(&items[start..k]);
+            start = k;
+        }
+    }
+    runs
+}

@@ -104,6 +104,11 @@ pub trait PackIo: Send + Sync {
     fn append(&self, pack: PackId, data: &[u8]) -> io::Result<u64>;
     /// Read exactly `len` bytes at `offset`.
     fn read_at(&self, pack: PackId, offset: u64, len: usize) -> io::Result<Vec<u8>>;
+    /// Read exactly `buf.len()` bytes at `offset` into `buf` (a buffer the caller reuses).
+    fn read_into(&self, pack: PackId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.copy_from_slice(&self.read_at(pack, offset, buf.len())?);
+        Ok(())
+    }
     /// Make every append so far durable.
     fn sync(&self, pack: PackId) -> io::Result<()>;
     /// Current length in bytes.
@@ -259,6 +264,10 @@ impl PackIo for DirPackIo {
         let mut buf = vec![0u8; len];
         f.read_exact_at(&mut buf, offset)?;
         Ok(buf)
+    }
+
+    fn read_into(&self, pack: PackId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file(pack)?.read_exact_at(buf, offset)
     }
 
     fn sync(&self, pack: PackId) -> io::Result<()> {
