@@ -250,7 +250,7 @@ fn handle(engine: &Engine, req: Request, progress: &dyn Fn(u64, u64)) -> Respons
         },
         Request::Clone { src, dsts } => {
             let dsts: Vec<Vec<u8>> = dsts.into_iter().map(String::into_bytes).collect();
-            match engine.clone_paths(src.as_bytes(), &dsts) {
+            match engine.clone_paths_progress(src.as_bytes(), &dsts, progress) {
                 Ok(inos) => ok(serde_json::json!({"cloned": inos.len()})),
                 Err(e @ CloneError::Fs(_)) => err(format!("clone failed: {e}")),
                 Err(e) => err(e.to_string()),
@@ -756,7 +756,8 @@ mod tests {
         serde_json::from_str(&line).unwrap()
     }
 
-    /// Protects the progress bars of `tessera gc`, `scrub` and `warm` on a served datastore:
+    /// Protects the progress bars of `tessera gc`, `scrub`, `warm` and `clone --count` on a
+    /// served datastore:
     /// a long request reports progress lines before its answer, the last one complete, and
     /// the client still gets the answer.
     #[test]
@@ -802,6 +803,19 @@ mod tests {
         .unwrap();
         assert!(r.ok, "{}", r.error);
         assert_eq!(r.result["chunks_checked"], 600);
+        // clone --count: progress up to the last clone, then all of them at once.
+        let seen = std::sync::Mutex::new(Vec::new());
+        let req = Request::Clone {
+            src: "/golden.raw".into(),
+            dsts: (0..300).map(|n| format!("/desk-{n}")).collect(),
+        };
+        let r = call_with_progress(d.path(), &req, Duration::from_secs(30), &|a, b| {
+            seen.lock().unwrap().push((a, b))
+        })
+        .unwrap();
+        assert!(r.ok, "{}", r.error);
+        assert_eq!(r.result["cloned"], 300);
+        assert_eq!(seen.into_inner().unwrap().last(), Some(&(300, 300)));
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct Args {
     pub json: bool,
 }
 
+/// Clones from which a terminal shows a progress bar (fewer take a blink).
+const PROGRESS_FROM: usize = 100;
+
 /// Expand `{n}` / `{n:0W}` in `pat` with `n`.
 pub fn expand(pat: &str, n: u64) -> Result<String> {
     let Some(open) = pat.find("{n") else {
@@ -87,22 +90,30 @@ pub fn run(a: Args) -> Result<()> {
     let n = dsts.len();
     match super::access(&src.datastore)? {
         super::Access::Served(dir) => {
-            super::ask(
-                &dir,
-                &Request::Clone {
-                    src: src.inner.clone(),
-                    dsts: dsts.clone(),
-                },
-            )?;
+            let req = Request::Clone {
+                src: src.inner.clone(),
+                dsts: dsts.clone(),
+            };
+            if n >= PROGRESS_FROM {
+                super::ask_with_progress(&dir, &req, "cloning")?;
+            } else {
+                super::ask(&dir, &req)?;
+            }
         }
         super::Access::Own(_lock, engine) => {
             let d: Vec<Vec<u8>> = dsts.iter().map(|s| s.clone().into_bytes()).collect();
-            engine
-                .clone_paths(src.inner.as_bytes(), &d)
-                .map_err(|e| match e {
-                    CloneError::Fs(e) => anyhow!("clone failed: {e}"),
-                    e => anyhow!("{e}"),
-                })?;
+            let show = n >= PROGRESS_FROM;
+            super::with_progress("cloning", |p| {
+                engine.clone_paths_progress(
+                    src.inner.as_bytes(),
+                    &d,
+                    if show { p } else { &|_, _| {} },
+                )
+            })
+            .map_err(|e| match e {
+                CloneError::Fs(e) => anyhow!("clone failed: {e}"),
+                e => anyhow!("{e}"),
+            })?;
         }
     }
     let ms = t0.elapsed().as_secs_f64() * 1000.0;

@@ -45,6 +45,17 @@ impl Engine {
     /// Clone the file or directory tree at `src` to each path in `dsts` (paths relative to the
     /// datastore root), in one durable transaction. Returns the new inodes.
     pub fn clone_paths(&self, src: &[u8], dsts: &[Vec<u8>]) -> Result<Vec<InodeId>, CloneError> {
+        self.clone_paths_progress(src, dsts, &|_, _| {})
+    }
+
+    /// [`Engine::clone_paths`], reporting `(clones made, clones)` as it goes (`clone --count`
+    /// of thousands). All or none: the clones appear together when the transaction commits.
+    pub fn clone_paths_progress(
+        &self,
+        src: &[u8],
+        dsts: &[Vec<u8>],
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<Vec<InodeId>, CloneError> {
         let show = |p: &[u8]| format!("/{}", String::from_utf8_lossy(p).trim_start_matches('/'));
         // The clone must see data written up to now: flush the source file, or every file with
         // unflushed data when the source is a folder.
@@ -84,6 +95,7 @@ impl Engine {
                     return Ok(Err(CloneError::IntoItself(show(src))));
                 }
                 out.push(clone_tree(w, s, parent, name, CloneAs::Copy)?);
+                progress(out.len() as u64, dsts.len() as u64);
             }
             Ok(Ok(out))
         })?
