@@ -6,13 +6,14 @@
 #   apt:   fuse3 (fusermount3), fio, libnfs-utils, qemu-utils + qemu-block-extra (qemu's
 #          nfs:// driver; both of one version), python3, make,
 #          gcc + libc6-dev (linker, zstd-sys), util-linux (mountpoint), ca-certificates,
-#          tar + zstd (fs-tests/fixtures), curl + prometheus (promtool: fs-tests/metrics.sh),
+#          tar + zstd (fs-tests/fixtures), curl + prometheus (promtool and the server:
+#          fs-tests/metrics.sh), python3-matplotlib (packaging/render-dashboard.py),
 #          lintian (fs-tests/package.sh)
 #   rustup components rustfmt and clippy (for `make lint`)
 #   cargo: pjdfstest 0.2.2 (fs-tests/pjdfstest.sh), cargo-deb 3.8.0 (make deb, fs-tests/package.sh)
 set -euo pipefail
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-APT_PACKAGES=(fuse3 fio libnfs-utils qemu-utils python3 make gcc libc6-dev util-linux coreutils ca-certificates tar zstd curl prometheus lintian)
+APT_PACKAGES=(fuse3 fio libnfs-utils qemu-utils python3 make gcc libc6-dev util-linux coreutils ca-certificates tar zstd curl prometheus python3-matplotlib lintian)
 # RUNTIME_ONLY=1 (used by `make run`): only what building and mounting need.
 [ -n "${RUNTIME_ONLY:-}" ] && APT_PACKAGES=(fuse3 make gcc libc6-dev util-linux ca-certificates)
 PJDFSTEST_VERSION=0.2.2

@@ -5,7 +5,9 @@
 # and FUSE; the text passes `promtool check metrics` (Debian's prometheus package) and
 # parses as OpenMetrics when asked; request counters, latency histograms and byte counters
 # move for each front end after I/O through it, and so do the space, cache, dedup and write
-# figures; another path answers 404; a busy port is a one-line error.
+# figures; another path answers 404; a busy port is a one-line error; the shipped Grafana
+# dashboard, its queries evaluated by a real Prometheus scraping the server, shows data in
+# every panel (packaging/render-dashboard.py draws it: Grafana is not in the registries).
 set -euo pipefail
 . "$(dirname -- "$0")/lib.sh"
 command -v curl >/dev/null || fail "curl is required"
@@ -17,6 +19,28 @@ URL=http://127.0.0.1:$PORT/metrics
 
 tessera init "$DS" >/dev/null || fail "tessera init failed"
 start_serve "$DS" --mount "$MNT" --metrics "127.0.0.1:$PORT"
+
+# Prometheus (Debian's prometheus package) scrapes the server every second from the start.
+PROM_PORT=${PROM_PORT:-19090}
+PROM=http://127.0.0.1:$PROM_PORT
+if command -v prometheus >/dev/null; then
+    cat >"$TEST_TMP/prom.yml" <<EOF
+global: { scrape_interval: 1s }
+scrape_configs:
+  - job_name: tessera
+    static_configs: [ { targets: ['127.0.0.1:$PORT'] } ]
+EOF
+    prometheus --config.file="$TEST_TMP/prom.yml" --storage.tsdb.path="$TEST_TMP/prom" \
+        --web.listen-address="127.0.0.1:$PROM_PORT" >"$TEST_TMP/prom.log" 2>&1 &
+    BG_PIDS+=("$!")
+    # Its first scrape comes before the I/O below, so the rates see all of it.
+    for _ in $(seq 60); do
+        tmo curl -sf "http://127.0.0.1:$PROM_PORT/api/v1/query?query=up" | grep -q '"1"\]' && break
+        sleep 0.5
+    done
+elif [ "${CI:-}" = true ]; then
+    fail "prometheus not found (apt-get install prometheus; .ci/deps.sh installs it)"
+fi
 
 scrape() { tmo curl -sf "$@" "$URL"; }
 # value NAME_WITH_LABELS: the sample's value in the last scrape (0 if absent)
@@ -75,6 +99,36 @@ missing = sorted(used - have)
 print("dashboard metrics:", len(used), "missing:", missing, file=sys.stderr)
 sys.exit(1 if missing or not used else 0)
 PY
+
+step "the Grafana dashboard, rendered from Prometheus, shows data in every panel"
+# What the reclamation, scrub and error panels show.
+rm "$MNT/b.bin"
+tessera gc "$DS" >/dev/null || fail "tessera gc failed"
+tessera scrub "$DS" >/dev/null || fail "tessera scrub failed"
+cat "$MNT/no-such-file" 2>/dev/null && fail "reading a missing file succeeded"
+# Reads of the warmed file over NFS: cache hits.
+tmo qemu-img convert -O raw "nfs://$NFS_HOST/ds/a.bin" "$TEST_TMP/a2.bin" || fail "NFS read (qemu-img) failed"
+PY=python3
+python3 -c 'import matplotlib' 2>/dev/null || PY=/usr/bin/python3
+if command -v prometheus >/dev/null && "$PY" -c 'import matplotlib' 2>/dev/null; then
+    for _ in $(seq 50); do
+        n=$(tmo curl -sf "$PROM/api/v1/query?query=count_over_time(tessera_files%5B1m%5D)" |
+            python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else 0)' 2>/dev/null || echo 0)
+        [ "${n%.*}" -ge 5 ] 2>/dev/null && break
+        sleep 0.5
+    done
+    sleep 2 # the last scrapes after gc and scrub
+    tmo "$PY" "$FS_TESTS_DIR/../packaging/render-dashboard.py" \
+        --dashboard "$FS_TESTS_DIR/../packaging/grafana-dashboard.json" --prometheus "$PROM" \
+        --minutes 2 --out "$TEST_TMP/dashboard.png" 2>"$TEST_TMP/render.txt" ||
+        fail "dashboard: $(tail -n 3 "$TEST_TMP/render.txt")"
+    [ -z "${DASHBOARD_PNG:-}" ] || cp "$TEST_TMP/dashboard.png" "$DASHBOARD_PNG"
+    log "$(tr '\n' ';' <"$TEST_TMP/render.txt")"
+elif [ "${CI:-}" = true ]; then
+    fail "prometheus or matplotlib missing (apt-get install prometheus python3-matplotlib)"
+else
+    log "prometheus or matplotlib missing: dashboard not rendered"
+fi
 
 step "OpenMetrics when the scraper asks for it"
 scrape -H 'Accept: application/openmetrics-text; version=1.0.0' >"$TEST_TMP/om.txt" || fail "no OpenMetrics answer"
