@@ -325,8 +325,7 @@ impl Engine {
             count += 1;
             unique += u64::from(loc.raw_len);
             stored += u64::from(loc.stored_len);
-            *live.entry(loc.pack.0).or_insert(0) +=
-                crate::store::pack::RECORD_HEADER_LEN as u64 + u64::from(loc.stored_len);
+            *live.entry(loc.pack.0).or_insert(0) += crate::store::record_bytes(&loc);
             let found = walk.chunk_refs.get(&key).copied().unwrap_or(0);
             if found != loc.refs {
                 r.problems.push(format!(
@@ -377,14 +376,12 @@ impl Engine {
                     .push(format!("counter {k} is {}, actual {v}", get(k)?));
             }
         }
-        for e in rtx.open_table(PACKS)?.iter()? {
-            let (k, v) = e?;
-            let want = live.get(&k.value()).copied().unwrap_or(0);
-            if v.value().0 != want {
+        for (p, u) in self.store.pack_use(rtx)? {
+            let want = live.get(&p.0).copied().unwrap_or(0);
+            if u.live != want {
                 r.problems.push(format!(
                     "pack {:08x}: live bytes {} recorded, {want} actual",
-                    k.value(),
-                    v.value().0
+                    p.0, u.live
                 ));
             }
         }

@@ -16,7 +16,7 @@ use super::inode::{InodeId, Kind};
 use super::tree::{self, Node, NodeId};
 use super::{get_inode, Engine, FsError, FsResult};
 use crate::schema::*;
-use crate::store::pack::RECORD_HEADER_LEN;
+use crate::store::record_bytes;
 use crate::store::{ChunkKey, IndexEntry};
 
 /// Space of one file or folder. Bytes throughout.
@@ -139,7 +139,7 @@ impl Engine {
             if n >= loc.refs {
                 unique_slots += paths;
                 if !loc.is_lost() {
-                    u.freed_on_delete_bytes += u64::from(loc.stored_len) + RECORD_HEADER_LEN as u64;
+                    u.freed_on_delete_bytes += record_bytes(&loc);
                 }
             }
         }
@@ -225,7 +225,7 @@ mod tests {
         e.rmdir(root, b"vm2").unwrap();
         let after = e.stats().unwrap().stored_bytes;
         assert_eq!(
-            before - after + 5 * RECORD_HEADER_LEN as u64,
+            before - after + 5 * crate::store::pack::RECORD_HEADER_LEN as u64,
             b.freed_on_delete_bytes
         );
         // now vm owns everything

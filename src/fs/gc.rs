@@ -7,20 +7,15 @@
 //! nothing live in it, which the next run deletes. A pack is deleted only once no reader can
 //! still hold a location in it (`Store::retire_pack` waits for every older snapshot).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use super::pace::Pacer;
 use super::{Engine, FsResult};
-use crate::schema::{PACKS, PACK_DEFERRED};
 use crate::store::chunk::ChunkId;
 use crate::store::pack::PackId;
-use crate::store::{ChunkKey, ChunkLoc, IndexEntry};
-
-/// Live records copied per group (4096 x 16 KiB chunks: at most 64 MiB in memory).
-const GC_GROUP: usize = 4096;
+use crate::store::{ChunkKey, ChunkLoc, IndexEntry, PackUse};
 
 /// Live bytes (per the pack accounting) of the candidate packs compacted per scan of the
 /// index. A scan keeps the live index entries of its group in memory, about 72 bytes each:
@@ -81,12 +76,10 @@ impl Engine {
         let mut r = r?;
         r.min_live = min_live;
         // What is left dead, and where: the report says why it stayed.
-        let rtx = self.read_txn()?;
-        for e in rtx.open_table(PACKS)?.iter()? {
-            let dead = e?.1.value().1;
-            if dead > 0 {
+        for u in self.store.pack_use(&*self.read_txn()?)?.values() {
+            if u.dead > 0 {
                 r.packs_left_with_dead += 1;
-                r.bytes_left_dead += dead;
+                r.bytes_left_dead += u.dead;
             }
         }
         Ok(r)
@@ -104,18 +97,13 @@ impl Engine {
     /// compacted whatever the threshold; once `RECOMPRESS_MIN_BYTES` of such records wait in
     /// packs no longer appended to, a run is due even with nothing dead (threshold 0).
     pub fn reclaim_threshold(&self) -> FsResult<Option<f64>> {
-        let rtx = self.read_txn()?;
-        let mut packs: Vec<(u64, u64)> = Vec::new();
-        for e in rtx.open_table(PACKS)?.iter()? {
-            packs.push(e?.1.value());
-        }
+        let uses = self.store.pack_use(&*self.read_txn()?)?;
+        let packs: Vec<(u64, u64)> = uses.values().map(|u| (u.live, u.dead)).collect();
         let active = self.store.active_pack();
-        let deferred = deferred_bytes(&rtx)?;
-        drop(rtx);
-        let waiting: u64 = deferred
+        let waiting: u64 = uses
             .iter()
-            .filter(|(p, _)| active.is_none_or(|a| **p < a.0) && self.cold(PackId(**p)))
-            .map(|(_, b)| *b)
+            .filter(|(p, _)| active.is_none_or(|a| **p < a) && self.cold(**p))
+            .map(|(_, u)| u.deferred)
             .sum();
         Ok(pick_min_live(&packs).or_else(|| (waiting >= RECOMPRESS_MIN_BYTES).then_some(0.0)))
     }
@@ -138,41 +126,33 @@ impl Engine {
         progress: &dyn Fn(u64, u64),
     ) -> FsResult<GcReport> {
         let mut pacer = Pacer::new(rate);
-        let io = self.store.io().clone();
-        let read_accounting = || -> FsResult<HashMap<u32, (u64, u64)>> {
-            let rtx = self.read_txn()?;
-            let t = rtx.open_table(PACKS)?;
-            Ok(t.iter()?
-                .map(|r| r.map(|(k, v)| (k.value(), v.value())))
-                .collect::<Result<_, _>>()?)
+        let mut accounting = self.store.pack_use(&*self.read_txn()?)?;
+        let low = |acc: &BTreeMap<PackId, PackUse>, p: PackId| {
+            let u = acc.get(&p).copied().unwrap_or_default();
+            u.live == 0 || u.live_share() < min_live
         };
-        let mut accounting = read_accounting()?;
-        let low = |acc: &HashMap<u32, (u64, u64)>, p: PackId| {
-            let (live, dead) = acc.get(&p.0).copied().unwrap_or((0, 0));
-            live == 0 || (live as f64) < min_live * (live + dead) as f64
-        };
-        let deferred = deferred_bytes(&*self.read_txn()?)?;
-        let to_compress = |acc: &HashMap<u32, (u64, u64)>, p: PackId| {
-            let (live, dead) = acc.get(&p.0).copied().unwrap_or((0, 0));
-            let d = deferred.get(&p.0).copied().unwrap_or(0);
-            d > 0 && d as f64 >= RECOMPRESS_MIN_SHARE * (live + dead) as f64 && self.cold(p)
+        let to_compress = |acc: &BTreeMap<PackId, PackUse>, p: PackId| {
+            let u = acc.get(&p).copied().unwrap_or_default();
+            u.deferred > 0
+                && u.deferred as f64 >= RECOMPRESS_MIN_SHARE * (u.live + u.dead) as f64
+                && self.cold(p)
         };
         // The pack being appended to is compacted too once it qualifies: close it first.
         if let Some(a) = self.store.active_pack() {
-            if low(&accounting, a) && accounting.get(&a.0).is_some_and(|(_, dead)| *dead > 0) {
+            if low(&accounting, a) && accounting.get(&a).is_some_and(|u| u.dead > 0) {
                 self.store.seal_active()?;
-                accounting = read_accounting()?;
+                accounting = self.store.pack_use(&*self.read_txn()?)?;
             }
         }
         // List first, then read the active pack: a pack created meanwhile is either not
         // listed or at/after the active one. Pack ids only grow, so everything at or after the
         // active pack (which may hold records not committed yet) is left alone.
-        let listed = io.list()?;
+        let listed = self.store.pack_files()?;
         let active = self.store.active_pack();
-        let candidates: Vec<PackId> = listed
+        let candidates: Vec<(PackId, u64)> = listed
             .into_iter()
-            .filter(|p| active.is_none_or(|a| p.0 < a.0))
-            .filter(|p| low(&accounting, *p) || to_compress(&accounting, *p))
+            .filter(|(p, _)| active.is_none_or(|a| *p < a))
+            .filter(|(p, _)| low(&accounting, *p) || to_compress(&accounting, *p))
             .collect();
         let mut report = GcReport::default();
         if candidates.is_empty() {
@@ -180,10 +160,8 @@ impl Engine {
             return Ok(report);
         }
         // Copies need free space; on a full disk, the reserve provides it.
-        let to_copy: u64 = candidates
-            .iter()
-            .map(|p| accounting.get(&p.0).map_or(0, |a| a.0))
-            .sum();
+        let live_of = |p: &PackId| accounting.get(p).map_or(0, |u| u.live);
+        let to_copy: u64 = candidates.iter().map(|(p, _)| live_of(p)).sum();
         // Records appended to the candidates before they were sealed are committed (or
         // garbage) once the writers that appended them are done: wait for them first.
         self.store.drain_appends();
@@ -194,118 +172,83 @@ impl Engine {
         }
         let total = candidates.len() as u64;
         let mut done = 0u64;
-        let live_of = |p: &PackId| accounting.get(&p.0).map_or(0, |a| a.0);
         let mut rest = &candidates[..];
         while !rest.is_empty() {
             // The next group: packs in order while their live bytes fit the limit (at least
             // one pack). Only this group's index entries are held, from one scan of the index.
             let (mut n, mut bytes) = (0, 0);
-            while n < rest.len() && (n == 0 || bytes + live_of(&rest[n]) <= group_live_bytes) {
-                bytes += live_of(&rest[n]);
+            while n < rest.len() && (n == 0 || bytes + live_of(&rest[n].0) <= group_live_bytes) {
+                bytes += live_of(&rest[n].0);
                 n += 1;
             }
             let (group, tail) = rest.split_at(n);
             rest = tail;
-            let mut live = self.store.live_records(&*self.read_txn()?, group)?;
+            let ids: Vec<PackId> = group.iter().map(|g| g.0).collect();
+            let mut live = self.store.live_records(&*self.read_txn()?, &ids)?;
             let held = live.values().map(Vec::len).sum::<usize>() as u64;
             report.peak_entries_held = report.peak_entries_held.max(held);
-            for &pack in group {
+            for &(pack, size) in group {
                 progress(done, total);
                 done += 1;
-                self.compact_pack(
-                    pack,
-                    live.remove(&pack).unwrap_or_default(),
-                    deferred.contains_key(&pack.0),
-                    &mut pacer,
-                    &mut report,
-                )?;
+                let compress = accounting.get(&pack).is_some_and(|u| u.deferred > 0);
+                let records = live.remove(&pack).unwrap_or_default();
+                self.compact_pack(pack, size, records, compress, &mut pacer, &mut report)?;
             }
         }
         progress(total, total);
         Ok(report)
     }
 
-    /// Copy the live `records` of `pack` out, point the index at the copies (durably), and
-    /// delete the pack. With `compress`, records stored raw are compressed on the way.
+    /// Copy the live `records` of `pack` (`size` bytes) out, point the index at the copies
+    /// (durably), and delete the pack. With `compress`, records stored raw are compressed on
+    /// the way.
     fn compact_pack(
         &self,
         pack: PackId,
+        size: u64,
         records: Vec<(ChunkKey, IndexEntry)>,
         compress: bool,
         pacer: &mut Pacer,
         report: &mut GcReport,
     ) -> FsResult<()> {
-        let size = self.store.io().len(pack).unwrap_or(0);
-        let mut new_locs = Vec::with_capacity(records.len());
-        let mut damaged = false;
-        'copy: for group in records.chunks(GC_GROUP) {
-            let mut copies = Vec::with_capacity(group.len());
-            for (_, e) in group {
-                match self.store.read_record_for_copy(&e.id, &e.loc, compress) {
-                    Ok(c) => {
-                        if c.codec != e.loc.codec {
-                            report.chunks_compressed += 1;
-                        }
-                        copies.push(c)
+        let copied = match self
+            .store
+            .copy_records(&records, compress, &mut |b| pacer.done(b))
+        {
+            Ok(c) => c,
+            Err((e, made)) => {
+                tracing::error!("gc: pack {:08x} kept: {e}", pack.0);
+                // The copies made so far are referenced by nothing: count them as dead
+                // space, so a later run reclaims them.
+                self.txn(false, |w| {
+                    for l in &made {
+                        w.chunks.add_dead(l)?;
                     }
-                    Err(e) => {
-                        tracing::error!("gc: pack {:08x} kept: {e}", pack.0);
-                        damaged = true;
-                        break 'copy;
-                    }
-                }
+                    Ok(())
+                })?;
+                report.packs_skipped_damaged += 1;
+                return Ok(());
             }
-            let bytes: u64 = copies.iter().map(|c| c.payload.len() as u64).sum();
-            new_locs.extend(self.store.append_many(&copies)?);
-            pacer.done(bytes);
-        }
-        if damaged {
-            // The copies made so far are referenced by nothing: count them as dead space,
-            // so a later run reclaims them.
-            self.txn(false, |w| {
-                for l in &new_locs {
-                    w.chunks.add_dead(l)?;
-                }
-                Ok(())
-            })?;
-            report.packs_skipped_damaged += 1;
-            return Ok(());
-        }
+        };
         // Durable: the copies are synced before the index points at them.
         let switched = self.txn(true, |w| {
-            for ((key, old), new) in records.iter().zip(&new_locs) {
-                match w.chunks.entry(*key)? {
-                    Some(cur)
-                        if cur.id == old.id
-                            && cur.loc.pack == pack
-                            && cur.loc.offset == old.loc.offset =>
-                    {
-                        w.chunks.relocate(*key, new)?
-                    }
-                    // Released or stored again meanwhile: this copy is garbage.
-                    _ => w.chunks.add_dead(new)?,
-                }
-            }
-            w.chunks.forget_pack(pack)?;
-            Ok(())
+            Ok(w.chunks.switch_to_copies(pack, &records, &copied.locs)?)
         });
         if let Err(e) = switched {
             // Nothing points at the copies: count them as dead space.
             let copies: HashMap<ChunkId, ChunkLoc> =
-                records.iter().map(|r| r.1.id).zip(new_locs).collect();
+                records.iter().map(|r| r.1.id).zip(copied.locs).collect();
             self.settle_failed_appends(&copies);
             return Err(e);
         }
         self.store.retire_pack(pack)?;
-        let moved: u64 = new_locs
-            .iter()
-            .map(|l| crate::store::pack::RECORD_HEADER_LEN as u64 + u64::from(l.stored_len))
-            .sum();
+        let moved = copied.bytes;
         self.ops.gc_packs.inc();
         self.ops.gc_moved_bytes.inc_by(moved);
         self.ops.gc_freed_bytes.inc_by(size.saturating_sub(moved));
         report.packs_compacted += 1;
-        report.chunks_moved += new_locs.len() as u64;
+        report.chunks_moved += copied.locs.len() as u64;
+        report.chunks_compressed += copied.compressed;
         report.bytes_moved += moved;
         report.bytes_freed += size.saturating_sub(moved);
         Ok(())
@@ -327,19 +270,6 @@ impl Engine {
             );
         }
     }
-}
-
-/// Bytes of records stored uncompressed, per pack (`PACK_DEFERRED`; empty in a datastore
-/// that has none yet).
-pub(crate) fn deferred_bytes(rtx: &redb::ReadTransaction) -> FsResult<HashMap<u32, u64>> {
-    let t = match rtx.open_table(PACK_DEFERRED) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashMap::new()),
-        Err(e) => return Err(e.into()),
-    };
-    Ok(t.iter()?
-        .map(|r| r.map(|(k, v)| (k.value(), v.value())))
-        .collect::<Result<_, _>>()?)
 }
 
 /// `reclaim_threshold` over the (live, dead) bytes of every pack.
@@ -544,20 +474,16 @@ mod tests {
 
     /// Every byte of every pack past its header, and what the accounting counts (live, dead).
     fn bytes_and_accounting(e: &Engine) -> (u64, u64, u64) {
-        let io = e.store.io();
-        let on_disk: u64 = io
-            .list()
+        let on_disk: u64 = e
+            .store
+            .pack_files()
             .unwrap()
             .iter()
-            .map(|p| io.len(*p).unwrap() - PACK_HEADER_LEN)
+            .map(|(_, len)| len - PACK_HEADER_LEN)
             .sum();
-        let rtx = e.read_txn().unwrap();
-        let (mut live, mut dead) = (0, 0);
-        for r in rtx.open_table(PACKS).unwrap().iter().unwrap() {
-            let (l, d) = r.unwrap().1.value();
-            live += l;
-            dead += d;
-        }
+        let uses = e.store.pack_use(&e.read_txn().unwrap()).unwrap();
+        let live = uses.values().map(|u| u.live).sum();
+        let dead = uses.values().map(|u| u.dead).sum();
         (on_disk, live, dead)
     }
 

@@ -104,8 +104,7 @@ impl Engine {
         };
 
         // 2. Intact records, from the packs.
-        let io = self.store.io().clone();
-        let packs = io.list()?;
+        let packs: Vec<PackId> = self.store.pack_files()?.into_iter().map(|p| p.0).collect();
         let mut found: HashMap<ChunkId, ChunkLoc> = HashMap::new();
         for (n, pack) in packs.iter().enumerate() {
             progress(n as u64, packs.len() as u64);
@@ -193,9 +192,12 @@ impl Engine {
                 let id = id.unwrap_or(ChunkId([0; 32]));
                 index.push((key, IndexEntry { id, loc }));
             }
-            let lens: Vec<(PackId, u64)> = packs
-                .iter()
-                .map(|p| (*p, io.len(*p).unwrap_or(0)))
+            let scanned: HashSet<PackId> = packs.iter().copied().collect();
+            let lens: Vec<(PackId, u64)> = self
+                .store
+                .pack_files()?
+                .into_iter()
+                .filter(|(p, _)| scanned.contains(p))
                 .collect();
             w.chunks.replace_all(&index, &lens)?;
             Ok(())

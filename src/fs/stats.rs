@@ -146,16 +146,13 @@ impl Engine {
         let unique = get(C_UNIQUE_BYTES)?;
         let stored = get(C_STORED_BYTES)?;
         let chunk_count = get(C_CHUNK_COUNT)?;
-        let mut dead = 0;
-        for r in rtx.open_table(PACKS)?.iter()? {
-            dead += r?.1.value().1;
-        }
-        let uncompressed_bytes = super::gc::deferred_bytes(&rtx)?.values().sum();
+        let uses = self.store.pack_use(&rtx)?;
+        let dead = uses.values().map(|u| u.dead).sum();
+        let uncompressed_bytes = uses.values().map(|u| u.deferred).sum();
         let cache = self.store.cache_stats();
         let (mut pack_bytes, mut pack_count) = (0, 0);
-        let io = self.store.io();
-        for p in io.list()? {
-            pack_bytes += io.len(p).unwrap_or(0);
+        for (_, len) in self.store.pack_files()? {
+            pack_bytes += len;
             pack_count += 1;
         }
         let size_of = |name: &str| {

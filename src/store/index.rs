@@ -120,7 +120,7 @@ enum Found {
 }
 
 /// Bytes a record takes in its pack (header and payload).
-fn record_bytes(l: &ChunkLoc) -> u64 {
+pub fn record_bytes(l: &ChunkLoc) -> u64 {
     RECORD_HEADER_LEN as u64 + u64::from(l.stored_len)
 }
 

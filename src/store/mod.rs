@@ -13,9 +13,11 @@
 //! the same transaction that references it.
 
 pub mod chunk;
+pub mod compact;
 pub mod index;
 pub mod loc;
-pub use index::ChunkTables;
+pub use compact::{Copied, PackUse};
+pub use index::{record_bytes, ChunkTables};
 pub use loc::{ChunkKey, ChunkLoc, IndexEntry};
 pub mod pack;
 pub mod scan;
