@@ -226,15 +226,17 @@ impl Store {
 
     /// Append several chunks with one write; returns their locations (`refs == 0`) in order.
     pub fn append_many(&self, es: &[Encoded]) -> Result<Vec<ChunkLoc>, StoreError> {
-        APPEND_BUF.with_borrow_mut(|buf| {
-            buf.clear();
-            let r = self.append_records(es, buf);
-            // Kept for the thread's next append unless unusually large.
-            if buf.capacity() > 2 * MAX_COALESCED_READ as usize {
-                *buf = Vec::new();
+        let mut buf = APPEND_BUFS.lock().pop().unwrap_or_default();
+        buf.clear();
+        let r = self.append_records(es, &mut buf);
+        // Kept for a later append, unless unusually large or enough are kept already.
+        if buf.capacity() <= 2 * MAX_COALESCED_READ as usize {
+            let mut spare = APPEND_BUFS.lock();
+            if spare.len() < APPEND_BUFS_KEPT {
+                spare.push(buf);
             }
-            r
-        })
+        }
+        r
     }
 
     fn append_records(
@@ -863,11 +865,12 @@ impl Store {
 /// A verified chunk, or why it could not be read.
 pub type ChunkResult = Result<Arc<Vec<u8>>, StoreError>;
 
-thread_local! {
-    /// Records being appended, reused by each thread: a fresh multi-MiB buffer per append
-    /// costs a page fault and the zeroing of every page.
-    static APPEND_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
+/// Buffers of records being appended, reused: a fresh multi-MiB buffer per append costs a page
+/// fault and the zeroing of every page (glibc hands allocations over 256 KiB to mmap in the
+/// server). A few are kept for the whole process, not one per thread: NFS and FUSE workers
+/// append too, and a buffer kept by each would hold tens of MiB resident.
+static APPEND_BUFS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+const APPEND_BUFS_KEPT: usize = 2;
 
 /// Runs of records adjacent in one pack, among `items` sorted by location, each spanning at
 /// most [`MAX_COALESCED_READ`] bytes: one read each.
