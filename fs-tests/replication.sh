@@ -179,7 +179,7 @@ for round in $(seq 1 "$ROUNDS"); do
 import json, sys
 r = json.load(open(sys.argv[1]))
 assert r["resumed"], "the point of the broken run was not sent again"
-# Chunks that arrived before the break (made durable about every second) are not sent again.
+# Chunks that arrived before the break (durable, or found in the packs after a kill -9) are not sent again.
 assert r["sent"]["chunks_held_by_receiver"] > 0, "every chunk crossed again"
 PY
     [ "$(sha "$MB/dr/desk01/big.raw")" = "$(sha "$MA/vms/desk01/big.raw")" ] || fail "round $round: replica differs"

@@ -4,9 +4,11 @@
 //! The tree is built in a staging folder, `/.snapshots/.receiving/<n>/tree`, read-only to
 //! everything else; each chunk received is verified against its id, appended if the datastore
 //! does not hold it yet, and held from the moment it is indexed by a staging file
-//! (`.../held`), so reclamation cannot take it before the maps that use it arrive. A stream
-//! cut short or damaged leaves nothing behind (the staging folder is removed; one left by a
-//! kill -9 is removed by the next receive). At the end one durable transaction moves the
+//! (`.../held`), so reclamation cannot take it before the maps that use it arrive. A damaged
+//! stream leaves nothing behind (the staging folder is removed). A stream cut short keeps
+//! what arrived for the same stream sent again (`STAGING_KEEP`); after a kill -9 of this side,
+//! the chunks appended since the last durable point are found again in the packs
+//! (`Store::orphan_records`). At the end one durable transaction moves the
 //! result into place: a new replica at the target path, or, for an incremental stream, the
 //! replica changed in place (files present in both keep their inodes), plus a snapshot of the
 //! same name and time as the sender's, the base of the next incremental stream.
@@ -239,6 +241,10 @@ impl Engine {
         }
         let key = staging_key(h.source, &p, &h.snap);
         let mut st = self.staging_begin(&key)?;
+        // Resuming after a kill -9 of this side: the chunks it caught between their append and
+        // the next durable point are in the packs still; keep them, so they are not sent
+        // again. (After a clean stop there are none, and nothing is read.)
+        self.adopt_orphans(&mut st)?;
         let mut rep = ReceiveReport {
             path: format!("/{p}"),
             incremental: base.is_some(),
@@ -700,6 +706,38 @@ impl Engine {
             self.drop_state(ino);
         }
         Ok(st)
+    }
+
+    /// Hold (in the staging holder) the intact records the index lost to a crash
+    /// (`Store::orphan_records`); returns how many.
+    fn adopt_orphans(&self, st: &mut Staging) -> FsResult<u64> {
+        let orphans = self.store.orphan_records(&*self.read_txn()?)?;
+        if orphans.is_empty() {
+            return Ok(0);
+        }
+        let c = self.chunk_size;
+        let (held_ino, first, n) = (st.held, st.next_slot, orphans.len() as u64);
+        let keys = self.txn(true, |w| {
+            w.snapshots_writable = true;
+            let mut ups = Vec::with_capacity(orphans.len());
+            for (k, (id, loc)) in orphans.iter().enumerate() {
+                ups.push((first + k as u64, Some(w.chunks.reference(id, Some(loc))?)));
+            }
+            // Stored again meanwhile by another writer: that record stays dead space.
+            w.chunks
+                .settle_appended(orphans.iter().map(|(id, loc)| (id, loc)))?;
+            set_slots(w, held_ino, &ups, Some((first + n) * c))?;
+            Ok(ups)
+        })?;
+        st.next_slot += n;
+        st.remember(
+            orphans
+                .iter()
+                .map(|o| o.0)
+                .zip(keys.into_iter().filter_map(|(_, k)| k)),
+        );
+        tracing::info!("receive: resuming with {n} chunks a crash had left out of the index");
+        Ok(n)
     }
 
     /// Hold (in the staging holder) those of `ids` this datastore has: they cannot be

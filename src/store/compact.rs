@@ -3,12 +3,13 @@
 //! pointing the index at the copies, deleting the pack). The policy (which packs, when, how
 //! fast) is the engine's (`fs/gc.rs`); everything about pack files and records is here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use redb::{ReadTransaction, ReadableTable};
 
-use super::index::{record_bytes, ChunkTables};
-use super::pack::PackId;
+use super::chunk::ChunkId;
+use super::index::{find_in, record_bytes, ChunkTables};
+use super::pack::{PackId, PACK_HEADER_LEN};
 use super::{ChunkKey, ChunkLoc, Encoded, IndexEntry, Store, StoreError};
 use crate::schema;
 
@@ -85,6 +86,36 @@ impl Store {
             .into_iter()
             .map(|p| (p, self.io.len(p).unwrap_or(0)))
             .collect())
+    }
+
+    /// Intact records the index does not know, in packs other than the one being appended
+    /// to whose accounting leaves bytes unexplained: appended for commits that a kill -9 took
+    /// away (the appends were in the page cache; the commits were not durable yet). In pack
+    /// order. Reads (and verifies) only such packs, none after a clean shutdown.
+    pub fn orphan_records(
+        &self,
+        rtx: &ReadTransaction,
+    ) -> Result<Vec<(ChunkId, ChunkLoc)>, StoreError> {
+        let uses = self.pack_use(rtx)?;
+        let active = self.active_pack();
+        let index = rtx.open_table(schema::CHUNKS)?;
+        let aliases = rtx.open_table(schema::CHUNK_ALIASES)?;
+        let mut out = Vec::new();
+        for (pack, len) in self.pack_files()? {
+            let u = uses.get(&pack).copied().unwrap_or_default();
+            if Some(pack) == active || len <= PACK_HEADER_LEN + u.live + u.dead {
+                continue;
+            }
+            let mut found = HashMap::new();
+            self.scan_pack(pack, &mut found)?;
+            for (id, loc) in found {
+                if find_in(&index, &aliases, &id)?.is_none() {
+                    out.push((id, loc));
+                }
+            }
+        }
+        out.sort_by_key(|(_, l)| (l.pack, l.offset));
+        Ok(out)
     }
 
     /// The live records of `pack` copied to the active pack (synced with the next durable
