@@ -41,7 +41,7 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::NotSupported => Errno::EOPNOTSUPP,
         FsError::TooManyLinks => Errno::EMLINK,
         FsError::ReadOnly => Errno::EROFS,
-        FsError::Stream(_) => Errno::EIO,
+        FsError::Stream(_) | FsError::StreamCut(_) => Errno::EIO,
         FsError::NoSpace => Errno::ENOSPC,
         FsError::Corrupt { .. } | FsError::BadMeta(_) | FsError::Io(_) | FsError::Meta(_) => {
             Errno::EIO

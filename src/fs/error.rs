@@ -40,6 +40,10 @@ pub enum FsError {
     ReadOnly,
     #[error("{0}")]
     Stream(String),
+    /// A stream or replication session that ended early (pipe or connection closed): what
+    /// arrived is kept for the same stream sent again, unlike a damaged one.
+    #[error("{0}")]
+    StreamCut(String),
     #[error("no space left on the datastore's disk")]
     NoSpace,
     #[error("data damaged in inode {ino} at offset {offset}: {detail}")]

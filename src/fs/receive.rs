@@ -77,11 +77,7 @@ fn check_chunks(chunk_size: u64) -> impl Fn(Frame) -> std::io::Result<Frame> {
 
 /// A stream that ended early (as opposed to one that is damaged).
 fn is_cut(e: &FsError) -> bool {
-    match e {
-        FsError::Stream(m) => m.contains("cut"),
-        FsError::Io(_) => true,
-        _ => false,
-    }
+    matches!(e, FsError::StreamCut(_) | FsError::Io(_))
 }
 
 /// What a receive did.
@@ -103,6 +99,7 @@ pub struct ReceiveReport {
 fn stream_err(e: std::io::Error) -> FsError {
     match e.kind() {
         std::io::ErrorKind::InvalidData => FsError::Stream(e.to_string()),
+        std::io::ErrorKind::UnexpectedEof => FsError::StreamCut(e.to_string()),
         _ => FsError::Io(e),
     }
 }
@@ -323,7 +320,7 @@ impl Engine {
         let c = self.chunk_size;
         loop {
             let f = r.recv().map_err(|_| {
-                FsError::Stream("the stream reader stopped: the stream was cut".into())
+                FsError::StreamCut("the stream reader stopped: the stream was cut".into())
             })?;
             match f.map_err(stream_err)? {
                 Frame::Have(ids) => {

@@ -322,7 +322,10 @@ impl<R: Read> Reader<R> {
 
 fn cut(e: io::Error) -> io::Error {
     match e.kind() {
-        io::ErrorKind::UnexpectedEof => bad("the stream ends early: it was cut (send it again)"),
+        io::ErrorKind::UnexpectedEof => io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the stream ends early: it was cut (send it again)",
+        ),
         _ => e,
     }
 }

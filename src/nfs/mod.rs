@@ -98,7 +98,7 @@ pub fn nfsstat(e: &FsError) -> nfsstat3 {
         FsError::NotSupported => nfsstat3::NFS3ERR_NOTSUPP,
         FsError::TooManyLinks => nfsstat3::NFS3ERR_MLINK,
         FsError::ReadOnly => nfsstat3::NFS3ERR_ROFS,
-        FsError::Stream(_) => nfsstat3::NFS3ERR_IO,
+        FsError::Stream(_) | FsError::StreamCut(_) => nfsstat3::NFS3ERR_IO,
         FsError::NoSpace => nfsstat3::NFS3ERR_NOSPC,
         FsError::Corrupt { .. } | FsError::BadMeta(_) | FsError::Io(_) | FsError::Meta(_) => {
             nfsstat3::NFS3ERR_IO
