@@ -557,26 +557,20 @@ impl Engine {
                 nsecs: e.mtime.1,
             };
             i.flags = FLAG_SNAPSHOT;
-            if let Some(t) = twin {
-                let ti = w.inode(t)?;
-                if ti.kind != Kind::File || kind != Kind::File {
-                    return Err(FsError::Stream(
-                        "a file shares the map of a non-file: damaged stream".into(),
-                    ));
+            // A clone of a file received earlier, or the base's file an incremental map
+            // changes: the new file starts from its chunk map.
+            let shared = match (twin, base_file) {
+                (Some(t), _) => Some((t, "a file shares the map of a non-file: damaged stream")),
+                (None, Some(b)) => Some((b, "the stream's base file is not a file")),
+                (None, None) => None,
+            };
+            if let Some((from, not_a_file)) = shared {
+                let fi = w.inode(from)?;
+                if fi.kind != Kind::File || kind != Kind::File {
+                    return Err(FsError::Stream(not_a_file.into()));
                 }
-                w.tree().incref_node(ti.root.node)?;
-                let (root, total) = w.tree().truncate(ti.root, n_slots)?;
-                i.root = root;
-                i.aux = total;
-            } else if let Some(b) = base_file {
-                let bi = w.inode(b)?;
-                if bi.kind != Kind::File || kind != Kind::File {
-                    return Err(FsError::Stream(
-                        "the stream's base file is not a file".into(),
-                    ));
-                }
-                w.tree().incref_node(bi.root.node)?;
-                let (root, total) = w.tree().truncate(bi.root, n_slots)?;
+                w.tree().incref_node(fi.root.node)?;
+                let (root, total) = w.tree().truncate(fi.root, n_slots)?;
                 i.root = root;
                 i.aux = total;
             }

@@ -437,19 +437,6 @@ impl Store {
             .collect()
     }
 
-    /// The chunk under `key` as stored (compressed, with its codec), its record checked against
-    /// the index and its crc: for replication, which sends chunks as stored.
-    pub fn read_stored(&self, rtx: &ReadTransaction, key: ChunkKey) -> Result<Encoded, StoreError> {
-        let e = self.entry(rtx, key)?.ok_or(StoreError::MissingKey(key))?;
-        if e.loc.is_lost() {
-            return Err(StoreError::Corrupt {
-                id: e.id,
-                detail: "the chunk is lost (fsck --repair found no intact copy)".into(),
-            });
-        }
-        self.read_record_for_copy(&e.id, &e.loc, false)
-    }
-
     /// Make every append so far durable. Called before every durable metadata commit.
     pub fn sync(&self) -> Result<(), StoreError> {
         let _one = self.syncing.lock();
@@ -511,15 +498,6 @@ impl Store {
     ) -> Result<Vec<Option<IndexEntry>>, StoreError> {
         let t = rtx.open_table(schema::CHUNKS)?;
         keys.iter().map(|k| index::entry_in(&t, *k)).collect()
-    }
-
-    /// The id and location of the chunk under `key` (read snapshot).
-    pub fn entry(
-        &self,
-        rtx: &ReadTransaction,
-        key: ChunkKey,
-    ) -> Result<Option<IndexEntry>, StoreError> {
-        index::entry_in(&rtx.open_table(schema::CHUNKS)?, key)
     }
 
     /// The key and location of `id`, if stored (read snapshot).
