@@ -58,6 +58,10 @@ impl Engine {
                 copy(&mut out, idx, buf);
             }
         }
+        // The stored chunks are read from the snapshot, taken under the state lock, so the
+        // read is of the file as it was when the lock was held; releasing the lock first lets
+        // writers of the file go on while this read waits for the disk and decompresses.
+        drop(g);
         let keys: Vec<ChunkKey> = stored.iter().map(|s| s.1).collect();
         let chunks = self.store.read_many(&rtx, &keys);
         for ((idx, _), r) in stored.iter().map(|s| (s.0, ())).zip(chunks) {
