@@ -16,9 +16,11 @@ fn main() -> ExitCode {
                 // fuser logs unimplemented requests and a harmless second unmount at WARN;
                 // nfs3_server logs every client-side error (a NOENT, a bad handle) at ERROR
                 // and each connection at INFO. Tessera logs what an admin must see itself;
-                // refused peers (nfs3_server::tcp) stay visible.
+                // refused peers (nfs3_server::tcp) stay visible. object_store logs each retry
+                // at INFO; the tier reports failures that outlast the retries itself.
                 .unwrap_or_else(|_| {
-                    "info,fuser=error,nfs3_server=off,nfs3_server::tcp=warn".into()
+                    "info,fuser=error,nfs3_server=off,nfs3_server::tcp=warn,object_store=warn"
+                        .into()
                 }),
         )
         .with_writer(std::io::stderr)

@@ -8,6 +8,7 @@ pub mod fsck;
 pub mod gc;
 pub mod init;
 pub mod mount;
+pub mod restore;
 pub mod scrub;
 pub mod serve;
 pub mod snapshot;
@@ -35,6 +36,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     Init(init::Args),
+    Restore(restore::Args),
     Mount(mount::Args),
     Serve(serve::Args),
     Clone(clone::Args),
@@ -55,6 +57,7 @@ pub enum Cmd {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Init(a) => init::run(a),
+        Cmd::Restore(a) => restore::run(a),
         Cmd::Mount(a) => mount::run(a),
         Cmd::Serve(a) => serve::run(a),
         Cmd::Clone(a) => clone::run(a),

@@ -211,6 +211,9 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::File::open(&dir)?.sync_all()?;
     }
     let _flusher = engine.spawn_flusher(Duration::from_secs(a.daemon.flush_interval.max(1)));
+    // An S3-backed datastore: the metadata goes into the bucket too, so the bucket alone
+    // restores it (`tessera restore`).
+    let _backups = engine.spawn_metadata_backups(tessera::fs::tier_backup::BACKUP_EVERY);
     if a.daemon.gc_interval > 0 {
         let d = &a.daemon;
         let rate = (d.gc_rate > 0).then_some(d.gc_rate << 20);
@@ -324,6 +327,13 @@ pub fn run(a: Args) -> Result<()> {
     // free space: the next open would otherwise find it).
     if let Err(e) = engine.compact_metadata(0) {
         tracing::warn!("cannot compact the metadata file: {e}");
+    }
+    // With an object-store tier, leave the bucket complete: every pack and the metadata.
+    if let Err(e) = engine.backup_metadata() {
+        tracing::error!(
+            "cannot back the metadata up into the bucket at stop: {e}; the bucket lacks what \
+             changed since the last backup until the datastore is served again"
+        );
     }
     fuse_result.context("FUSE session failed")?;
     tracing::info!("stopped serving {}; all data flushed", dir.display());

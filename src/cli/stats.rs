@@ -119,6 +119,44 @@ pub fn run(a: Args) -> Result<()> {
         human(s.folder_bytes),
         if s.other_bytes > 0 { ", other" } else { "" }
     );
+    if let Some(t) = &s.tier {
+        println!(
+            "object store      {}: {} objects, {}",
+            t.url,
+            t.objects,
+            human(t.object_bytes)
+        );
+        println!(
+            "  uploads pending {} packs, {}; deletes pending {}",
+            t.uploads_pending,
+            human(t.upload_bytes_pending),
+            t.deletes_pending
+        );
+        println!(
+            "  local cache     {} of {} ({} of uploaded packs kept, {} read back); not yet \
+             uploaded: {}",
+            human(t.cached_pack_bytes + t.cache_block_bytes),
+            human(t.cache_limit_bytes),
+            human(t.cached_pack_bytes),
+            human(t.cache_block_bytes),
+            human(t.local_pack_bytes.saturating_sub(t.cached_pack_bytes))
+        );
+        println!(
+            "  requests        {} put, {} get, {} list, {} delete; {} up, {} down",
+            t.requests_put,
+            t.requests_get,
+            t.requests_list,
+            t.requests_delete,
+            human(t.bytes_uploaded),
+            human(t.bytes_downloaded)
+        );
+        if let Some(e) = &t.last_error {
+            println!("  last error      {e}");
+        }
+        if let Some(f) = &t.fenced {
+            println!("  STOPPED         {f}");
+        }
+    }
     println!(
         "disk              {} free of {}",
         human(s.disk_free_bytes),

@@ -371,6 +371,9 @@ impl Engine {
                     if let Err(err) = r {
                         tracing::error!("background flush failed (will retry): {err}");
                     }
+                    if let Err(err) = e.store.seal_if_due() {
+                        tracing::error!("cannot seal the pack for upload (will retry): {err}");
+                    }
                     // Once the datastore has been quiet for a while, give the metadata file's
                     // free pages back (a burst of writes leaves the file up to 3x its tables).
                     // Compaction stalls new transactions, so only when nothing is going on.

@@ -75,6 +75,7 @@ pub mod stream;
 mod tests;
 #[cfg(test)]
 pub(crate) mod testutil;
+pub mod tier_backup;
 pub mod timing;
 pub mod tree;
 pub mod upgrade;
@@ -95,6 +96,8 @@ use redb::{
 
 use crate::schema::*;
 use crate::store::pack::{DirPackIo, PackIo};
+use crate::store::remote::TierConfig;
+use crate::store::tier::TieredPackIo;
 use crate::store::{ChunkTables, Store};
 pub use error::{FsError, FsResult};
 pub use inode::{Generation, Inode, InodeId, Kind, Time};
@@ -369,6 +372,11 @@ fn read_format(db: &Database) -> FsResult<Format> {
 impl Engine {
     /// Create a new datastore in `dir` (which must be empty or absent).
     pub fn create(dir: &Path, format: Format) -> FsResult<()> {
+        Self::create_with_tier(dir, format, None)
+    }
+
+    /// [`Engine::create`], with the chunks kept in an object store (`tier`).
+    pub fn create_with_tier(dir: &Path, format: Format, tier: Option<&TierConfig>) -> FsResult<()> {
         if !format.chunk_size.is_power_of_two()
             || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&format.chunk_size)
         {
@@ -390,6 +398,9 @@ impl Engine {
         // redb creates the file with the umask's mode.
         crate::private::make_private(&dir.join(META_FILE))?;
         Self::init_db(&db, format)?;
+        if let Some(t) = tier {
+            t.save(dir)?;
+        }
         std::fs::File::open(dir)?.sync_all()?;
         Ok(())
     }
@@ -459,7 +470,10 @@ impl Engine {
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => return Err(damaged("truncated, or not a database")),
         };
-        let io: Arc<dyn PackIo> = Arc::new(DirPackIo::new(&dir.join(PACK_DIR))?);
+        let io: Arc<dyn PackIo> = match TierConfig::load(dir)? {
+            Some(cfg) => Arc::new(TieredPackIo::open(dir, &dir.join(PACK_DIR), cfg)?),
+            None => Arc::new(DirPackIo::new(&dir.join(PACK_DIR))?),
+        };
         let v = upgrade::format_of(&db)?;
         if v < FORMAT_VERSION {
             // The conversion is one transaction; the copy is for going back to the old build.

@@ -10,6 +10,9 @@ use crate::schema::*;
 /// Figures for `tessera stats`. Byte counts are bytes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Stats {
+    /// The object-store tier (datastores made with `init --store`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<crate::store::tier::TierStats>,
     pub files: u64,
     pub directories: u64,
     /// Sum of file sizes (holes included).
@@ -179,6 +182,7 @@ impl Engine {
             top.saturating_sub(metadata_bytes + metadata_backup_bytes + reserve_bytes);
         let (disk_total_bytes, disk_free_bytes) = self.disk_space();
         let metadata_tables = meta_tables(&rtx)?;
+        let tier = self.store.tier();
         Ok(Stats {
             files,
             directories: dirs,
@@ -209,7 +213,12 @@ impl Engine {
             metadata_backup_bytes,
             reserve_bytes,
             other_bytes,
-            folder_bytes: pack_bytes + top,
+            // With an object-store tier, only some packs are in the folder (and the cache).
+            folder_bytes: match &tier {
+                Some(t) => t.local_pack_bytes + t.cache_block_bytes + top,
+                None => pack_bytes + top,
+            },
+            tier,
             dirty_bytes: self.dirty_bytes(),
             disk_total_bytes,
             disk_free_bytes,

@@ -20,7 +20,9 @@ pub use compact::{Copied, PackUse};
 pub use index::{record_bytes, ChunkTables};
 pub use loc::{ChunkKey, ChunkLoc, IndexEntry};
 pub mod pack;
+pub mod remote;
 pub mod scan;
+pub mod tier;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -77,6 +79,8 @@ redb_from!(
 struct Active {
     pack: PackId,
     len: u64,
+    /// When the pack was started (the object-store tier seals packs past an age).
+    since: std::time::Instant,
 }
 
 /// The chunk store. Cheap to share behind an `Arc`.
@@ -251,18 +255,20 @@ impl Store {
         }
         let mut guard = self.active.lock();
         let a = match &mut *guard {
-            Some(a) if a.len < PACK_TARGET_BYTES => a,
+            Some(a) if a.len < self.io.pack_target() => a,
             full => {
                 // Seal the full pack (durably) and start the next one.
                 if let Some(a) = full {
                     self.io.sync(a.pack)?;
                     self.unsynced.lock().remove(&a.pack);
+                    self.io.sealed(a.pack);
                 }
                 let next = PackId(self.io.list()?.last().map_or(1, |p| p.0 + 1));
                 self.io.create(next)?;
                 full.insert(Active {
                     pack: next,
                     len: pack::PACK_HEADER_LEN,
+                    since: std::time::Instant::now(),
                 })
             }
         };
@@ -328,8 +334,34 @@ impl Store {
         if let Some(act) = a.take() {
             self.io.sync(act.pack)?;
             self.unsynced.lock().remove(&act.pack);
+            self.io.sealed(act.pack);
         }
         Ok(())
+    }
+
+    /// With an object-store tier, seal the active pack once nothing was appended to it for
+    /// [`tier::SEAL_IDLE`] or it is older than [`tier::SEAL_AGE`], so it is uploaded: what the
+    /// bucket lacks is then at most that old (the flusher calls this every tick). Returns
+    /// whether it sealed.
+    pub fn seal_if_due(&self) -> Result<bool, StoreError> {
+        if self.io.tier().is_none() {
+            return Ok(false);
+        }
+        let due = match &*self.active.lock() {
+            Some(a) => {
+                let idle = self
+                    .last_append
+                    .lock()
+                    .get(&a.pack)
+                    .is_none_or(|t| t.elapsed() >= tier::SEAL_IDLE);
+                idle || a.since.elapsed() >= tier::SEAL_AGE
+            }
+            None => false,
+        };
+        if due {
+            self.seal_active()?;
+        }
+        Ok(due)
     }
 
     /// The pack appends go to now, if any.
@@ -435,6 +467,26 @@ impl Store {
         out.into_iter()
             .map(|r| r.expect("every chunk answered"))
             .collect()
+    }
+
+    /// The object-store tier, if this store has one.
+    pub fn tier_io(&self) -> Option<&tier::TieredPackIo> {
+        self.io.as_tier()
+    }
+
+    /// The object-store tier's state, if this store has one.
+    pub fn tier(&self) -> Option<tier::TierStats> {
+        self.io.tier()
+    }
+
+    /// Seal the active pack and wait until the object-store tier holds every pack (nothing
+    /// to do without a tier).
+    pub fn drain_uploads(&self, patience: std::time::Duration) -> Result<(), StoreError> {
+        if self.io.tier().is_none() {
+            return Ok(());
+        }
+        self.seal_active()?;
+        Ok(self.io.drain(patience)?)
     }
 
     /// Make every append so far durable. Called before every durable metadata commit.

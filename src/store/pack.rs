@@ -117,6 +117,25 @@ pub trait PackIo: Send + Sync {
     fn list(&self) -> io::Result<Vec<PackId>>;
     /// Delete a pack (used by compaction).
     fn remove(&self, pack: PackId) -> io::Result<()>;
+    /// `pack` is complete and synced: nothing will be appended to it again (the S3 tier
+    /// uploads it).
+    fn sealed(&self, _pack: PackId) {}
+    /// Size at which the store starts a new pack.
+    fn pack_target(&self) -> u64 {
+        super::PACK_TARGET_BYTES
+    }
+    /// The object-store tier's state, if the packs have one.
+    fn tier(&self) -> Option<super::tier::TierStats> {
+        None
+    }
+    /// Wait until the tier holds every sealed pack (no tier: nothing to wait for).
+    fn drain(&self, _patience: std::time::Duration) -> io::Result<()> {
+        Ok(())
+    }
+    /// The object-store tier, if the packs have one.
+    fn as_tier(&self) -> Option<&super::tier::TieredPackIo> {
+        None
+    }
 }
 
 fn pack_header(pack: PackId) -> [u8; 16] {
@@ -178,7 +197,8 @@ impl DirPackIo {
         })
     }
 
-    fn path(&self, pack: PackId) -> PathBuf {
+    /// The file holding `pack`.
+    pub fn path(&self, pack: PackId) -> PathBuf {
         self.dir.join(format!("{:08x}.pack", pack.0))
     }
 

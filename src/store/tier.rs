@@ -1,0 +1,949 @@
+//! The S3 tier behind [`PackIo`]: packs are written in the datastore's folder exactly as on a
+//! local datastore (same durability rules); once sealed, a background thread uploads each as
+//! one object (multipart, throttled), and only then may its local file be evicted to keep the
+//! folder within the configured cache. Reads of evicted packs fetch 1 MiB blocks by byte range
+//! into a bounded cache folder (each block checksummed there; every record is still verified
+//! against its chunk id by the store), with read-ahead for sequential reads. Deleting a pack
+//! (compaction) deletes its object: one request per pack, never per chunk. One writer per
+//! bucket prefix: a lease object, taken and renewed by conditional put, names the holder.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+
+use super::pack::{DirPackIo, PackIo};
+use super::remote::{Remote, TierConfig};
+use super::PackId;
+
+/// Pack size on an S3-backed datastore: objects of tens of MiB upload in seconds, evict and
+/// compact at a useful grain, and cost few requests per GiB.
+pub const TIER_PACK_BYTES: u64 = 32 << 20;
+/// The active pack is sealed (and uploaded) once idle this long...
+pub const SEAL_IDLE: Duration = Duration::from_secs(30);
+/// ...or once this old, whatever the write rate.
+pub const SEAL_AGE: Duration = Duration::from_secs(300);
+/// Unit of ranged reads and of the read cache.
+const BLOCK: u64 = 1 << 20;
+/// Blocks read ahead when a pack is read sequentially.
+const READ_AHEAD_BLOCKS: u64 = 4;
+/// A lease not renewed for this long may be taken over.
+const LEASE_TTL: Duration = Duration::from_secs(60);
+/// How often the holder renews its lease.
+const LEASE_RENEW: Duration = Duration::from_secs(15);
+/// Wait before retrying a failed upload or delete (doubles up to [`RETRY_MAX`]).
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Name of the lease object under the prefix.
+const LEASE: &str = "lease.json";
+/// Folder of the cache of blocks read back, in the datastore folder.
+pub const CACHE_DIR: &str = "cache";
+
+fn object_name(p: PackId) -> String {
+    format!("packs/{:08x}.pack", p.0)
+}
+
+fn parse_object_name(n: &str) -> Option<PackId> {
+    let hex = n.strip_prefix("packs/")?.strip_suffix(".pack")?;
+    u32::from_str_radix(hex, 16).ok().map(PackId)
+}
+
+/// What `tessera stats` shows about the tier.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TierStats {
+    pub url: String,
+    pub objects: u64,
+    pub object_bytes: u64,
+    pub uploads_pending: u64,
+    pub upload_bytes_pending: u64,
+    pub deletes_pending: u64,
+    /// Local pack files (not yet uploaded, being appended to, or kept as cache).
+    pub local_pack_bytes: u64,
+    /// Of which uploaded packs kept as cache.
+    pub cached_pack_bytes: u64,
+    /// Blocks of evicted packs read back.
+    pub cache_block_bytes: u64,
+    pub cache_limit_bytes: u64,
+    pub requests_put: u64,
+    pub requests_get: u64,
+    pub requests_list: u64,
+    pub requests_delete: u64,
+    pub bytes_uploaded: u64,
+    pub bytes_downloaded: u64,
+    /// The last upload or delete failure, until one succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Set when another server took the lease: uploads and deletes stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Packs in the bucket, with their lengths.
+    remote: BTreeMap<PackId, u64>,
+    /// Packs with a local file, with the order they became evictable in (upload tick).
+    local: BTreeSet<PackId>,
+    /// Packs being appended to: never uploaded or evicted.
+    active: BTreeSet<PackId>,
+    /// Sealed local packs not in the bucket yet, oldest first.
+    pending: BTreeSet<PackId>,
+    /// Uploaded packs whose local file is kept, oldest upload first.
+    evictable: Vec<PackId>,
+    /// Objects of removed packs still to delete, with the backup epoch of their removal: an
+    /// object is deleted only once a metadata backup taken after its removal is in the bucket
+    /// (older backups may reference it; `restore` uses the newest).
+    deletions: BTreeMap<PackId, u64>,
+    /// Metadata backups started (removals are tagged with this)...
+    epoch: u64,
+    /// ...and the newest epoch whose backup is in the bucket.
+    backed_up: Option<u64>,
+    last_error: Option<String>,
+    fenced: Option<String>,
+}
+
+/// The cached blocks of evicted packs: files `CACHE_DIR/<pack>.<block>`, each the block's
+/// bytes and their crc32, least recently used evicted first.
+struct Blocks {
+    dir: PathBuf,
+    index: Mutex<BlockIndex>,
+}
+
+#[derive(Default)]
+struct BlockIndex {
+    blocks: HashMap<(PackId, u64), (u64, u64)>,
+    bytes: u64,
+    tick: u64,
+    /// Last block read per pack (sequential reads start read-ahead).
+    last: HashMap<PackId, u64>,
+}
+
+impl Blocks {
+    fn open(dir: &Path) -> io::Result<Blocks> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(crate::private::DIR_MODE)
+            .create(dir)?;
+        let mut index = BlockIndex::default();
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().to_string();
+            let parsed = name.split_once('.').and_then(|(p, b)| {
+                Some((
+                    PackId(u32::from_str_radix(p, 16).ok()?),
+                    u64::from_str_radix(b, 16).ok()?,
+                ))
+            });
+            match parsed {
+                Some(k) => {
+                    let len = e.metadata()?.len();
+                    index.tick += 1;
+                    index.blocks.insert(k, (len, index.tick));
+                    index.bytes += len;
+                }
+                // A block being written when the process stopped.
+                None => {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(Blocks {
+            dir: dir.to_path_buf(),
+            index: Mutex::new(index),
+        })
+    }
+
+    fn path(&self, p: PackId, b: u64) -> PathBuf {
+        self.dir.join(format!("{:08x}.{b:x}", p.0))
+    }
+
+    /// The block's bytes if cached and intact (a damaged copy is dropped).
+    fn get(&self, p: PackId, b: u64) -> Option<Vec<u8>> {
+        {
+            let mut ix = self.index.lock();
+            ix.tick += 1;
+            let t = ix.tick;
+            ix.blocks.get_mut(&(p, b))?.1 = t;
+        }
+        let raw = std::fs::read(self.path(p, b)).ok();
+        let ok = raw.as_ref().and_then(|raw| {
+            let (data, crc) = raw.split_at(raw.len().checked_sub(4)?);
+            (crc32fast::hash(data).to_le_bytes() == crc).then_some(data.len())
+        });
+        match (raw, ok) {
+            (Some(mut raw), Some(n)) => {
+                raw.truncate(n);
+                Some(raw)
+            }
+            _ => {
+                self.drop_block(p, b);
+                None
+            }
+        }
+    }
+
+    fn put(&self, p: PackId, b: u64, data: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        let tmp = self.dir.join(format!(
+            "tmp-{:08x}-{b:x}-{:?}",
+            p.0,
+            std::thread::current().id()
+        ));
+        {
+            let mut f = crate::private::open_options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            f.write_all(data)?;
+            f.write_all(&crc32fast::hash(data).to_le_bytes())?;
+        }
+        std::fs::rename(&tmp, self.path(p, b))?;
+        let mut ix = self.index.lock();
+        ix.tick += 1;
+        let t = ix.tick;
+        let len = data.len() as u64 + 4;
+        if let Some((old, _)) = ix.blocks.insert((p, b), (len, t)) {
+            ix.bytes -= old;
+        }
+        ix.bytes += len;
+        Ok(())
+    }
+
+    fn drop_block(&self, p: PackId, b: u64) {
+        let mut ix = self.index.lock();
+        if let Some((len, _)) = ix.blocks.remove(&(p, b)) {
+            ix.bytes -= len;
+            let _ = std::fs::remove_file(self.path(p, b));
+        }
+    }
+
+    fn drop_pack(&self, p: PackId) {
+        let keys: Vec<u64> = {
+            let ix = self.index.lock();
+            ix.blocks.keys().filter(|k| k.0 == p).map(|k| k.1).collect()
+        };
+        for b in keys {
+            self.drop_block(p, b);
+        }
+        self.index.lock().last.remove(&p);
+    }
+
+    fn bytes(&self) -> u64 {
+        self.index.lock().bytes
+    }
+
+    /// Drop least recently used blocks until at most `limit` bytes are cached.
+    fn shrink_to(&self, limit: u64) {
+        loop {
+            let victim = {
+                let ix = self.index.lock();
+                if ix.bytes <= limit {
+                    return;
+                }
+                ix.blocks.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k)
+            };
+            match victim {
+                Some((p, b)) => self.drop_block(p, b),
+                None => return,
+            }
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+struct LeaseRecord {
+    host: String,
+    pid: u32,
+    datastore: String,
+    expires_unix: u64,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".into())
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+struct Inner {
+    local: DirPackIo,
+    remote: Arc<Remote>,
+    blocks: Blocks,
+    cfg: TierConfig,
+    datastore: PathBuf,
+    state: Mutex<State>,
+    wake: Condvar,
+    stop: AtomicBool,
+    lease: Mutex<Option<object_store::UpdateVersion>>,
+    read_ahead: Mutex<Option<std::sync::mpsc::SyncSender<(PackId, u64)>>>,
+    /// Blocks being fetched, and the signal that one arrived.
+    fetching: Mutex<std::collections::HashSet<(PackId, u64)>>,
+    fetched: Condvar,
+}
+
+/// Packs in a local folder and an object-store prefix (see the module doc).
+pub struct TieredPackIo {
+    inner: Arc<Inner>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl TieredPackIo {
+    /// Open the tier of the datastore at `ds`: take the prefix's lease, list what the bucket
+    /// holds, and start the uploader (every local pack not in the bucket is sealed: the store
+    /// appends only to packs it creates after opening).
+    pub fn open(ds: &Path, pack_dir: &Path, cfg: TierConfig) -> io::Result<TieredPackIo> {
+        let remote = Arc::new(Remote::connect(&cfg)?);
+        Self::with_remote(ds, pack_dir, cfg, remote)
+    }
+
+    pub fn with_remote(
+        ds: &Path,
+        pack_dir: &Path,
+        cfg: TierConfig,
+        remote: Arc<Remote>,
+    ) -> io::Result<TieredPackIo> {
+        let local = DirPackIo::new(pack_dir)?;
+        let blocks = Blocks::open(&ds.join(CACHE_DIR))?;
+        let inner = Arc::new(Inner {
+            local,
+            remote,
+            blocks,
+            cfg,
+            datastore: ds.to_path_buf(),
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            lease: Mutex::new(None),
+            read_ahead: Mutex::new(None),
+            fetching: Mutex::new(Default::default()),
+            fetched: Condvar::new(),
+        });
+        inner.take_lease()?;
+        {
+            let mut st = inner.state.lock();
+            for (name, size) in inner.remote.list("packs")? {
+                if let Some(p) = parse_object_name(&name) {
+                    st.remote.insert(p, size);
+                }
+            }
+            for p in inner.local.list()? {
+                st.local.insert(p);
+                if st.remote.contains_key(&p) {
+                    st.evictable.push(p);
+                } else {
+                    st.pending.insert(p);
+                }
+            }
+        }
+        let mut threads = Vec::new();
+        let i = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("tessera-upload".into())
+                .spawn(move || i.upload_loop())?,
+        );
+        let i = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("tessera-lease".into())
+                .spawn(move || i.lease_loop())?,
+        );
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(PackId, u64)>(64);
+        *inner.read_ahead.lock() = Some(tx);
+        let i = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("tessera-readahead".into())
+                .spawn(move || {
+                    while let Ok((p, b)) = rx.recv() {
+                        if i.stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let _ = i.block(p, b);
+                    }
+                })?,
+        );
+        inner.evict();
+        Ok(TieredPackIo {
+            inner,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// Wait until every sealed pack is in the bucket (tests, metadata backups). Fails with
+    /// the last error if no progress is made for `patience`.
+    pub fn drain(&self, patience: Duration) -> io::Result<()> {
+        let mut st = self.inner.state.lock();
+        let mut last = (u64::MAX, u64::MAX);
+        let mut since = std::time::Instant::now();
+        loop {
+            let now = (st.pending.len() as u64, 0);
+            if now.0 == 0 {
+                return Ok(());
+            }
+            if now != last {
+                (last, since) = (now, std::time::Instant::now());
+            }
+            if let Some(f) = &st.fenced {
+                return Err(io::Error::other(f.clone()));
+            }
+            if since.elapsed() > patience {
+                return Err(io::Error::other(format!(
+                    "uploads to {} made no progress for {} s: {}",
+                    self.inner.cfg.url,
+                    patience.as_secs(),
+                    st.last_error.as_deref().unwrap_or("no error reported")
+                )));
+            }
+            self.inner.wake.notify_all();
+            self.inner
+                .wake
+                .wait_for(&mut st, Duration::from_millis(100));
+        }
+    }
+
+    pub fn remote(&self) -> &Arc<Remote> {
+        &self.inner.remote
+    }
+
+    /// Start a metadata backup: removals from now on wait for the next one. Returns its
+    /// epoch, for [`TieredPackIo::put_backup`].
+    pub fn begin_backup(&self) -> u64 {
+        let mut st = self.inner.state.lock();
+        st.epoch += 1;
+        st.epoch - 1
+    }
+
+    /// Upload a metadata backup file (compressed by the caller) taken at `epoch`, after
+    /// every pack it may reference: call [`TieredPackIo::drain`] first. Then point
+    /// `meta/latest.json` at it, drop backups older than the previous one, and let the
+    /// deletes of packs removed before `epoch` go ahead.
+    pub fn put_backup(&self, epoch: u64, file: &Path, info: &BackupInfo) -> io::Result<()> {
+        let r = &self.inner.remote;
+        r.upload_file(&info.object, file, 0)?;
+        let previous = r
+            .get(LATEST)?
+            .and_then(|(b, _)| serde_json::from_slice::<BackupInfo>(&b).ok());
+        r.put(LATEST, serde_json::to_vec_pretty(info)?, None)?;
+        // Keep the newest two; older ones are replaced (restore uses `latest.json`).
+        let keep: Vec<String> = std::iter::once(info.object.clone())
+            .chain(previous.map(|p| p.object))
+            .collect();
+        for (name, _) in r.list("meta")? {
+            if name != LATEST && !keep.contains(&name) {
+                r.delete(&name)?;
+            }
+        }
+        let mut st = self.inner.state.lock();
+        st.backed_up = Some(st.backed_up.map_or(epoch, |b| b.max(epoch)));
+        drop(st);
+        self.inner.wake.notify_all();
+        Ok(())
+    }
+}
+
+/// `meta/latest.json`: which metadata backup `restore` uses.
+pub const LATEST: &str = "meta/latest.json";
+
+/// What `meta/latest.json` says.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackupInfo {
+    /// The backup's object name, under the prefix.
+    pub object: String,
+    /// When it was taken (unix seconds).
+    pub taken_unix: u64,
+    /// Bytes of the metadata file it restores to.
+    pub bytes: u64,
+    /// The host and datastore folder it was taken from.
+    pub host: String,
+    pub datastore: String,
+}
+
+impl BackupInfo {
+    pub fn new(datastore: &Path, bytes: u64) -> BackupInfo {
+        let t = now_unix();
+        BackupInfo {
+            object: format!("meta/meta-{t}.redb.zst"),
+            taken_unix: t,
+            bytes,
+            host: hostname(),
+            datastore: datastore.display().to_string(),
+        }
+    }
+}
+
+impl Drop for TieredPackIo {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        self.inner.read_ahead.lock().take();
+        self.inner.wake.notify_all();
+        for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
+        self.inner.release_lease();
+    }
+}
+
+impl Inner {
+    fn lease_record(&self) -> Vec<u8> {
+        serde_json::to_vec(&LeaseRecord {
+            host: hostname(),
+            pid: std::process::id(),
+            datastore: self.datastore.display().to_string(),
+            expires_unix: now_unix() + LEASE_TTL.as_secs(),
+        })
+        .expect("a lease record serializes")
+    }
+
+    /// Take the prefix's lease, or say who holds it.
+    fn take_lease(&self) -> io::Result<()> {
+        let got = self.remote.get(LEASE)?;
+        let expect = match got {
+            None => None,
+            Some((bytes, version)) => {
+                if let Ok(rec) = serde_json::from_slice::<LeaseRecord>(&bytes) {
+                    let mine = rec.host == hostname()
+                        && (rec.pid == std::process::id() || !pid_alive(rec.pid));
+                    if rec.expires_unix > now_unix() && !mine {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            format!(
+                                "{} is in use by host {} (process {}, datastore {}); stop \
+                                 Tessera there, or wait until its lease lapses ({} s after it \
+                                 stopped)",
+                                self.remote.url(),
+                                rec.host,
+                                rec.pid,
+                                rec.datastore,
+                                LEASE_TTL.as_secs()
+                            ),
+                        ));
+                    }
+                }
+                Some(version)
+            }
+        };
+        match self.remote.put(LEASE, self.lease_record(), Some(expect)) {
+            Ok(v) => {
+                *self.lease.lock() = Some(v);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "another server took {} at the same moment; stop it first",
+                    self.remote.url()
+                ),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn lease_loop(&self) {
+        loop {
+            {
+                let mut st = self.state.lock();
+                if self.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                self.wake.wait_for(&mut st, LEASE_RENEW);
+                if self.stop.load(Ordering::SeqCst) || st.fenced.is_some() {
+                    return;
+                }
+            }
+            let Some(v) = self.lease.lock().clone() else {
+                return;
+            };
+            match self.remote.put(LEASE, self.lease_record(), Some(Some(v))) {
+                Ok(v) => *self.lease.lock() = Some(v),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let msg = format!(
+                        "another server took the lease of {}: this one stopped uploading and \
+                         deleting; stop one of them",
+                        self.remote.url()
+                    );
+                    tracing::error!("{msg}");
+                    self.state.lock().fenced = Some(msg);
+                    self.wake.notify_all();
+                    return;
+                }
+                // A transient failure: the lease has LEASE_TTL to be renewed.
+                Err(e) => tracing::warn!("cannot renew the lease: {e}"),
+            }
+        }
+    }
+
+    fn release_lease(&self) {
+        if self.state.lock().fenced.is_some() {
+            return;
+        }
+        if let Some(v) = self.lease.lock().take() {
+            // Only our own version: a lease taken over since is not ours to delete.
+            if let Ok(Some((_, now))) = self.remote.get(LEASE) {
+                if now == v {
+                    let _ = self.remote.delete(LEASE);
+                }
+            }
+        }
+    }
+
+    /// Upload sealed packs and delete removed ones, oldest first, retrying with backoff.
+    fn upload_loop(&self) {
+        let mut backoff = RETRY_MIN;
+        loop {
+            let job = {
+                let mut st = self.state.lock();
+                loop {
+                    if self.stop.load(Ordering::SeqCst) || st.fenced.is_some() {
+                        return;
+                    }
+                    let done = st.backed_up;
+                    if let Some(p) = st
+                        .deletions
+                        .iter()
+                        .find(|(_, e)| done.is_some_and(|d| **e <= d))
+                        .map(|(p, _)| *p)
+                    {
+                        break Err(p);
+                    }
+                    if let Some(p) = st.pending.first().copied() {
+                        break Ok(p);
+                    }
+                    self.wake.wait_for(&mut st, Duration::from_secs(1));
+                }
+            };
+            let r = match job {
+                Ok(p) => self.upload(p),
+                Err(p) => self.remote.delete(&object_name(p)).map(|()| {
+                    let mut st = self.state.lock();
+                    st.deletions.remove(&p);
+                    st.remote.remove(&p);
+                }),
+            };
+            match r {
+                Ok(()) => {
+                    backoff = RETRY_MIN;
+                    self.state.lock().last_error = None;
+                    self.wake.notify_all();
+                }
+                Err(e) => {
+                    tracing::warn!("object store: {e} (retrying in {:?})", backoff);
+                    let mut st = self.state.lock();
+                    st.last_error = Some(e.to_string());
+                    self.wake.wait_for(&mut st, backoff);
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    fn upload(&self, p: PackId) -> io::Result<()> {
+        let len = self.local.len(p)?;
+        let sent =
+            self.remote
+                .upload_file(&object_name(p), &self.local.path(p), self.cfg.upload_rate)?;
+        if sent < len {
+            return Err(io::Error::other(format!(
+                "pack {:08x}: uploaded {sent} of {len} bytes",
+                p.0
+            )));
+        }
+        {
+            let mut st = self.state.lock();
+            st.pending.remove(&p);
+            st.remote.insert(p, sent);
+            if st.local.contains(&p) {
+                st.evictable.push(p);
+            }
+        }
+        self.evict();
+        Ok(())
+    }
+
+    /// Keep the local folder within the cache: uploaded pack files first (oldest upload
+    /// first), then read-back blocks (least recently used first). Packs not in the bucket are
+    /// never evicted, whatever the cache size.
+    fn evict(&self) {
+        let limit = self.cfg.cache_bytes;
+        loop {
+            let victim = {
+                let mut st = self.state.lock();
+                let local_uploaded: u64 = st
+                    .evictable
+                    .iter()
+                    .map(|p| st.remote.get(p).copied().unwrap_or(0))
+                    .sum();
+                if local_uploaded + self.blocks.bytes() <= limit || st.evictable.is_empty() {
+                    None
+                } else {
+                    let p = st.evictable.remove(0);
+                    st.local.remove(&p);
+                    Some(p)
+                }
+            };
+            match victim {
+                Some(p) => {
+                    if let Err(e) = self.local.remove(p) {
+                        tracing::warn!("cannot evict pack {:08x}: {e}", p.0);
+                    }
+                }
+                None => break,
+            }
+        }
+        let st = self.state.lock();
+        let local_uploaded: u64 = st
+            .evictable
+            .iter()
+            .map(|p| st.remote.get(p).copied().unwrap_or(0))
+            .sum();
+        drop(st);
+        self.blocks.shrink_to(limit.saturating_sub(local_uploaded));
+    }
+
+    /// Block `b` of evicted pack `p`, from the cache or the bucket. Concurrent misses of one
+    /// block (a reader and the read-ahead, or clones booting at once) fetch it once.
+    fn block(&self, p: PackId, b: u64) -> io::Result<Vec<u8>> {
+        loop {
+            if let Some(data) = self.blocks.get(p, b) {
+                return Ok(data);
+            }
+            let mut f = self.fetching.lock();
+            if f.insert((p, b)) {
+                break;
+            }
+            self.fetched.wait_for(&mut f, Duration::from_millis(50));
+        }
+        let r = self.fetch(p, b);
+        self.fetching.lock().remove(&(p, b));
+        self.fetched.notify_all();
+        r
+    }
+
+    fn fetch(&self, p: PackId, b: u64) -> io::Result<Vec<u8>> {
+        let len = self.state.lock().remote.get(&p).copied().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("pack {:08x} is neither on disk nor in the bucket", p.0),
+            )
+        })?;
+        let start = b * BLOCK;
+        if start >= len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("pack {:08x} ends at {len}, before block {b}", p.0),
+            ));
+        }
+        let data = self
+            .remote
+            .get_range(&object_name(p), start..(start + BLOCK).min(len))?;
+        if let Err(e) = self.blocks.put(p, b, &data) {
+            tracing::warn!("cannot cache a block of pack {:08x}: {e}", p.0);
+        }
+        let st = self.state.lock();
+        let uploaded: u64 = st
+            .evictable
+            .iter()
+            .map(|q| st.remote.get(q).copied().unwrap_or(0))
+            .sum();
+        drop(st);
+        self.blocks
+            .shrink_to(self.cfg.cache_bytes.saturating_sub(uploaded));
+        Ok(data.to_vec())
+    }
+
+    fn read_remote(&self, p: PackId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let end = offset + buf.len() as u64;
+        let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
+        // Read ahead when a read moves on to the block after the last one read.
+        let sequential = {
+            let mut ix = self.blocks.index.lock();
+            let prev = ix.last.insert(p, last);
+            prev.is_some_and(|l| l < last && l + 1 >= first)
+        };
+        for b in first..=last {
+            let data = self.block(p, b)?;
+            let bs = b * BLOCK;
+            let from = offset.max(bs);
+            let to = end.min(bs + data.len() as u64);
+            if to <= from {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("pack {:08x} is shorter than offset {end}", p.0),
+                ));
+            }
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&data[(from - bs) as usize..(to - bs) as usize]);
+        }
+        if sequential {
+            if let Some(tx) = self.read_ahead.lock().as_ref() {
+                for b in last + 1..=last + READ_AHEAD_BLOCKS {
+                    // Dropped when the read-ahead queue is full: it is only a hint.
+                    let _ = tx.try_send((p, b));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn is_local(&self, p: PackId) -> bool {
+        self.state.lock().local.contains(&p)
+    }
+}
+
+impl PackIo for TieredPackIo {
+    fn create(&self, pack: PackId) -> io::Result<()> {
+        self.inner.local.create(pack)?;
+        let mut st = self.inner.state.lock();
+        st.local.insert(pack);
+        st.active.insert(pack);
+        Ok(())
+    }
+
+    fn append(&self, pack: PackId, data: &[u8]) -> io::Result<u64> {
+        self.inner.local.append(pack, data)
+    }
+
+    fn read_at(&self, pack: PackId, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_into(pack, offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn read_into(&self, pack: PackId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if self.inner.is_local(pack) {
+            match self.inner.local.read_into(pack, offset, buf) {
+                // Evicted between the check and the read: read it back.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                r => return r,
+            }
+        }
+        self.inner.read_remote(pack, offset, buf)
+    }
+
+    fn sync(&self, pack: PackId) -> io::Result<()> {
+        self.inner.local.sync(pack)
+    }
+
+    fn len(&self, pack: PackId) -> io::Result<u64> {
+        if self.inner.is_local(pack) {
+            match self.inner.local.len(pack) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                r => return r,
+            }
+        }
+        self.inner
+            .state
+            .lock()
+            .remote
+            .get(&pack)
+            .copied()
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("pack {:08x} is neither on disk nor in the bucket", pack.0),
+                )
+            })
+    }
+
+    fn list(&self) -> io::Result<Vec<PackId>> {
+        let st = self.inner.state.lock();
+        let mut all: BTreeSet<PackId> = st.local.clone();
+        all.extend(st.remote.keys().filter(|p| !st.deletions.contains_key(p)));
+        Ok(all.into_iter().collect())
+    }
+
+    fn remove(&self, pack: PackId) -> io::Result<()> {
+        let local = {
+            let mut st = self.inner.state.lock();
+            st.pending.remove(&pack);
+            st.active.remove(&pack);
+            st.evictable.retain(|p| *p != pack);
+            if st.remote.contains_key(&pack) {
+                let epoch = st.epoch;
+                st.deletions.insert(pack, epoch);
+            }
+            st.local.remove(&pack)
+        };
+        self.inner.blocks.drop_pack(pack);
+        self.inner.wake.notify_all();
+        if local {
+            self.inner.local.remove(pack)?;
+        }
+        Ok(())
+    }
+
+    fn sealed(&self, pack: PackId) {
+        let mut st = self.inner.state.lock();
+        if st.active.remove(&pack) && !st.remote.contains_key(&pack) {
+            st.pending.insert(pack);
+        }
+        drop(st);
+        self.inner.wake.notify_all();
+    }
+
+    fn pack_target(&self) -> u64 {
+        TIER_PACK_BYTES
+    }
+
+    fn tier(&self) -> Option<TierStats> {
+        let i = &self.inner;
+        let st = i.state.lock();
+        let local_pack_bytes = st.local.iter().map(|p| i.local.len(*p).unwrap_or(0)).sum();
+        let r = &i.remote.requests;
+        Some(TierStats {
+            url: i.cfg.url.clone(),
+            objects: st.remote.len() as u64,
+            object_bytes: st.remote.values().sum(),
+            uploads_pending: st.pending.len() as u64,
+            upload_bytes_pending: st
+                .pending
+                .iter()
+                .map(|p| i.local.len(*p).unwrap_or(0))
+                .sum(),
+            deletes_pending: st.deletions.len() as u64,
+            local_pack_bytes,
+            cached_pack_bytes: st
+                .evictable
+                .iter()
+                .map(|p| st.remote.get(p).copied().unwrap_or(0))
+                .sum(),
+            cache_block_bytes: i.blocks.bytes(),
+            cache_limit_bytes: i.cfg.cache_bytes,
+            requests_put: r.put.load(Ordering::Relaxed),
+            requests_get: r.get.load(Ordering::Relaxed),
+            requests_list: r.list.load(Ordering::Relaxed),
+            requests_delete: r.delete.load(Ordering::Relaxed),
+            bytes_uploaded: r.bytes_up.load(Ordering::Relaxed),
+            bytes_downloaded: r.bytes_down.load(Ordering::Relaxed),
+            last_error: st.last_error.clone(),
+            fenced: st.fenced.clone(),
+        })
+    }
+
+    fn drain(&self, patience: Duration) -> io::Result<()> {
+        TieredPackIo::drain(self, patience)
+    }
+
+    fn as_tier(&self) -> Option<&TieredPackIo> {
+        Some(self)
+    }
+}
