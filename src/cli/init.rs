@@ -67,6 +67,8 @@ impl TierArgs {
             credentials_file,
             cache_bytes: self.disk_cache,
             upload_rate: self.upload_rate << 20,
+            pack_bytes: 0,
+            seal_idle_secs: 0,
         };
         cfg.bucket_prefix().map_err(|e| anyhow!("{e}"))?;
         Ok(cfg)

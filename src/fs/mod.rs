@@ -76,6 +76,8 @@ mod tests;
 #[cfg(test)]
 pub(crate) mod testutil;
 pub mod tier_backup;
+#[cfg(test)]
+mod tier_tests;
 pub mod timing;
 pub mod tree;
 pub mod upgrade;
@@ -429,6 +431,12 @@ impl Engine {
 
     /// Open the datastore in `dir`. The caller holds the datastore lock.
     pub fn open(dir: &Path, tuning: Tuning) -> FsResult<Engine> {
+        Self::open_with(dir, tuning, None)
+    }
+
+    /// [`Engine::open`] with given pack I/O instead of the folder's own (tests put an
+    /// object-store tier over an in-memory or failing store under a real folder).
+    pub fn open_with(dir: &Path, tuning: Tuning, io: Option<Arc<dyn PackIo>>) -> FsResult<Engine> {
         let meta = dir.join(META_FILE);
         if !meta.exists() {
             return Err(FsError::BadMeta(format!(
@@ -470,9 +478,10 @@ impl Engine {
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => return Err(damaged("truncated, or not a database")),
         };
-        let io: Arc<dyn PackIo> = match TierConfig::load(dir)? {
-            Some(cfg) => Arc::new(TieredPackIo::open(dir, &dir.join(PACK_DIR), cfg)?),
-            None => Arc::new(DirPackIo::new(&dir.join(PACK_DIR))?),
+        let io: Arc<dyn PackIo> = match (io, TierConfig::load(dir)?) {
+            (Some(io), _) => io,
+            (None, Some(cfg)) => Arc::new(TieredPackIo::open(dir, &dir.join(PACK_DIR), cfg)?),
+            (None, None) => Arc::new(DirPackIo::new(&dir.join(PACK_DIR))?),
         };
         let v = upgrade::format_of(&db)?;
         if v < FORMAT_VERSION {

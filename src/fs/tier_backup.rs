@@ -167,7 +167,11 @@ impl Engine {
 /// Rebuild a datastore in the new folder `ds` from the bucket of `cfg` alone: its newest
 /// metadata backup, with every pack read from the bucket (through the local cache).
 pub fn restore(cfg: &TierConfig, ds: &Path) -> FsResult<BackupInfo> {
-    let remote = Remote::connect(cfg)?;
+    restore_from(&Remote::connect(cfg)?, cfg, ds)
+}
+
+/// [`restore`] through a given client (tests use an in-memory store).
+pub fn restore_from(remote: &Remote, cfg: &TierConfig, ds: &Path) -> FsResult<BackupInfo> {
     let latest = remote.get(LATEST)?.ok_or_else(|| {
         FsError::BadMeta(format!(
             "{} holds no metadata backup ({LATEST}): nothing to restore",

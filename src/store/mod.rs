@@ -14,6 +14,8 @@
 
 pub mod chunk;
 pub mod compact;
+#[cfg(test)]
+pub mod faulty;
 pub mod index;
 pub mod loc;
 pub use compact::{Copied, PackUse};
@@ -353,7 +355,7 @@ impl Store {
                     .last_append
                     .lock()
                     .get(&a.pack)
-                    .is_none_or(|t| t.elapsed() >= tier::SEAL_IDLE);
+                    .is_none_or(|t| t.elapsed() >= self.io.seal_idle());
                 idle || a.since.elapsed() >= tier::SEAL_AGE
             }
             None => false,

@@ -124,6 +124,10 @@ pub trait PackIo: Send + Sync {
     fn pack_target(&self) -> u64 {
         super::PACK_TARGET_BYTES
     }
+    /// Idle time after which the active pack is sealed (object-store tier only).
+    fn seal_idle(&self) -> std::time::Duration {
+        super::tier::SEAL_IDLE
+    }
     /// The object-store tier's state, if the packs have one.
     fn tier(&self) -> Option<super::tier::TierStats> {
         None

@@ -46,6 +46,17 @@ pub struct TierConfig {
     /// network to the desktops.
     #[serde(default)]
     pub upload_rate: u64,
+    /// Pack size (bytes; 0: `tier::TIER_PACK_BYTES`). Smaller packs are uploaded sooner.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pack_bytes: u64,
+    /// Seconds without appends after which the active pack is sealed and uploaded (0:
+    /// `tier::SEAL_IDLE`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seal_idle_secs: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl TierConfig {

@@ -39,7 +39,13 @@ const LEASE_TTL: Duration = Duration::from_secs(60);
 const LEASE_RENEW: Duration = Duration::from_secs(15);
 /// Wait before retrying a failed upload or delete (doubles up to [`RETRY_MAX`]).
 const RETRY_MIN: Duration = Duration::from_millis(500);
-const RETRY_MAX: Duration = Duration::from_secs(60);
+/// (Test builds wait at most 1 s: their failures are injected, and minutes of backoff would
+/// only slow the suite.)
+const RETRY_MAX: Duration = if cfg!(test) {
+    Duration::from_secs(1)
+} else {
+    Duration::from_secs(60)
+};
 /// Name of the lease object under the prefix.
 const LEASE: &str = "lease.json";
 /// Folder of the cache of blocks read back, in the datastore folder.
@@ -277,6 +283,30 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// `f`, tried up to three times while it fails with anything but a refusal (a lease held
+/// elsewhere) or a lost race.
+fn retry_transient<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(e)
+                if tries < 2
+                    && !matches!(
+                        e.kind(),
+                        io::ErrorKind::AddrInUse
+                            | io::ErrorKind::AlreadyExists
+                            | io::ErrorKind::InvalidInput
+                    ) =>
+            {
+                tracing::warn!("{e} (retrying)");
+                tries += 1;
+                std::thread::sleep(RETRY_MIN * tries);
+            }
+            r => return r,
+        }
+    }
+}
+
 fn pid_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -337,7 +367,7 @@ impl TieredPackIo {
         inner.take_lease()?;
         {
             let mut st = inner.state.lock();
-            for (name, size) in inner.remote.list("packs")? {
+            for (name, size) in retry_transient(|| inner.remote.list("packs"))? {
                 if let Some(p) = parse_object_name(&name) {
                     st.remote.insert(p, size);
                 }
@@ -511,15 +541,25 @@ impl Inner {
         .expect("a lease record serializes")
     }
 
-    /// Take the prefix's lease, or say who holds it.
+    /// Take the prefix's lease, or say who holds it. A failure that outlasts the object
+    /// store's own retries is tried twice more from the start: a put whose reply was lost
+    /// left a lease that the next round reads as this process's own.
     fn take_lease(&self) -> io::Result<()> {
+        retry_transient(|| self.try_take_lease())
+    }
+
+    fn try_take_lease(&self) -> io::Result<()> {
         let got = self.remote.get(LEASE)?;
         let expect = match got {
             None => None,
             Some((bytes, version)) => {
                 if let Ok(rec) = serde_json::from_slice::<LeaseRecord>(&bytes) {
+                    // Ours after a restart on this host (the holder is gone), or this very
+                    // process for this very folder.
+                    let here = self.datastore.display().to_string();
                     let mine = rec.host == hostname()
-                        && (rec.pid == std::process::id() || !pid_alive(rec.pid));
+                        && ((rec.pid == std::process::id() && rec.datastore == here)
+                            || !pid_alive(rec.pid));
                     if rec.expires_unix > now_unix() && !mine {
                         return Err(io::Error::new(
                             io::ErrorKind::AddrInUse,
@@ -558,13 +598,18 @@ impl Inner {
     fn lease_loop(&self) {
         loop {
             {
+                // `wake` also signals uploads: renew only once LEASE_RENEW has passed.
+                let due = std::time::Instant::now() + LEASE_RENEW;
                 let mut st = self.state.lock();
-                if self.stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                self.wake.wait_for(&mut st, LEASE_RENEW);
-                if self.stop.load(Ordering::SeqCst) || st.fenced.is_some() {
-                    return;
+                loop {
+                    if self.stop.load(Ordering::SeqCst) || st.fenced.is_some() {
+                        return;
+                    }
+                    let now = std::time::Instant::now();
+                    if now >= due {
+                        break;
+                    }
+                    self.wake.wait_for(&mut st, due - now);
                 }
             }
             let Some(v) = self.lease.lock().clone() else {
@@ -677,8 +722,8 @@ impl Inner {
     }
 
     /// Keep the local folder within the cache: uploaded pack files first (oldest upload
-    /// first), then read-back blocks (least recently used first). Packs not in the bucket are
-    /// never evicted, whatever the cache size.
+    /// first; they keep at most half of it), then read-back blocks (least recently used
+    /// first). Packs not in the bucket are never evicted, whatever the cache size.
     fn evict(&self) {
         let limit = self.cfg.cache_bytes;
         loop {
@@ -689,7 +734,11 @@ impl Inner {
                     .iter()
                     .map(|p| st.remote.get(p).copied().unwrap_or(0))
                     .sum();
-                if local_uploaded + self.blocks.bytes() <= limit || st.evictable.is_empty() {
+                // Uploaded packs keep at most half the cache, so ranges read back always
+                // have room (a read of evicted data must not evict the block it just read).
+                let over =
+                    local_uploaded + self.blocks.bytes() > limit || local_uploaded > limit / 2;
+                if !over || st.evictable.is_empty() {
                     None
                 } else {
                     let p = st.evictable.remove(0);
@@ -749,9 +798,23 @@ impl Inner {
                 format!("pack {:08x} ends at {len}, before block {b}", p.0),
             ));
         }
-        let data = self
-            .remote
-            .get_range(&object_name(p), start..(start + BLOCK).min(len))?;
+        // object_store retries failed requests itself; a failure that outlasts those is
+        // tried twice more before the read fails (as EIO, naming the file and offset).
+        let mut tries = 0;
+        let data = loop {
+            match self
+                .remote
+                .get_range(&object_name(p), start..(start + BLOCK).min(len))
+            {
+                Ok(d) => break d,
+                Err(e) if tries < 2 => {
+                    tracing::warn!("{e} (retrying)");
+                    tries += 1;
+                    std::thread::sleep(RETRY_MIN * tries);
+                }
+                Err(e) => return Err(e),
+            }
+        };
         if let Err(e) = self.blocks.put(p, b, &data) {
             tracing::warn!("cannot cache a block of pack {:08x}: {e}", p.0);
         }
@@ -901,7 +964,17 @@ impl PackIo for TieredPackIo {
     }
 
     fn pack_target(&self) -> u64 {
-        TIER_PACK_BYTES
+        match self.inner.cfg.pack_bytes {
+            0 => TIER_PACK_BYTES,
+            n => n,
+        }
+    }
+
+    fn seal_idle(&self) -> Duration {
+        match self.inner.cfg.seal_idle_secs {
+            0 => SEAL_IDLE,
+            n => Duration::from_secs(n),
+        }
     }
 
     fn tier(&self) -> Option<TierStats> {
