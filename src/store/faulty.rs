@@ -37,7 +37,7 @@ impl Faults {
         // Pseudo-random (a hash of the request's number), so the failures do not fall in
         // step with a fixed pattern of requests and fail the same step every time.
         let h = n.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
-        if every > 0 && h % every == 0 {
+        if every > 0 && h.is_multiple_of(every) {
             self.failed.fetch_add(1, Ordering::Relaxed);
             let source = match n % 3 {
                 0 => "injected: 500 Internal Server Error",
