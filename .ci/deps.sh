@@ -8,12 +8,13 @@
 #          gcc + libc6-dev (linker, zstd-sys), util-linux (mountpoint), ca-certificates,
 #          tar + zstd (fs-tests/fixtures), curl + prometheus (promtool and the server:
 #          fs-tests/metrics.sh), python3-matplotlib (packaging/render-dashboard.py),
-#          lintian (fs-tests/package.sh)
+#          lintian (fs-tests/package.sh), python3-venv (moto's S3 server for fs-tests/s3.sh,
+#          pip-installed into /var/tmp/tessera-moto)
 #   rustup components rustfmt and clippy (for `make lint`)
 #   cargo: pjdfstest 0.2.2 (fs-tests/pjdfstest.sh), cargo-deb 3.8.0 (make deb, fs-tests/package.sh)
 set -euo pipefail
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-APT_PACKAGES=(fuse3 fio libnfs-utils qemu-utils python3 make gcc libc6-dev util-linux coreutils ca-certificates tar zstd curl prometheus python3-matplotlib lintian)
+APT_PACKAGES=(fuse3 fio libnfs-utils qemu-utils python3 python3-venv make gcc libc6-dev util-linux coreutils ca-certificates tar zstd curl prometheus python3-matplotlib lintian)
 # RUNTIME_ONLY=1 (used by `make run`): only what building and mounting need.
 [ -n "${RUNTIME_ONLY:-}" ] && APT_PACKAGES=(fuse3 make gcc libc6-dev util-linux ca-certificates)
 PJDFSTEST_VERSION=0.2.2
@@ -85,6 +86,17 @@ if [ -z "$pjd" ] || [ "$("$pjd" --version 2>/dev/null)" != "pjdfstest $PJDFSTEST
     pjd=$(command -v pjdfstest) || die "pjdfstest not in PATH after cargo install"
 fi
 say "$("$pjd" --version) at $pjd"
+
+# ---- moto's S3 API server (fs-tests/s3.sh), in a virtualenv of its own
+MOTO_VERSION=5.2.5
+MOTO_VENV=${MOTO_VENV:-/var/tmp/tessera-moto}
+if [ "$("$MOTO_VENV/bin/python" -c 'import moto; print(moto.__version__)' 2>/dev/null)" != "$MOTO_VERSION" ]; then
+    say "installing moto[server] $MOTO_VERSION into $MOTO_VENV"
+    rm -rf "$MOTO_VENV"
+    python3 -m venv "$MOTO_VENV" </dev/null || die "python3 -m venv failed (apt-get install python3-venv)"
+    "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION" </dev/null
+fi
+say "moto $MOTO_VERSION at $MOTO_VENV/bin/moto_server"
 
 # ---- cargo-deb (make deb, fs-tests/package.sh)
 if [ "$(cargo deb --version 2>/dev/null)" != "$CARGO_DEB_VERSION" ]; then

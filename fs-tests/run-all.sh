@@ -8,12 +8,13 @@
 # (private datastore modes, control socket peer check), metrics (the Prometheus endpoint),
 # package (the Debian package: lintian, dpkg, mount -t fuse.tessera, fstab, purge), snapshot (snapshots
 # through the mount, NFS and the CLI: read-only, rollback, restore, schedule, prune, space),
-# replication (send | receive between two datastores, incremental, cut streams, promote).
+# replication (send | receive between two datastores, incremental, cut streams, promote), s3 (an
+# S3-backed datastore against moto's S3 server: uploads, eviction, read-back, lease, kill -9, restore).
 # Exits non-zero if any suite failed. pjdfstest, fulldisk, security and package need root: outside CI
 # (CI=true) it is skipped, and reported as skipped, when run as a user. After each suite, any Tessera mount it
 # left under a scratch dir (e.g. killed by its time limit) is detached.
 #
-# Env: FS_TESTS (suites to run, default "cli trust space corrupt fulldisk nfs snapshot replication metrics crash promises pjdfstest security package"; or pass them as
+# Env: FS_TESTS (suites to run, default "cli trust space corrupt fulldisk nfs snapshot replication s3 metrics crash promises pjdfstest security package"; or pass them as
 #      arguments), TIMEOUT_CLI (600), TIMEOUT_NFS (900), TIMEOUT_CRASH (1200), TIMEOUT_PJDFSTEST
 #      (1200) in seconds, TESSERA (binary), plus each suite's own knobs.
 set -euo pipefail
@@ -21,7 +22,7 @@ cd -- "$(dirname -- "$0")/.."
 export TESSERA=${TESSERA:-$PWD/target/release/tessera}
 [ -x "$TESSERA" ] || { echo "run-all: no tessera binary at $TESSERA (make build)" >&2; exit 1; }
 
-if [ $# -gt 0 ]; then suites=("$@"); else read -r -a suites <<<"${FS_TESTS:-cli trust space corrupt fulldisk nfs snapshot replication metrics crash promises pjdfstest security package}"; fi
+if [ $# -gt 0 ]; then suites=("$@"); else read -r -a suites <<<"${FS_TESTS:-cli trust space corrupt fulldisk nfs snapshot replication s3 metrics crash promises pjdfstest security package}"; fi
 
 limit_of() {
     case $1 in
