@@ -211,9 +211,7 @@ impl Engine {
         self.relieve_pressure(ino)?;
         let st = self.entry(ino);
         let mut g = st.state.write();
-        let mut stored = None;
-        let pre = self.preload(ino, &mut g, offset, data.len() as u64, &mut stored)?;
-        self.write_into(ino, &mut g, offset, data, &mut stored, pre)?;
+        self.write_loading(ino, &mut g, offset, data, &mut None)?;
         Ok(data.len())
     }
 
@@ -239,8 +237,7 @@ impl Engine {
         let mut stored = Some((rtx, inode));
         if !data.is_empty() {
             // A zero-length write changes nothing (not even the size past its offset).
-            let pre = self.preload(ino, &mut g, offset, data.len() as u64, &mut stored)?;
-            self.write_into(ino, &mut g, offset, data, &mut stored, pre)?;
+            self.write_loading(ino, &mut g, offset, data, &mut stored)?;
         }
         let (_, inode) = stored.expect("kept by write_into");
         let after = self.attr_of(ino, inode, Some(&g));
@@ -255,6 +252,22 @@ impl Engine {
         data: &[u8],
     ) -> FsResult<()> {
         self.write_into(ino, g, offset, data, &mut None, Preloaded::new())
+    }
+
+    /// [`Engine::preload`] then [`Engine::write_into`], timed as one `Write` stage (its
+    /// `RmwRead` loads nested inside, as benches/vdi.sh counts them).
+    fn write_loading<'e>(
+        &'e self,
+        ino: InodeId,
+        g: &mut RwLockWriteGuard<'_, FileState>,
+        offset: u64,
+        data: &[u8],
+        stored: &mut Option<(super::Snapshot<'e>, Inode)>,
+    ) -> FsResult<()> {
+        self.timings.time(Stage::Write, || {
+            let pre = self.preload(ino, g, offset, data.len() as u64, stored)?;
+            self.write_into_timed(ino, g, offset, data, stored, pre)
+        })
     }
 
     /// Load the stored chunks a write covers only in part with the file's state lock released,

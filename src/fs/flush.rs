@@ -337,18 +337,9 @@ impl Engine {
         let weak = Arc::downgrade(self);
         let signal = self.pressure.clone();
         self.flusher_running.store(true, Ordering::Relaxed);
-        // The flusher's hashing and compression run on their own pool, at background
-        // priority like the flusher itself (see `background_priority`).
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
-            .thread_name(|i| format!("tessera-flush-{i}"))
-            .start_handler(|_| background_priority())
-            .build()
-            .expect("start the flusher's threads");
         std::thread::Builder::new()
             .name("tessera-flush".into())
             .spawn(move || {
-                background_priority();
                 // Ticks in a row without a commit, and whether this quiet spell compacted.
                 let (mut quiet, mut compacted, mut last) = (0u32, false, u64::MAX);
                 loop {
@@ -361,13 +352,11 @@ impl Engine {
                     };
                     let Some(e) = weak.upgrade() else { return };
                     let before = e.commits.load(Ordering::SeqCst);
-                    let r = pool.install(|| {
-                        if pressure {
-                            e.flush_some(e.tuning.dirty_limit / 4)
-                        } else {
-                            e.sync_all()
-                        }
-                    });
+                    let r = if pressure {
+                        e.flush_some(e.tuning.dirty_limit / 4)
+                    } else {
+                        e.sync_all()
+                    };
                     if let Err(err) = r {
                         tracing::error!("background flush failed (will retry): {err}");
                     }
@@ -412,28 +401,5 @@ impl Engine {
             }
         }
         Ok(())
-    }
-}
-
-/// Nice value of the background flusher's threads.
-const BACKGROUND_NICE: libc::c_int = 10;
-
-/// Run the calling thread at background priority: the flusher's bursts of hashing and
-/// compression (two cores' worth for a fraction of a second) then yield to the threads
-/// serving requests, instead of preempting one that holds a file's state lock while a
-/// hypervisor's whole queue of writes waits for that lock. Writers past the dirty limit
-/// wait for the flusher, so it still gets the CPU when it is what everyone waits for.
-fn background_priority() {
-    // SAFETY: gettid has no preconditions. setpriority only reads its arguments; on Linux a
-    // nice value belongs to one thread, and `who` names the calling thread.
-    let rc = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE)
-    };
-    if rc != 0 {
-        tracing::debug!(
-            "cannot lower the flusher's priority: {}",
-            std::io::Error::last_os_error()
-        );
     }
 }

@@ -711,9 +711,12 @@ impl Inner {
         }
         {
             let mut st = self.state.lock();
-            st.pending.remove(&p);
             st.remote.insert(p, sent);
-            if st.local.contains(&p) {
+            if !st.pending.remove(&p) {
+                // Removed (compacted away) while it was uploading: its object goes too.
+                let epoch = st.epoch;
+                st.deletions.insert(p, epoch);
+            } else if st.local.contains(&p) {
                 st.evictable.push(p);
             }
         }
