@@ -114,6 +114,16 @@ struct State {
     fenced: Option<String>,
 }
 
+impl State {
+    /// Bytes of uploaded packs whose local file is kept (part of the disk cache).
+    fn cached_pack_bytes(&self) -> u64 {
+        self.evictable
+            .iter()
+            .map(|p| self.remote.get(p).copied().unwrap_or(0))
+            .sum()
+    }
+}
+
 /// The cached blocks of evicted packs: files `CACHE_DIR/<pack>.<block>`, each the block's
 /// bytes and their crc32, least recently used evicted first.
 struct Blocks {
@@ -732,11 +742,7 @@ impl Inner {
         loop {
             let victim = {
                 let mut st = self.state.lock();
-                let local_uploaded: u64 = st
-                    .evictable
-                    .iter()
-                    .map(|p| st.remote.get(p).copied().unwrap_or(0))
-                    .sum();
+                let local_uploaded = st.cached_pack_bytes();
                 // Uploaded packs keep at most half the cache, so ranges read back always
                 // have room (a read of evicted data must not evict the block it just read).
                 let over =
@@ -758,13 +764,7 @@ impl Inner {
                 None => break,
             }
         }
-        let st = self.state.lock();
-        let local_uploaded: u64 = st
-            .evictable
-            .iter()
-            .map(|p| st.remote.get(p).copied().unwrap_or(0))
-            .sum();
-        drop(st);
+        let local_uploaded = self.state.lock().cached_pack_bytes();
         self.blocks.shrink_to(limit.saturating_sub(local_uploaded));
     }
 
@@ -821,13 +821,7 @@ impl Inner {
         if let Err(e) = self.blocks.put(p, b, &data) {
             tracing::warn!("cannot cache a block of pack {:08x}: {e}", p.0);
         }
-        let st = self.state.lock();
-        let uploaded: u64 = st
-            .evictable
-            .iter()
-            .map(|q| st.remote.get(q).copied().unwrap_or(0))
-            .sum();
-        drop(st);
+        let uploaded = self.state.lock().cached_pack_bytes();
         self.blocks
             .shrink_to(self.cfg.cache_bytes.saturating_sub(uploaded));
         Ok(data.to_vec())
@@ -997,11 +991,7 @@ impl PackIo for TieredPackIo {
                 .sum(),
             deletes_pending: st.deletions.len() as u64,
             local_pack_bytes,
-            cached_pack_bytes: st
-                .evictable
-                .iter()
-                .map(|p| st.remote.get(p).copied().unwrap_or(0))
-                .sum(),
+            cached_pack_bytes: st.cached_pack_bytes(),
             cache_block_bytes: i.blocks.bytes(),
             cache_limit_bytes: i.cfg.cache_bytes,
             requests_put: r.put.load(Ordering::Relaxed),
