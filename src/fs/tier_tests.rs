@@ -224,3 +224,41 @@ fn compaction_deletes_objects_after_a_backup_and_restore_rebuilds_from_the_bucke
     let report = e.fsck(&|_, _| {}).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+/// Protects the fencing: a server whose lease another server took over (a split brain: the
+/// first was thought dead) stops uploading and deleting, and says so, rather than writing
+/// into a prefix that has another writer.
+#[test]
+fn a_server_whose_lease_was_taken_stops_uploading() {
+    use object_store::ObjectStoreExt;
+    let d = tempfile::tempdir().unwrap();
+    let store = Arc::new(Faulty::new(0));
+    let e = open(&d.path().join("a"), &store, 1 << 20).unwrap();
+    let other = br#"{"host":"other-host","pid":1,"datastore":"/srv/x","expires_unix":99999999999}"#;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let p = object_store::path::Path::from("ds/lease.json");
+        store.inner.put(&p, other.to_vec().into()).await.unwrap();
+    });
+    let start = std::time::Instant::now();
+    while tier(&e).fenced.is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the takeover went unnoticed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let objects = tier(&e).objects;
+    put_path(&e, "f", &unique_data(9, 80, C));
+    e.sync_all().unwrap();
+    let err = e.store.drain_uploads(Duration::from_secs(5)).unwrap_err();
+    assert!(err.to_string().contains("took the lease"), "{err}");
+    // Time enough for an uploader that ignored the fence to upload the sealed pack.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(tier(&e).objects, objects, "a fenced server uploaded");
+    assert_eq!(tier(&e).uploads_pending, 1);
+    // Its data is still all there locally.
+    assert!(read_path(&e, "f") == unique_data(9, 80, C));
+}

@@ -35,8 +35,13 @@ const BLOCK: u64 = 1 << 20;
 const READ_AHEAD_BLOCKS: u64 = 4;
 /// A lease not renewed for this long may be taken over.
 const LEASE_TTL: Duration = Duration::from_secs(60);
-/// How often the holder renews its lease.
-const LEASE_RENEW: Duration = Duration::from_secs(15);
+/// How often the holder renews its lease (test builds: every second, so the fencing test
+/// sees a takeover quickly).
+const LEASE_RENEW: Duration = if cfg!(test) {
+    Duration::from_secs(1)
+} else {
+    Duration::from_secs(15)
+};
 /// Wait before retrying a failed upload or delete (doubles up to [`RETRY_MAX`]).
 const RETRY_MIN: Duration = Duration::from_millis(500);
 /// (Test builds wait at most 1 s: their failures are injected, and minutes of backoff would
