@@ -82,6 +82,7 @@ bench: build
 	benches/corpus.sh
 	benches/bootstorm.sh
 	benches/replication.sh
+	benches/s3.sh
 	$(MAKE) bench-report
 
 bench-report:

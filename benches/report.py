@@ -36,6 +36,7 @@ SCRIPTS = {
     "corpus": ("benches/corpus.sh", "VDI corpus: space against the dedup floor"),
     "bootstorm": ("benches/bootstorm.sh", "boot storm: clones of one golden image read at once"),
     "replication": ("benches/replication.sh", "replication between two datastores"),
+    "s3": ("benches/s3.sh", "S3-backed datastore against a local one"),
 }
 
 

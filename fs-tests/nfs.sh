@@ -42,7 +42,7 @@ mkdir -p "$W"
 URL=nfs://$NFS_HOST/ds
 MiB=$((1024 * 1024))
 
-tessera init "$DS" >/dev/null
+init_ds "$DS"
 start_serve "$DS" --mount "$MNT"
 
 step "portmapper on 111 (TCP and UDP) points at NFS and MOUNT"
@@ -362,6 +362,19 @@ serve_bg "$TEST_TMP/logs/serve-exposed-allow.log" --nfs "0.0.0.0:$port" --portma
 stop_bg
 ! grep -q 'exporting to every host' "$TEST_TMP/logs/serve-exposed-allow.log" || fail "warned although --allow was given"
 log "ok: warned on 0.0.0.0:$port without --allow, not with it"
+
+if [ "${TESSERA_S3:-0}" = 1 ]; then
+    step "the object-store tier was used: data in the bucket beyond the disk cache, read back"
+    tessera stats --json "$DS" >"$W/stats.json"
+    python3 - "$W/stats.json" <<'PY' || fail "the S3-backed run did not exercise the bucket: $(cat "$W/stats.json")"
+import json, sys
+t = json.load(open(sys.argv[1]))["tier"]
+print(f"[nfs] bucket: {t['objects']} objects, {t['object_bytes'] >> 20} MiB; cache limit {t['cache_limit_bytes'] >> 20} MiB; "
+      f"{t['bytes_downloaded'] >> 20} MiB read back", file=sys.stderr)
+assert t["object_bytes"] > t["cache_limit_bytes"], "less data in the bucket than the cache holds"
+assert t["bytes_downloaded"] > 0, "nothing was read back from the bucket"
+PY
+fi
 
 step "fsck after everything"
 tessera fsck "$DS" >/dev/null || fail "fsck found problems"

@@ -77,7 +77,7 @@ entries = [
 ]
 TOML
 
-tessera init "$DS" >/dev/null || fail "tessera init failed"
+init_ds "$DS"
 start_mount "$DS" "$MNT"
 WORK=$MNT/pjdfstest
 mkdir -m 0755 "$WORK"

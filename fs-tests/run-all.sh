@@ -9,12 +9,13 @@
 # package (the Debian package: lintian, dpkg, mount -t fuse.tessera, fstab, purge), snapshot (snapshots
 # through the mount, NFS and the CLI: read-only, rollback, restore, schedule, prune, space),
 # replication (send | receive between two datastores, incremental, cut streams, promote), s3 (an
-# S3-backed datastore against moto's S3 server: uploads, eviction, read-back, lease, kill -9, restore).
-# Exits non-zero if any suite failed. pjdfstest, fulldisk, security and package need root: outside CI
+# S3-backed datastore against moto's S3 server: uploads, eviction, read-back, lease, kill -9, restore),
+# s3-nfs and s3-pjdfstest (nfs and pjdfstest, whole, on an S3-backed datastore with a 16 MiB cache).
+# Exits non-zero if any suite failed. pjdfstest (both), fulldisk, security and package need root: outside CI
 # (CI=true) it is skipped, and reported as skipped, when run as a user. After each suite, any Tessera mount it
 # left under a scratch dir (e.g. killed by its time limit) is detached.
 #
-# Env: FS_TESTS (suites to run, default "cli trust space corrupt fulldisk nfs snapshot replication s3 metrics crash promises pjdfstest security package"; or pass them as
+# Env: FS_TESTS (suites to run, default "cli trust space corrupt fulldisk nfs snapshot replication s3 s3-nfs metrics crash promises pjdfstest s3-pjdfstest security package"; or pass them as
 #      arguments), TIMEOUT_CLI (600), TIMEOUT_NFS (900), TIMEOUT_CRASH (1200), TIMEOUT_PJDFSTEST
 #      (1200) in seconds, TESSERA (binary), plus each suite's own knobs.
 set -euo pipefail
@@ -22,18 +23,18 @@ cd -- "$(dirname -- "$0")/.."
 export TESSERA=${TESSERA:-$PWD/target/release/tessera}
 [ -x "$TESSERA" ] || { echo "run-all: no tessera binary at $TESSERA (make build)" >&2; exit 1; }
 
-if [ $# -gt 0 ]; then suites=("$@"); else read -r -a suites <<<"${FS_TESTS:-cli trust space corrupt fulldisk nfs snapshot replication s3 metrics crash promises pjdfstest security package}"; fi
+if [ $# -gt 0 ]; then suites=("$@"); else read -r -a suites <<<"${FS_TESTS:-cli trust space corrupt fulldisk nfs snapshot replication s3 s3-nfs metrics crash promises pjdfstest s3-pjdfstest security package}"; fi
 
 limit_of() {
     case $1 in
     cli) echo "${TIMEOUT_CLI:-600}" ;;
-    nfs) echo "${TIMEOUT_NFS:-900}" ;;
+    nfs | s3-nfs) echo "${TIMEOUT_NFS:-900}" ;;
     space) echo "${TIMEOUT_SPACE:-600}" ;;
     corrupt) echo "${TIMEOUT_CORRUPT:-600}" ;;
     fulldisk) echo "${TIMEOUT_FULLDISK:-600}" ;;
     crash) echo "${TIMEOUT_CRASH:-1200}" ;;
     promises) echo "${TIMEOUT_PROMISES:-600}" ;;
-    pjdfstest) echo "${TIMEOUT_PJDFSTEST:-1200}" ;;
+    pjdfstest | s3-pjdfstest) echo "${TIMEOUT_PJDFSTEST:-1200}" ;;
     *) echo 900 ;;
     esac
 }
@@ -62,7 +63,7 @@ for s in "${suites[@]}"; do
     [ -x "$script" ] || { echo "run-all: no such suite: $s" >&2; exit 2; }
     limit=$(limit_of "$s")
     printf '\n==================== fs-tests: %s (limit %ss) ====================\n' "$s" "$limit"
-    if [[ $s == pjdfstest || $s == fulldisk || $s == security || $s == package ]] && [ "$(id -u)" != 0 ] && [ "${CI:-}" != true ]; then
+    if [[ $s == pjdfstest || $s == s3-pjdfstest || $s == fulldisk || $s == security || $s == package ]] && [ "$(id -u)" != 0 ] && [ "${CI:-}" != true ]; then
         echo "run-all: $s needs root; skipped"
         result[$s]="SKIP (needs root)" took[$s]=0
         continue

@@ -8,8 +8,14 @@
 # reads back through FUSE and NFS, from the bucket where evicted; `tessera stats` shows the
 # bucket, the cache and the requests; a second server on the same prefix is refused and told
 # which host holds it; ROUNDS (20) kill -9 rounds while uploads run, each followed by a restart
-# that finds the file fsynced before the kill intact (and all of them after the last round); after a clean stop, `tessera restore` rebuilds the
-# datastore in a new folder from the bucket alone, every file identical and fsck clean.
+# that finds the file fsynced before the kill intact (and all of them after the last round);
+# ROUNDS kill -9 rounds during compaction of evicted packs (read back from the bucket), every
+# fsynced file intact, and after a final compaction and a clean stop the objects of compacted
+# packs are deleted and fsck is clean; `tessera restore` rebuilds the datastore in a new folder
+# from the bucket alone, every file identical and fsck clean; on that folder (no pack on its
+# disk) `fsck --repair` rebuilds the index from the pack objects and `scrub` verifies them; a
+# damaged object makes scrub name the file and offset, and reads fail instead of returning
+# other bytes.
 #
 # Env: MOTO_SERVER (default: the venv .ci/deps.sh installs, /var/tmp/tessera-moto), ROUNDS.
 set -euo pipefail
@@ -61,8 +67,9 @@ out=$(tessera init "$TEST_TMP/other" --store s3://vdi/pool1 --endpoint "$EP" 2>&
     fail "a second init on a prefix in use succeeded"
 grep -q "already holds" <<<"$out" || fail "unclear error for a prefix in use: $out"
 
-# tier FIELD: a figure of the tier from `tessera stats --json`.
-tier() { tessera stats --json "$DS" | python3 -c "import json,sys; print(json.load(sys.stdin)['tier']['$1'])"; }
+# tier FIELD: a figure of the tier from `tessera stats --json`; tier_of DS FIELD for another.
+tier_of() { tessera stats --json "$1" | python3 -c "import json,sys; print(json.load(sys.stdin)['tier']['$2'])"; }
+tier() { tier_of "$DS" "$1"; }
 # wait_uploaded: until nothing waits for upload (the active pack is sealed when idle).
 wait_uploaded() {
     local deadline=$((SECONDS + 120))
@@ -122,6 +129,47 @@ wait_uploaded
 stop_serve
 tessera fsck "$DS" >/dev/null || fail "fsck found problems after the kill -9 rounds"
 
+step "$ROUNDS kill -9 rounds during compaction of objects: every fsynced file intact"
+# Each round rewrites half of one file (its old records, in uploaded and mostly evicted packs, die),
+# then compacts at 1 MiB/s (about 1 MiB of live records to copy, so it takes a second or two),
+# reading the packs back from the bucket, and is killed at a random moment of it.
+compacted=0
+for r in $(seq 1 "$ROUNDS"); do
+    start_serve "$DS" --mount "$M" --gc-interval 0
+    if [ "$r" -gt 1 ]; then
+        p=$((r - 1)) o=$((1 + RANDOM % ROUNDS))
+        tmo cmp -s "$W/k$p" "$M/k$p" || fail "round $r: k$p, fsynced before the kill -9, differs"
+        tmo cmp -s "$W/k$o" "$M/k$o" || fail "round $r: k$o differs after a kill -9 during compaction"
+    fi
+    # Half of the file: its packs keep live records, which compaction reads back and copies.
+    head -c $((3 * MiB)) /dev/urandom >"$W/half"
+    dd if="$W/half" of="$W/k$r" bs=1M conv=notrunc status=none
+    tmo dd if="$W/half" of="$M/k$r" bs=1M conv=fsync,notrunc status=none
+    "$TESSERA" gc "$DS" --min-live 0.9 --max-rate 1 --json >"$TEST_TMP/gc-$r.json" 2>&1 &
+    gc=$!
+    sleep "$((RANDOM % 2)).$((RANDOM % 10))"
+    kill9_serve
+    wait "$gc" || true
+    grep -q '"packs_compacted"' "$TEST_TMP/gc-$r.json" && compacted=$((compacted + 1))
+done
+start_serve "$DS" --mount "$M" --gc-interval 0
+for i in $(seq 1 "$ROUNDS"); do tmo cmp -s "$W/k$i" "$M/k$i" || fail "k$i differs after the compaction rounds"; done
+for i in 1 2 3; do tmo cmp -s "$W/f$i" "$M/f$i" || fail "f$i differs after the compaction rounds"; done
+# Compaction to the end: it also removes the packs whose removal a kill interrupted.
+tessera gc "$DS" --min-live 0.9 --json >"$TEST_TMP/gc-final.json" || fail "gc failed: $(cat "$TEST_TMP/gc-final.json")"
+objects_before=$(tier objects)
+wait_uploaded
+stop_serve
+stats=$(tessera stats --json "$DS")
+left=$(python3 -c "import json,sys; s=json.loads(sys.argv[1]); print(s['reclaimable_bytes'], s['tier']['objects'], s['pack_count'])" "$stats")
+read -r reclaimable objects_after packs <<<"$left"
+[ "$compacted" -lt "$ROUNDS" ] || fail "every compaction ended before its kill -9: the rounds did not test a kill during compaction"
+log "$((ROUNDS - compacted)) of $ROUNDS compactions were killed before they ended; the final run: $(cat "$TEST_TMP/gc-final.json" | tr -d '\n ' | cut -c1-160)"
+log "objects in the bucket: $objects_before before the clean stop, $objects_after after; $packs packs; $reclaimable bytes reclaimable"
+[ "$objects_after" -lt "$objects_before" ] || fail "no object of a compacted pack was deleted at the clean stop"
+[ "$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['tier']['deletes_pending'])" "$stats")" = 0 ] || fail "deletes still pending after a clean stop"
+tessera fsck "$DS" >/dev/null || fail "fsck found problems after the compaction rounds"
+
 step "restore from the bucket alone into a new folder"
 R=$TEST_TMP/restored
 out=$(tessera restore s3://vdi/pool1 "$R" --endpoint "$EP" --disk-cache 24M) || fail "restore failed: $out"
@@ -131,4 +179,56 @@ for i in 1 2 3; do tmo cmp -s "$W/f$i" "$TEST_TMP/rm/f$i" || fail "f$i differs a
 for i in $(seq 1 "$ROUNDS"); do tmo cmp -s "$W/k$i" "$TEST_TMP/rm/k$i" || fail "k$i differs after restore"; done
 stop_mount "$TEST_TMP/rm"
 tessera fsck "$R" >/dev/null || fail "fsck found problems in the restored datastore"
+
+step "the bucket alone is enough for fsck --repair and scrub (no pack is on the new folder's disk)"
+ls "$R"/packs/*.pack >/dev/null 2>&1 && fail "the restored folder holds pack files; the bucket would not be tested"
+# Repair rescans every pack object, record by record, and rebuilds the chunk index and the
+# counts from what it finds: every chunk must be found again, from the bucket.
+tessera fsck --repair --json "$R" >"$TEST_TMP/repair.json" || fail "fsck --repair from the bucket failed: $(cat "$TEST_TMP/repair.json")"
+python3 - "$TEST_TMP/repair.json" "$(tier_of "$R" objects)" <<'PY' || fail "repair did not scan the bucket: $(cat "$TEST_TMP/repair.json")"
+import json, sys
+r = json.load(open(sys.argv[1])); objects = int(sys.argv[2])
+r = r.get("repair", r)
+assert r["packs_scanned"] == objects, f"{r['packs_scanned']} packs scanned, {objects} objects"
+assert r["chunks_lost"] == 0 and not r["damaged_files"], r
+PY
+tessera scrub --json "$R" >"$TEST_TMP/scrub.json" || fail "scrub of the bucket failed: $(cat "$TEST_TMP/scrub.json")"
+log "repair: $(tr -d '\n ' <"$TEST_TMP/repair.json" | cut -c1-200)"
+log "scrub: $(tr -d '\n ' <"$TEST_TMP/scrub.json" | cut -c1-200)"
+start_mount "$R" "$TEST_TMP/rm"
+for i in 1 2 3; do tmo cmp -s "$W/f$i" "$TEST_TMP/rm/f$i" || fail "f$i differs after repair"; done
+stop_mount "$TEST_TMP/rm"
+
+step "a damaged object: scrub names the file and offset; reads fail, never wrong bytes"
+# Through boto3 (moto's own dependency): flip a byte every 64 KiB of the first pack object.
+obj=$("${MOTO_SERVER%/*}/python3" - "$EP" <<'PY'
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1")
+key = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="vdi", Prefix="pool1/packs/")["Contents"])[0]
+b = bytearray(s3.get_object(Bucket="vdi", Key=key)["Body"].read())
+for off in range(4096, len(b), 65536):
+    b[off] ^= 0xFF
+s3.put_object(Bucket="vdi", Key=key, Body=bytes(b))
+print(key)
+PY
+) || fail "cannot damage an object in the bucket"
+rm -rf "$R"/cache/*
+rc=0
+tessera scrub --json "$R" >"$TEST_TMP/scrub2.json" 2>"$TEST_TMP/scrub2.err" || rc=$?
+[ "$rc" != 0 ] || fail "scrub found nothing wrong in a damaged object: $(cat "$TEST_TMP/scrub2.json")"
+grep -q '"offset"' "$TEST_TMP/scrub2.json" || fail "scrub does not name a file and offset: $(cat "$TEST_TMP/scrub2.json" "$TEST_TMP/scrub2.err")"
+log "scrub (exit $rc): $(tr -d '\n ' <"$TEST_TMP/scrub2.json" | cut -c1-240)"
+start_mount "$R" "$TEST_TMP/rm"
+bad=0
+for i in 1 2 3 $(seq 1 "$ROUNDS" | sed 's/^/k/'); do
+    f=$i; [[ $f == k* ]] || f=f$i
+    if ! tmo cmp -s "$W/$f" "$TEST_TMP/rm/$f" 2>/dev/null; then
+        # Differing is only allowed as a read error, never as other bytes.
+        tmo cat "$TEST_TMP/rm/$f" >/dev/null 2>&1 && fail "$f reads back different bytes without an error"
+        bad=$((bad + 1))
+    fi
+done
+[ "$bad" -gt 0 ] || fail "no file fails to read after damaging $obj"
+stop_mount "$TEST_TMP/rm"
+log "$bad files fail with EIO on the damaged object; none reads wrong bytes"
 log "PASS"

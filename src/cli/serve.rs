@@ -328,12 +328,22 @@ pub fn run(a: Args) -> Result<()> {
     if let Err(e) = engine.compact_metadata(0) {
         tracing::warn!("cannot compact the metadata file: {e}");
     }
-    // With an object-store tier, leave the bucket complete: every pack and the metadata.
-    if let Err(e) = engine.backup_metadata() {
-        tracing::error!(
+    // With an object-store tier, leave the bucket complete: every pack and the metadata;
+    // then the deletes that backup let go (objects of compacted packs).
+    match engine.backup_metadata() {
+        Err(e) => tracing::error!(
             "cannot back the metadata up into the bucket at stop: {e}; the bucket lacks what \
              changed since the last backup until the datastore is served again"
-        );
+        ),
+        Ok(Some(_)) => {
+            if !engine.finish_deletes(Duration::from_secs(10)) {
+                tracing::warn!(
+                    "objects of compacted packs are left in the bucket; the next compaction \
+                     deletes them"
+                );
+            }
+        }
+        Ok(None) => {}
     }
     fuse_result.context("FUSE session failed")?;
     tracing::info!("stopped serving {}; all data flushed", dir.display());

@@ -98,6 +98,11 @@ impl Engine {
     /// packs no longer appended to, a run is due even with nothing dead (threshold 0).
     pub fn reclaim_threshold(&self) -> FsResult<Option<f64>> {
         let uses = self.store.pack_use(&*self.read_txn()?)?;
+        // Packs nothing accounts for (a removal a crash interrupted) go whatever the rest:
+        // threshold 0 takes only packs with nothing live.
+        if !self.store.unaccounted_packs(&uses)?.is_empty() {
+            return Ok(Some(0.0));
+        }
         let packs: Vec<(u64, u64)> = uses.values().map(|u| (u.live, u.dead)).collect();
         let active = self.store.active_pack();
         let waiting: u64 = uses

@@ -150,7 +150,14 @@ impl Engine {
         let stored = get(C_STORED_BYTES)?;
         let chunk_count = get(C_CHUNK_COUNT)?;
         let uses = self.store.pack_use(&rtx)?;
-        let dead = uses.values().map(|u| u.dead).sum();
+        // Packs nothing accounts for are reclaimable whole (the next compaction removes them).
+        let dead = uses.values().map(|u| u.dead).sum::<u64>()
+            + self
+                .store
+                .unaccounted_packs(&uses)?
+                .iter()
+                .map(|(_, len)| len)
+                .sum::<u64>();
         let uncompressed_bytes = uses.values().map(|u| u.deferred).sum();
         let cache = self.store.cache_stats();
         let (mut pack_bytes, mut pack_count) = (0, 0);

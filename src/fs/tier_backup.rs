@@ -126,6 +126,14 @@ impl Engine {
         Ok(Some(info))
     }
 
+    /// Wait (at most `patience`) for the object deletes the last backup let go; true when
+    /// none is left (or there is no tier).
+    pub fn finish_deletes(&self, patience: std::time::Duration) -> bool {
+        self.store
+            .tier_io()
+            .is_none_or(|t| t.finish_deletes(patience))
+    }
+
     /// Back the metadata up every `every` while it changes (a thread; it stops when the
     /// engine is dropped).
     pub fn spawn_metadata_backups(

@@ -225,6 +225,54 @@ fn compaction_deletes_objects_after_a_backup_and_restore_rebuilds_from_the_bucke
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
 
+/// Protects the bucket from growing with orphans: the delete of a compacted pack's object
+/// waits for a metadata backup, in memory only, so a crash before it leaves the object behind.
+/// The next open counts it as reclaimable, background reclamation finds it due, and the next
+/// compaction removes it (deleted after the next backup); every file still reads back.
+#[test]
+fn objects_of_compacted_packs_left_by_a_crash_are_swept_by_the_next_compaction() {
+    let d = tempfile::tempdir().unwrap();
+    let ds = d.path().join("ds");
+    let store = Arc::new(Faulty::new(0));
+    let e = open(&ds, &store, 1 << 20).unwrap();
+    let keep = unique_data(400, 48, C);
+    put_path(&e, "keep", &keep);
+    for i in 0..3 {
+        put_path(&e, &format!("gone{i}"), &unique_data(410 + i, 48, C));
+    }
+    drain(&e);
+    for i in 0..3 {
+        e.unlink(super::InodeId::ROOT, format!("gone{i}").as_bytes())
+            .unwrap();
+    }
+    e.sync_all().unwrap();
+    assert!(e.gc(0.9, &|_, _| {}).unwrap().packs_compacted > 0);
+    drain(&e);
+    assert!(tier(&e).deletes_pending > 0);
+    // A crash: the pending deletes are forgotten, no backup was taken.
+    drop(e);
+
+    let e = open(&ds, &store, 1 << 20).unwrap();
+    let uses = e.store.pack_use(&e.read_txn().unwrap()).unwrap();
+    let orphans = e.store.unaccounted_packs(&uses).unwrap();
+    assert!(!orphans.is_empty(), "the crash left no orphan object");
+    let orphan_bytes: u64 = orphans.iter().map(|o| o.1).sum();
+    assert!(e.stats().unwrap().reclaimable_bytes >= orphan_bytes);
+    assert_eq!(e.reclaim_threshold().unwrap(), Some(0.0));
+    let r = e.gc(0.0, &|_, _| {}).unwrap();
+    assert!(r.packs_compacted >= orphans.len() as u64, "{r:?}");
+    drain(&e);
+    e.backup_metadata().unwrap().unwrap();
+    assert!(e.finish_deletes(Duration::from_secs(30)), "{:?}", tier(&e));
+    let uses = e.store.pack_use(&e.read_txn().unwrap()).unwrap();
+    assert!(e.store.unaccounted_packs(&uses).unwrap().is_empty());
+    let objects: Vec<_> = e.store.pack_files().unwrap();
+    assert_eq!(tier(&e).objects, objects.len() as u64, "{:?}", tier(&e));
+    assert!(read_path(&e, "keep") == keep);
+    let report = e.fsck(&|_, _| {}).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
 /// Protects the fencing: a server whose lease another server took over (a split brain: the
 /// first was thought dead) stops uploading and deleting, and says so, rather than writing
 /// into a prefix that has another writer.

@@ -78,6 +78,24 @@ impl Store {
         Ok(out)
     }
 
+    /// Packs that exist (files, or objects in a tier's bucket) but hold nothing the metadata
+    /// accounts for, before the active pack: a pack compacted away whose removal a kill -9
+    /// interrupted (an object's delete waits for a metadata backup, and that wait is not
+    /// durable), or one whose appends were never committed. Nothing references them; the
+    /// next compaction removes them. With their lengths in bytes, given `uses` from
+    /// [`Store::pack_use`] of the same snapshot.
+    pub fn unaccounted_packs(
+        &self,
+        uses: &BTreeMap<PackId, PackUse>,
+    ) -> Result<Vec<(PackId, u64)>, StoreError> {
+        let active = self.active_pack();
+        Ok(self
+            .pack_files()?
+            .into_iter()
+            .filter(|(p, _)| active.is_none_or(|a| *p < a) && !uses.contains_key(p))
+            .collect())
+    }
+
     /// Every pack file and its length in bytes, in pack order.
     pub fn pack_files(&self) -> Result<Vec<(PackId, u64)>, StoreError> {
         Ok(self

@@ -32,7 +32,11 @@ pub const SEAL_AGE: Duration = Duration::from_secs(300);
 /// Unit of ranged reads and of the read cache.
 const BLOCK: u64 = 1 << 20;
 /// Blocks read ahead when a pack is read sequentially.
-const READ_AHEAD_BLOCKS: u64 = 4;
+const READ_AHEAD_BLOCKS: u64 = 8;
+/// Threads fetching read-ahead blocks: an object store answers one ranged GET in tens of ms
+/// (S3's first byte), so one fetch at a time would cap a cold sequential read near 1 MiB per
+/// round trip; several in flight hide that latency.
+const READ_AHEAD_THREADS: usize = 4;
 /// A lease not renewed for this long may be taken over.
 const LEASE_TTL: Duration = Duration::from_secs(60);
 /// How often the holder renews its lease (test builds: every second, so the fencing test
@@ -185,6 +189,10 @@ impl Blocks {
     }
 
     /// The block's bytes if cached and intact (a damaged copy is dropped).
+    fn contains(&self, p: PackId, b: u64) -> bool {
+        self.index.lock().blocks.contains_key(&(p, b))
+    }
+
     fn get(&self, p: PackId, b: u64) -> Option<Vec<u8>> {
         {
             let mut ix = self.index.lock();
@@ -411,19 +419,26 @@ impl TieredPackIo {
         );
         let (tx, rx) = std::sync::mpsc::sync_channel::<(PackId, u64)>(64);
         *inner.read_ahead.lock() = Some(tx);
-        let i = inner.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("tessera-readahead".into())
-                .spawn(move || {
-                    while let Ok((p, b)) = rx.recv() {
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..READ_AHEAD_THREADS {
+            let (i, rx) = (inner.clone(), rx.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("tessera-readahead".into())
+                    .spawn(move || loop {
+                        let Ok((p, b)) = rx.lock().recv() else {
+                            return;
+                        };
                         if i.stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        let _ = i.block(p, b);
-                    }
-                })?,
-        );
+                        // A hint: nothing to do for a block cached or being fetched.
+                        if !i.blocks.contains(p, b) && !i.fetching.lock().contains(&(p, b)) {
+                            let _ = i.block(p, b);
+                        }
+                    })?,
+            );
+        }
         inner.evict();
         Ok(TieredPackIo {
             inner,
@@ -455,6 +470,28 @@ impl TieredPackIo {
                     patience.as_secs(),
                     st.last_error.as_deref().unwrap_or("no error reported")
                 )));
+            }
+            self.inner.wake.notify_all();
+            self.inner
+                .wake
+                .wait_for(&mut st, Duration::from_millis(100));
+        }
+    }
+
+    /// Wait (at most `patience`) until the deletes a metadata backup has let go are done: at a
+    /// clean stop, so the bucket does not keep objects of compacted packs until the next
+    /// start (that wait lives only in memory). False if some are left.
+    pub fn finish_deletes(&self, patience: Duration) -> bool {
+        let deadline = std::time::Instant::now() + patience;
+        let mut st = self.inner.state.lock();
+        loop {
+            let done = st.backed_up;
+            let due = st.deletions.values().any(|e| done.is_some_and(|d| *e <= d));
+            if !due {
+                return true;
+            }
+            if st.fenced.is_some() || std::time::Instant::now() >= deadline {
+                return false;
             }
             self.inner.wake.notify_all();
             self.inner
