@@ -273,6 +273,55 @@ fn objects_of_compacted_packs_left_by_a_crash_are_swept_by_the_next_compaction()
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
 
+/// Protects the disk cache from scans: a scrub reads every object of the bucket back through
+/// the cache, and must not evict the blocks a desktop reads (its blocks enter as the least
+/// recently used and evict each other). After the scrub, the blocks of the file read before it
+/// are all still cached.
+#[test]
+fn a_scrub_of_the_bucket_does_not_evict_what_desktops_read() {
+    let d = tempfile::tempdir().unwrap();
+    let ds = d.path().join("ds");
+    let store = Arc::new(Faulty::new(0));
+    let cache = 6 << 20;
+    open(&ds, &store, cache).unwrap();
+    let io = TieredPackIo::with_remote(
+        &ds,
+        &ds.join(super::PACK_DIR),
+        config(cache),
+        remote(&store),
+    )
+    .unwrap();
+    // A RAM chunk cache of 16 chunks: rereads go to the packs.
+    let tuning = Tuning {
+        cache_bytes: 0,
+        ..Tuning::default()
+    };
+    let e = Engine::open_with(&ds, tuning, Some(Arc::new(io) as Arc<dyn PackIo>)).unwrap();
+    let files: Vec<Vec<u8>> = (0..10).map(|i| unique_data(500 + i, 64, C)).collect();
+    for (i, data) in files.iter().enumerate() {
+        put_path(&e, &format!("f{i}"), data);
+    }
+    drain(&e);
+    // f0 went first: its packs were uploaded first and evicted.
+    let blocks = || e.store.tier_io().unwrap().cached_blocks();
+    assert!(read_path(&e, "f0") == files[0]);
+    let desktop = blocks();
+    assert!(!desktop.is_empty(), "f0 was not read from the bucket");
+    let before_scrub = tier(&e).requests_get;
+    let r = e.scrub(&|_, _| {}).unwrap();
+    assert!(r.damaged.is_empty(), "{r:?}");
+    assert!(
+        tier(&e).requests_get > before_scrub + 4,
+        "the scrub read little from the bucket: the test does not test the cache"
+    );
+    let after = blocks();
+    assert!(
+        desktop.is_subset(&after),
+        "the scrub evicted the blocks of the file read before it: {desktop:?} then {after:?}"
+    );
+    assert!(read_path(&e, "f0") == files[0]);
+}
+
 /// Protects the fencing: a server whose lease another server took over (a split brain: the
 /// first was thought dead) stops uploading and deleting, and says so, rather than writing
 /// into a prefix that has another writer.

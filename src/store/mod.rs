@@ -619,7 +619,7 @@ impl Store {
             }
             let run = &recs[i..j];
             let len = run_end - start;
-            match self.io.read_at(run[0].1.pack, start, len as usize) {
+            match self.io.read_at_scan(run[0].1.pack, start, len as usize) {
                 Ok(buf) => {
                     let checked: Vec<(ChunkId, Result<u64, StoreError>)> = run
                         .par_iter()
@@ -802,8 +802,9 @@ impl Store {
     /// The raw bytes (header + payload) of the record at `loc`. A missing or short pack is
     /// damage (`Corrupt`); other I/O errors stay I/O errors.
     fn fetch_record(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
+        // Callers are scans (compaction, fsck, scrub) or the record-by-record retry of one.
         self.io
-            .read_at(
+            .read_at_scan(
                 loc.pack,
                 loc.offset,
                 RECORD_HEADER_LEN + loc.stored_len as usize,

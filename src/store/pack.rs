@@ -109,6 +109,11 @@ pub trait PackIo: Send + Sync {
         buf.copy_from_slice(&self.read_at(pack, offset, buf.len())?);
         Ok(())
     }
+    /// [`PackIo::read_at`] for a scan (scrub, fsck, compaction, repair): reads every pack
+    /// once, so a cache of pack bytes (the tier's) must not let it push out what desktops read.
+    fn read_at_scan(&self, pack: PackId, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.read_at(pack, offset, len)
+    }
     /// Make every append so far durable.
     fn sync(&self, pack: PackId) -> io::Result<()>;
     /// Current length in bytes.

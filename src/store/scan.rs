@@ -33,7 +33,7 @@ impl Store {
         let mut in_damage = false;
         while off + RECORD_HEADER_LEN as u64 <= len {
             let intact = (|| {
-                let h = io.read_at(pack, off, RECORD_HEADER_LEN).ok()?;
+                let h = io.read_at_scan(pack, off, RECORD_HEADER_LEN).ok()?;
                 let hd = decode_header(&h)?;
                 if hd.stored_len > MAX_RECORD_PAYLOAD
                     || off + (RECORD_HEADER_LEN as u64) + u64::from(hd.stored_len) > len
@@ -41,7 +41,7 @@ impl Store {
                     return None;
                 }
                 let payload = io
-                    .read_at(pack, off + RECORD_HEADER_LEN as u64, hd.stored_len as usize)
+                    .read_at_scan(pack, off + RECORD_HEADER_LEN as u64, hd.stored_len as usize)
                     .ok()?;
                 if !record_crc_ok(&h, &payload, hd.crc) {
                     return None;
@@ -86,7 +86,7 @@ impl Store {
         let mut at = from;
         while at + 4 <= len {
             let n = WINDOW.min(len - at) as usize;
-            let buf = self.io().read_at(pack, at, n)?;
+            let buf = self.io().read_at_scan(pack, at, n)?;
             if let Some(i) = buf.windows(4).position(|w| w == magic) {
                 return Ok(Some(at + i as u64));
             }

@@ -31,8 +31,14 @@ pub const SEAL_IDLE: Duration = Duration::from_secs(30);
 pub const SEAL_AGE: Duration = Duration::from_secs(300);
 /// Unit of ranged reads and of the read cache.
 const BLOCK: u64 = 1 << 20;
-/// Blocks read ahead when a pack is read sequentially.
+/// Blocks read ahead when a pack is read sequentially, in runs of `READ_AHEAD_RUN` blocks per
+/// GET: object stores charge per request and answer each one after a round trip (tens of ms
+/// on S3), so a few large ranges go faster than many small ones.
 const READ_AHEAD_BLOCKS: u64 = 8;
+const READ_AHEAD_RUN: u64 = 4;
+/// Ticks of the disk cache's blocks at and above this are blocks desktops read; below it,
+/// blocks scans brought in, evicted first.
+const HOT_TICKS: u64 = 1 << 62;
 /// Threads fetching read-ahead blocks: an object store answers one ranged GET in tens of ms
 /// (S3's first byte), so one fetch at a time would cap a cold sequential read near 1 MiB per
 /// round trip; several in flight hide that latency.
@@ -134,7 +140,10 @@ impl State {
 }
 
 /// The cached blocks of evicted packs: files `CACHE_DIR/<pack>.<block>`, each the block's
-/// bytes and their crc32, least recently used evicted first.
+/// bytes and their crc32, least recently used evicted first. Blocks a scan (scrub, fsck,
+/// compaction, repair) brings in enter as the least recently used, and a scan's hit does not
+/// refresh a block: a scan of the whole bucket evicts its own blocks, not the ones desktops
+/// read.
 struct Blocks {
     dir: PathBuf,
     index: Mutex<BlockIndex>,
@@ -142,9 +151,16 @@ struct Blocks {
 
 #[derive(Default)]
 struct BlockIndex {
+    /// Length in bytes (with the crc) and last-use tick of each block.
     blocks: HashMap<(PackId, u64), (u64, u64)>,
+    /// The same blocks by last-use tick, oldest first. Blocks a scan brought in have ticks
+    /// below `HOT_TICKS` (first out, in the order they came), the others above.
+    order: BTreeSet<(u64, PackId, u64)>,
     bytes: u64,
+    /// Last tick given to a block read by a desktop (starts at `HOT_TICKS`).
     tick: u64,
+    /// Last tick given to a block a scan brought in (below `HOT_TICKS`).
+    scan_tick: u64,
     /// Last block read per pack (sequential reads start read-ahead).
     last: HashMap<PackId, u64>,
 }
@@ -155,7 +171,10 @@ impl Blocks {
             .recursive(true)
             .mode(crate::private::DIR_MODE)
             .create(dir)?;
-        let mut index = BlockIndex::default();
+        let mut index = BlockIndex {
+            tick: HOT_TICKS,
+            ..BlockIndex::default()
+        };
         for e in std::fs::read_dir(dir)? {
             let e = e?;
             let name = e.file_name().to_string_lossy().to_string();
@@ -170,6 +189,7 @@ impl Blocks {
                     let len = e.metadata()?.len();
                     index.tick += 1;
                     index.blocks.insert(k, (len, index.tick));
+                    index.order.insert((index.tick, k.0, k.1));
                     index.bytes += len;
                 }
                 // A block being written when the process stopped.
@@ -188,17 +208,23 @@ impl Blocks {
         self.dir.join(format!("{:08x}.{b:x}", p.0))
     }
 
-    /// The block's bytes if cached and intact (a damaged copy is dropped).
     fn contains(&self, p: PackId, b: u64) -> bool {
         self.index.lock().blocks.contains_key(&(p, b))
     }
 
-    fn get(&self, p: PackId, b: u64) -> Option<Vec<u8>> {
+    /// The block's bytes if cached and intact (a damaged copy is dropped). A read that is not
+    /// a scan makes it the most recently used.
+    fn get(&self, p: PackId, b: u64, scan: bool) -> Option<Vec<u8>> {
         {
             let mut ix = self.index.lock();
-            ix.tick += 1;
-            let t = ix.tick;
-            ix.blocks.get_mut(&(p, b))?.1 = t;
+            let old = ix.blocks.get(&(p, b))?.1;
+            if !scan {
+                ix.tick += 1;
+                let t = ix.tick;
+                ix.blocks.get_mut(&(p, b))?.1 = t;
+                ix.order.remove(&(old, p, b));
+                ix.order.insert((t, p, b));
+            }
         }
         let raw = std::fs::read(self.path(p, b)).ok();
         let ok = raw.as_ref().and_then(|raw| {
@@ -217,7 +243,8 @@ impl Blocks {
         }
     }
 
-    fn put(&self, p: PackId, b: u64, data: &[u8]) -> io::Result<()> {
+    /// Cache a block; a scan's block enters as the least recently used.
+    fn put(&self, p: PackId, b: u64, data: &[u8], scan: bool) -> io::Result<()> {
         use std::io::Write;
         let tmp = self.dir.join(format!(
             "tmp-{:08x}-{b:x}-{:?}",
@@ -235,19 +262,27 @@ impl Blocks {
         }
         std::fs::rename(&tmp, self.path(p, b))?;
         let mut ix = self.index.lock();
-        ix.tick += 1;
-        let t = ix.tick;
+        let t = if scan {
+            ix.scan_tick += 1;
+            ix.scan_tick
+        } else {
+            ix.tick += 1;
+            ix.tick
+        };
         let len = data.len() as u64 + 4;
-        if let Some((old, _)) = ix.blocks.insert((p, b), (len, t)) {
+        if let Some((old, ot)) = ix.blocks.insert((p, b), (len, t)) {
             ix.bytes -= old;
+            ix.order.remove(&(ot, p, b));
         }
+        ix.order.insert((t, p, b));
         ix.bytes += len;
         Ok(())
     }
 
     fn drop_block(&self, p: PackId, b: u64) {
         let mut ix = self.index.lock();
-        if let Some((len, _)) = ix.blocks.remove(&(p, b)) {
+        if let Some((len, t)) = ix.blocks.remove(&(p, b)) {
+            ix.order.remove(&(t, p, b));
             ix.bytes -= len;
             let _ = std::fs::remove_file(self.path(p, b));
         }
@@ -268,7 +303,8 @@ impl Blocks {
         self.index.lock().bytes
     }
 
-    /// Drop least recently used blocks until at most `limit` bytes are cached.
+    /// Drop least recently used blocks (those of scans first) until at most `limit` bytes are
+    /// cached.
     fn shrink_to(&self, limit: u64) {
         loop {
             let victim = {
@@ -276,7 +312,13 @@ impl Blocks {
                 if ix.bytes <= limit {
                     return;
                 }
-                ix.blocks.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k)
+                // The block a scan brought in last is the one it reads now: it goes last,
+                // even before blocks desktops read when the cache holds little else.
+                let newest_scan = ix.scan_tick;
+                ix.order
+                    .iter()
+                    .find(|(t, _, _)| *t != newest_scan || ix.blocks.len() == 1)
+                    .map(|&(_, p, b)| (p, b))
             };
             match victim {
                 Some((p, b)) => self.drop_block(p, b),
@@ -344,7 +386,7 @@ struct Inner {
     wake: Condvar,
     stop: AtomicBool,
     lease: Mutex<Option<object_store::UpdateVersion>>,
-    read_ahead: Mutex<Option<std::sync::mpsc::SyncSender<(PackId, u64)>>>,
+    read_ahead: Mutex<Option<std::sync::mpsc::SyncSender<(PackId, u64, bool)>>>,
     /// Blocks being fetched, and the signal that one arrived.
     fetching: Mutex<std::collections::HashSet<(PackId, u64)>>,
     fetched: Condvar,
@@ -417,7 +459,7 @@ impl TieredPackIo {
                 .name("tessera-lease".into())
                 .spawn(move || i.lease_loop())?,
         );
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(PackId, u64)>(64);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(PackId, u64, bool)>(16);
         *inner.read_ahead.lock() = Some(tx);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..READ_AHEAD_THREADS {
@@ -426,16 +468,14 @@ impl TieredPackIo {
                 std::thread::Builder::new()
                     .name("tessera-readahead".into())
                     .spawn(move || loop {
-                        let Ok((p, b)) = rx.lock().recv() else {
+                        let Ok((p, b, scan)) = rx.lock().recv() else {
                             return;
                         };
                         if i.stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        // A hint: nothing to do for a block cached or being fetched.
-                        if !i.blocks.contains(p, b) && !i.fetching.lock().contains(&(p, b)) {
-                            let _ = i.block(p, b);
-                        }
+                        // A hint: blocks cached or being fetched are skipped.
+                        let _ = i.prefetch_run(p, b, b + READ_AHEAD_RUN - 1, scan);
                     })?,
             );
         }
@@ -476,6 +516,13 @@ impl TieredPackIo {
                 .wake
                 .wait_for(&mut st, Duration::from_millis(100));
         }
+    }
+
+    /// The blocks of evicted packs in the disk cache (tests).
+    #[cfg(test)]
+    pub fn cached_blocks(&self) -> BTreeSet<(PackId, u64)> {
+        let ix = self.inner.blocks.index.lock();
+        ix.blocks.keys().copied().collect()
     }
 
     /// Wait (at most `patience`) until the deletes a metadata backup has let go are done: at a
@@ -812,9 +859,9 @@ impl Inner {
 
     /// Block `b` of evicted pack `p`, from the cache or the bucket. Concurrent misses of one
     /// block (a reader and the read-ahead, or clones booting at once) fetch it once.
-    fn block(&self, p: PackId, b: u64) -> io::Result<Vec<u8>> {
+    fn block(&self, p: PackId, b: u64, scan: bool) -> io::Result<Vec<u8>> {
         loop {
-            if let Some(data) = self.blocks.get(p, b) {
+            if let Some(data) = self.blocks.get(p, b, scan) {
                 return Ok(data);
             }
             let mut f = self.fetching.lock();
@@ -823,13 +870,51 @@ impl Inner {
             }
             self.fetched.wait_for(&mut f, Duration::from_millis(50));
         }
-        let r = self.fetch(p, b);
+        let r = self.fetch(p, b, 1, scan).map(|mut v| v.swap_remove(0));
         self.fetching.lock().remove(&(p, b));
         self.fetched.notify_all();
         r
     }
 
-    fn fetch(&self, p: PackId, b: u64) -> io::Result<Vec<u8>> {
+    /// Blocks `first..last` of evicted pack `p` that no one has cached or is fetching,
+    /// fetched with one ranged GET and cached (a large read, such as a scan's 8 MiB run, costs
+    /// one request instead of one per block). Blocks already there are left to `block`.
+    /// Returns the blocks fetched, by number (a cache smaller than the run may have evicted
+    /// them already).
+    fn prefetch_run(&self, p: PackId, first: u64, last: u64, scan: bool) -> Vec<(u64, Vec<u8>)> {
+        let claimed: Vec<u64> = {
+            let mut f = self.fetching.lock();
+            let mut run = Vec::new();
+            for b in first..=last {
+                if self.blocks.contains(p, b) || f.contains(&(p, b)) {
+                    if run.is_empty() {
+                        continue;
+                    }
+                    break;
+                }
+                f.insert((p, b));
+                run.push(b);
+            }
+            run
+        };
+        let mut got = Vec::new();
+        if let Some(&b0) = claimed.first() {
+            // A failure here is only a missed prefetch: `block` fetches (and reports) again.
+            if let Ok(blocks) = self.fetch(p, b0, claimed.len() as u64, scan) {
+                got = (b0..).zip(blocks).collect();
+            }
+        }
+        let mut f = self.fetching.lock();
+        for b in &claimed {
+            f.remove(&(p, *b));
+        }
+        drop(f);
+        self.fetched.notify_all();
+        got
+    }
+
+    /// `n` blocks from block `b` of evicted pack `p`, with one GET; each is cached.
+    fn fetch(&self, p: PackId, b: u64, n: u64, scan: bool) -> io::Result<Vec<Vec<u8>>> {
         let len = self.state.lock().remote.get(&p).copied().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,
@@ -849,7 +934,7 @@ impl Inner {
         let data = loop {
             match self
                 .remote
-                .get_range(&object_name(p), start..(start + BLOCK).min(len))
+                .get_range(&object_name(p), start..(start + n * BLOCK).min(len))
             {
                 Ok(d) => break d,
                 Err(e) if tries < 2 => {
@@ -860,21 +945,32 @@ impl Inner {
                 Err(e) => return Err(e),
             }
         };
-        if let Err(e) = self.blocks.put(p, b, &data) {
-            tracing::warn!("cannot cache a block of pack {:08x}: {e}", p.0);
+        let blocks: Vec<Vec<u8>> = data.chunks(BLOCK as usize).map(<[u8]>::to_vec).collect();
+        for (k, d) in blocks.iter().enumerate() {
+            if let Err(e) = self.blocks.put(p, b + k as u64, d, scan) {
+                tracing::warn!("cannot cache a block of pack {:08x}: {e}", p.0);
+            }
         }
         let uploaded = self.state.lock().cached_pack_bytes();
         self.blocks
             .shrink_to(self.cfg.cache_bytes.saturating_sub(uploaded));
-        Ok(data.to_vec())
+        Ok(blocks)
     }
 
-    fn read_remote(&self, p: PackId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    fn read_remote(&self, p: PackId, offset: u64, buf: &mut [u8], scan: bool) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
         let end = offset + buf.len() as u64;
         let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
+        // Several blocks: the missing ones in one GET.
+        let mut got: HashMap<u64, Vec<u8>> = if last > first {
+            self.prefetch_run(p, first, last, scan)
+                .into_iter()
+                .collect()
+        } else {
+            HashMap::new()
+        };
         // Read ahead when a read moves on to the block after the last one read.
         let sequential = {
             let mut ix = self.blocks.index.lock();
@@ -882,7 +978,10 @@ impl Inner {
             prev.is_some_and(|l| l < last && l + 1 >= first)
         };
         for b in first..=last {
-            let data = self.block(p, b)?;
+            let data = match got.remove(&b) {
+                Some(d) => d,
+                None => self.block(p, b, scan)?,
+            };
             let bs = b * BLOCK;
             let from = offset.max(bs);
             let to = end.min(bs + data.len() as u64);
@@ -897,9 +996,9 @@ impl Inner {
         }
         if sequential {
             if let Some(tx) = self.read_ahead.lock().as_ref() {
-                for b in last + 1..=last + READ_AHEAD_BLOCKS {
+                for b in (last + 1..=last + READ_AHEAD_BLOCKS).step_by(READ_AHEAD_RUN as usize) {
                     // Dropped when the read-ahead queue is full: it is only a hint.
-                    let _ = tx.try_send((p, b));
+                    let _ = tx.try_send((p, b, scan));
                 }
             }
         }
@@ -938,7 +1037,19 @@ impl PackIo for TieredPackIo {
                 r => return r,
             }
         }
-        self.inner.read_remote(pack, offset, buf)
+        self.inner.read_remote(pack, offset, buf, false)
+    }
+
+    fn read_at_scan(&self, pack: PackId, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        if self.inner.is_local(pack) {
+            match self.inner.local.read_into(pack, offset, &mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                r => return r.map(|()| buf),
+            }
+        }
+        self.inner.read_remote(pack, offset, &mut buf, true)?;
+        Ok(buf)
     }
 
     fn sync(&self, pack: PackId) -> io::Result<()> {
