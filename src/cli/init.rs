@@ -42,8 +42,9 @@ pub struct TierArgs {
     #[arg(long, value_name = "FILE")]
     pub credentials_file: Option<PathBuf>,
     /// Local disk for packs already uploaded and for data read back from the bucket. Packs
-    /// not yet uploaded stay whatever this says.
-    #[arg(long, default_value = "10G", value_name = "SIZE", value_parser = super::parse_bytes)]
+    /// not yet uploaded stay whatever this says. (`--cache-size` here is the same option; on
+    /// serve and mount that name is the RAM chunk cache.)
+    #[arg(long, visible_alias = "cache-size", default_value = "10G", value_name = "SIZE", value_parser = super::parse_bytes)]
     pub disk_cache: u64,
     /// Upload bandwidth cap in MiB per second (0: none).
     #[arg(long, default_value_t = 0, value_name = "MIB_PER_S")]
