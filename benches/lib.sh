@@ -43,6 +43,9 @@ bench_metric() {
 }
 bench_value() {
     local v=${3:-null}
+    # bc writes numbers below 1 without the leading zero (.904)
+    [[ $v == .* ]] && v=0$v
+    [[ $v == -.* ]] && v=-0${v#-}
     [[ $v =~ ^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$ ]] || v=null
     printf 'value\t%s\t%s\t%s\n' "$1" "$2" "$v" >>"$BENCH_REC"
 }
