@@ -10,7 +10,8 @@
 # through the mount, NFS and the CLI: read-only, rollback, restore, schedule, prune, space),
 # replication (send | receive between two datastores, incremental, cut streams, promote), s3 (an
 # S3-backed datastore against moto's S3 server: uploads, eviction, read-back, lease, kill -9, restore),
-# s3-nfs and s3-pjdfstest (nfs and pjdfstest, whole, on an S3-backed datastore with a 16 MiB cache).
+# s3-nfs and s3-pjdfstest (nfs and pjdfstest, whole, on S3-backed datastores with a disk cache
+# smaller than their data).
 # Exits non-zero if any suite failed. pjdfstest (both), fulldisk, security and package need root: outside CI
 # (CI=true) it is skipped, and reported as skipped, when run as a user. After each suite, any Tessera mount it
 # left under a scratch dir (e.g. killed by its time limit) is detached.

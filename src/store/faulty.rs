@@ -1,6 +1,6 @@
 //! Tests only: an object store that fails on purpose. Every `every`-th request fails the way a
-//! bad network or a struggling server does (a 500, a timeout, a cut multipart upload), and
-//! every request can be slowed down (throttling), so the tier's tests show that nothing
+//! bad network or a struggling server does (a 500, a 503 Slow Down, a timeout, a reset, a cut
+//! multipart upload), and every request can be slowed down (throttling), so the tier's tests show that nothing
 //! acknowledged is lost, nothing wrong is read, and uploads resume.
 
 use std::fmt;
@@ -39,9 +39,10 @@ impl Faults {
         let h = n.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
         if every > 0 && h.is_multiple_of(every) {
             self.failed.fetch_add(1, Ordering::Relaxed);
-            let source = match n % 3 {
+            let source = match n % 4 {
                 0 => "injected: 500 Internal Server Error",
                 1 => "injected: operation timed out",
+                2 => "injected: 503 Slow Down (throttled)",
                 _ => "injected: connection reset by peer",
             };
             return Err(object_store::Error::Generic {
