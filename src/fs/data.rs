@@ -79,9 +79,13 @@ pub struct FileState {
     pub(crate) size: Option<u64>,
     /// Modification time (and ctime) if changed since the last flush.
     pub(crate) mtime: Option<Time>,
-    /// Chunks rewritten in part after being stored (read back to take a partial write): the
-    /// hot set, stored uncompressed when flushed (`Encoded::uncompressed`). A hint only: an index left here
-    /// after its chunk was dropped costs nothing.
+    /// Chunks written in part inside the file (a stored chunk read back to take a partial
+    /// write, or a hole inside the file filled in part by a write smaller than a chunk): the
+    /// hot set, stored uncompressed when flushed (`Encoded::uncompressed`) and compressed
+    /// later by compaction, because a desktop's random 4 KiB writes come back to the same
+    /// chunks. Chunks past the end of the file (a file written front to back, whatever its
+    /// write size) and the edges of large writes into holes (a copy's extents) are compressed
+    /// at once. A hint only: an index left here after its chunk was dropped costs nothing.
     pub(crate) hot: HashSet<u64>,
 }
 
@@ -389,12 +393,22 @@ impl Engine {
                 require_writable(inode)?;
             }
         }
+        // A write smaller than a chunk fills holes before this size in part (see
+        // `FileState::hot`); a larger one (a copy whose extents start anywhere) does not.
+        let inside = match g.size {
+            _ if data.len() as u64 >= c => 0,
+            Some(s) => s,
+            None => stored.as_ref().map_or(0, |s| s.1.size),
+        };
         let mut pos = offset;
         while pos < end {
             let idx = pos / c;
             let cs = idx * c;
             let ce = (cs + c).min(end);
             if !g.dirty.contains_key(&idx) {
+                if cs < inside && !(pos == cs && ce == cs + c) {
+                    g.hot.insert(idx);
+                }
                 let buf = if pos == cs && ce == cs + c {
                     vec![0u8; c as usize]
                 } else if let Some(b) = g.inflight.as_ref().and_then(|f| f.get(&idx)) {

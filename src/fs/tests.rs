@@ -578,6 +578,60 @@ fn gc_reclaims_space_and_keeps_live_data() {
     assert_eq!(content(&e, "b"), want);
 }
 
+/// Protects: which small writes defer compression. A write of part of a chunk into a hole inside a
+/// sparse disk image (a desktop writing where its image was never written) is stored
+/// uncompressed like a rewrite (the VDI profile's random writes were a fifth compressed on the
+/// write path before), while a file written front to back in writes that do not line up with
+/// chunks (a copy, a log) is compressed at once.
+#[test]
+fn small_writes_inside_a_sparse_image_defer_compression_and_appends_do_not() {
+    let (e, _io) = engine();
+    let mk = |name: &[u8]| {
+        e.mknod(InodeId::ROOT, name, Kind::File, 0o644, 0, Ctx::ROOT)
+            .unwrap()
+            .ino
+    };
+    let text = |k: usize, len: usize| -> Vec<u8> {
+        format!("block {k:08} of a desktop image, compressible\n")
+            .into_bytes()
+            .into_iter()
+            .cycle()
+            .take(len)
+            .collect()
+    };
+    let c = u64::from(C);
+    let image = mk(b"image.raw");
+    e.setattr(
+        image,
+        &SetAttr {
+            size: Some(64 * c),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for k in 0..16u64 {
+        let q = C as usize / 4;
+        e.write(image, k * 4 * c + q as u64, &text(k as usize, q))
+            .unwrap();
+    }
+    e.sync_all().unwrap();
+    let s = e.stats().unwrap();
+    let rec = crate::store::pack::RECORD_HEADER_LEN as u64;
+    assert_eq!(s.uncompressed_bytes, 16 * (c + rec), "{s:?}");
+
+    let log = mk(b"copy.log");
+    let want = text(99, 40 * C as usize);
+    for (k, piece) in want.chunks(5000).enumerate() {
+        e.write(log, (k * 5000) as u64, piece).unwrap();
+    }
+    e.sync_all().unwrap();
+    let s2 = e.stats().unwrap();
+    assert_eq!(s2.uncompressed_bytes, s.uncompressed_bytes, "{s2:?}");
+    assert!(s2.stored_bytes - s.stored_bytes < 20 * c, "{s2:?}");
+    assert_eq!(content(&e, "copy.log"), want);
+    assert_clean(&e);
+}
+
 /// Protects: chunks rewritten in part are stored uncompressed on the write path, counted as
 /// waiting for compression, and compaction compresses them without changing a byte: the stored
 /// bytes shrink, the counters stay exact (fsck), and background reclamation wants a run once
