@@ -124,8 +124,8 @@ rm -rf "$EXT4/ds"
 cache() { [ "${C[ganesha.$1]}" = cold ] && [ "${C[tessera.$1]}" = cold ] && echo cold || echo warm; }
 size_mb=$(echo "$(stat -c %s "$GOLDEN") / 1000000" | bc)
 bench_metric seqwrite MB/s "seq write (qemu-img convert of the $size_mb MB image onto the export)" \
-    subject=tessera refs=ganesha better=higher target=">= 0.7x ganesha" headline=1
-bench_metric seqread MB/s "seq read (qemu-img convert back)" subject=tessera refs=ganesha better=higher \
+    subject=tessera refs=ganesha better=higher target=">= 0.9x ganesha" headline=1
+bench_metric seqread MB/s "seq read (qemu-img convert back)" subject=tessera refs=ganesha better=higher target=">= 1.0x ganesha" \
     cache="$(cache seqread)" headline=1
 bench_metric randwrite IOPS "random 4 KiB writes (qemu-io aio, then a flush = COMMIT)" subject=tessera \
     refs=ganesha better=higher headline=1
