@@ -393,23 +393,24 @@ impl Engine {
                 require_writable(inode)?;
             }
         }
+        // The size before this write (`stored` was loaded above when `g.size` is unknown).
+        let size = g
+            .size
+            .unwrap_or_else(|| stored.as_ref().map_or(0, |s| s.1.size));
         // A write smaller than a chunk fills holes before this size in part (see
         // `FileState::hot`); a larger one (a copy whose extents start anywhere) does not.
-        let inside = match g.size {
-            _ if data.len() as u64 >= c => 0,
-            Some(s) => s,
-            None => stored.as_ref().map_or(0, |s| s.1.size),
-        };
+        let inside = if data.len() as u64 >= c { 0 } else { size };
         let mut pos = offset;
         while pos < end {
             let idx = pos / c;
             let cs = idx * c;
             let ce = (cs + c).min(end);
+            let whole = pos == cs && ce == cs + c;
             if !g.dirty.contains_key(&idx) {
-                if cs < inside && !(pos == cs && ce == cs + c) {
+                if cs < inside && !whole {
                     g.hot.insert(idx);
                 }
-                let buf = if pos == cs && ce == cs + c {
+                let buf = if whole {
                     vec![0u8; c as usize]
                 } else if let Some(b) = g.inflight.as_ref().and_then(|f| f.get(&idx)) {
                     g.hot.insert(idx);
@@ -451,10 +452,6 @@ impl Engine {
                 .copy_from_slice(&data[(pos - offset) as usize..(ce - offset) as usize]);
             pos = ce;
         }
-        let size = match g.size {
-            Some(s) => s,
-            None => stored.as_ref().map_or(0, |s| s.1.size),
-        };
         g.size = Some(size.max(end));
         g.mtime = Some(Time::now());
         Ok(())
