@@ -35,42 +35,65 @@ impl Engine {
         let end = (offset + u64::from(len)).min(size);
         let c = self.chunk_size;
         let (first, last) = (offset / c, (end - 1) / c);
-        let mut out = vec![0u8; (end - offset) as usize];
-        let copy = |out: &mut [u8], idx: u64, chunk: &[u8]| {
+        // The part of chunk `idx` this read returns, as a range inside the chunk.
+        let part = |idx: u64| {
             let s = offset.max(idx * c);
             let e = end.min((idx + 1) * c);
-            out[(s - offset) as usize..(e - offset) as usize]
-                .copy_from_slice(&chunk[(s - idx * c) as usize..(e - idx * c) as usize]);
+            (s - idx * c) as usize..(e - idx * c) as usize
         };
+        // Where each chunk of the range comes from. Unflushed chunks are copied (their part
+        // only) while the state lock is held; chunks in flight are shared, not copied.
+        enum Src {
+            Mem(Vec<u8>),
+            Inflight,
+            Stored,
+            Hole,
+        }
         let mem = g.as_deref();
+        let inflight = mem.and_then(|m| m.inflight.clone());
         let nodes = rtx.open_table(NODES)?;
-        let stored: Vec<(u64, ChunkKey)> = tree::collect(&nodes, inode.root, first, last + 1)?
-            .into_iter()
-            .filter(|(i, _)| mem.is_none_or(|m| m.chunk(*i).is_none()))
+        let mut srcs: Vec<Src> = (first..=last)
+            .map(|idx| match mem.and_then(|m| m.dirty.get(&idx)) {
+                Some(b) => Src::Mem(b[part(idx)].to_vec()),
+                None if inflight.as_ref().is_some_and(|f| f.contains_key(&idx)) => Src::Inflight,
+                None => Src::Hole,
+            })
             .collect();
-        if let Some(m) = mem {
-            if let Some(f) = &m.inflight {
-                for (&idx, buf) in f.range(first..=last) {
-                    copy(&mut out, idx, buf);
-                }
-            }
-            for (&idx, buf) in m.dirty.range(first..=last) {
-                copy(&mut out, idx, buf);
+        let mut keys: Vec<ChunkKey> = Vec::new();
+        for (idx, key) in tree::collect(&nodes, inode.root, first, last + 1)? {
+            let s = &mut srcs[(idx - first) as usize];
+            if matches!(s, Src::Hole) {
+                *s = Src::Stored;
+                keys.push(key);
             }
         }
         // The stored chunks are read from the snapshot, taken under the state lock, so the
         // read is of the file as it was when the lock was held; releasing the lock first lets
         // writers of the file go on while this read waits for the disk and decompresses.
         drop(g);
-        let keys: Vec<ChunkKey> = stored.iter().map(|s| s.1).collect();
-        let chunks = self.store.read_many(&rtx, &keys);
-        for ((idx, _), r) in stored.iter().map(|s| (s.0, ())).zip(chunks) {
-            match r {
-                Ok(data) => copy(&mut out, idx, &data),
-                Err(e) => {
-                    let e = FsError::from(e).at(ino.0, idx * c);
-                    tracing::error!(file = %self.path_of(ino), offset = idx * c, "read failed: {e}");
-                    return Err(e);
+        // In key order, which is file order: the loop below takes them one by one.
+        let mut chunks = self.store.read_many(&rtx, &keys).into_iter();
+        // Assembled in file order, each byte written once: zero-filling a 1 MiB reply first
+        // and copying chunks over it cost a twentieth of a sequential read's CPU (perf).
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (idx, src) in (first..=last).zip(&srcs) {
+            match src {
+                Src::Mem(b) => out.extend_from_slice(b),
+                Src::Inflight => {
+                    let f = inflight.as_ref().expect("seen above");
+                    out.extend_from_slice(&f[&idx][part(idx)]);
+                }
+                Src::Stored => match chunks.next().expect("one result per key") {
+                    Ok(data) => out.extend_from_slice(&data[part(idx)]),
+                    Err(e) => {
+                        let e = FsError::from(e).at(ino.0, idx * c);
+                        tracing::error!(file = %self.path_of(ino), offset = idx * c, "read failed: {e}");
+                        return Err(e);
+                    }
+                },
+                Src::Hole => {
+                    let n = part(idx).len();
+                    out.resize(out.len() + n, 0);
                 }
             }
         }
