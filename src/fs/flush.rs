@@ -6,7 +6,7 @@ use super::timing::Stage;
 use super::{Engine, FsError, FsResult};
 use crate::schema::K_BARRIERS;
 use crate::store::chunk::{is_zero, ChunkId};
-use crate::store::Encoded;
+use crate::store::{Encoded, RecordRef};
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -218,28 +218,41 @@ impl Engine {
         // each group is appended to the pack while the next one compresses (the append is a
         // serial copy into the page cache, and without the overlap a core would sit idle).
         let mut locs = HashMap::new();
-        let encode = |group: &[(ChunkId, u64)]| -> Vec<Encoded> {
+        // Chunks stored raw are appended straight from the write-back buffer (`RecordRef`);
+        // the others from their compressed copy.
+        enum Prepared<'a> {
+            Encoded(Encoded),
+            Raw(RecordRef<'a>),
+        }
+        let encode = |group: &[(ChunkId, u64)]| -> Vec<Prepared<'_>> {
             group
                 .par_iter()
                 .map(|(id, i)| {
                     self.timings.time(Stage::Compress, || {
                         if deferred.contains(id) {
-                            Encoded::uncompressed(*id, &chunks[i])
+                            Prepared::Raw(RecordRef::uncompressed(*id, &chunks[i]))
                         } else {
-                            Encoded::new(*id, &chunks[i], level)
+                            Prepared::Encoded(Encoded::new(*id, &chunks[i], level))
                         }
                     })
                 })
                 .collect()
         };
         let mut append =
-            |encoded: Vec<Encoded>| -> FsResult<Vec<(ChunkId, crate::store::ChunkLoc)>> {
+            |prepared: Vec<Prepared<'_>>| -> FsResult<Vec<(ChunkId, crate::store::ChunkLoc)>> {
+                let refs: Vec<RecordRef<'_>> = prepared
+                    .iter()
+                    .map(|p| match p {
+                        Prepared::Encoded(e) => e.record(),
+                        Prepared::Raw(r) => *r,
+                    })
+                    .collect();
                 let ls = self
                     .timings
-                    .time(Stage::Append, || self.store.append_many(&encoded))?;
-                Ok(encoded.iter().map(|e| e.id).zip(ls).collect())
+                    .time(Stage::Append, || self.store.append_refs(&refs))?;
+                Ok(refs.iter().map(|r| r.id).zip(ls).collect())
             };
-        let mut pending: Option<Vec<Encoded>> = None;
+        let mut pending: Option<Vec<Prepared<'_>>> = None;
         let mut appending = || -> FsResult<()> {
             for group in need.chunks(256) {
                 let prev = pending.take();

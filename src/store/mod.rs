@@ -155,7 +155,40 @@ pub struct Encoded {
     pub raw_len: u32,
 }
 
+/// A record to append, its payload borrowed.
+#[derive(Clone, Copy)]
+pub struct RecordRef<'a> {
+    pub id: ChunkId,
+    pub codec: Codec,
+    /// Bytes of the chunk once decoded.
+    pub raw_len: u32,
+    pub payload: &'a [u8],
+}
+
+impl<'a> RecordRef<'a> {
+    /// `data` stored as is, its compression left to compaction ([`Encoded::uncompressed`]
+    /// without the copy).
+    pub fn uncompressed(id: ChunkId, data: &'a [u8]) -> RecordRef<'a> {
+        RecordRef {
+            id,
+            codec: Codec::Raw,
+            raw_len: data.len() as u32,
+            payload: data,
+        }
+    }
+}
+
 impl Encoded {
+    /// This chunk as a record to append.
+    pub fn record(&self) -> RecordRef<'_> {
+        RecordRef {
+            id: self.id,
+            codec: self.codec,
+            raw_len: self.raw_len,
+            payload: &self.payload,
+        }
+    }
+
     /// `data` compressed at `level` (kept raw if it does not shrink).
     pub fn new(id: ChunkId, data: &[u8], level: i32) -> Encoded {
         let (payload, codec) = chunk::encode(data, level);
@@ -232,9 +265,16 @@ impl Store {
 
     /// Append several chunks with one write; returns their locations (`refs == 0`) in order.
     pub fn append_many(&self, es: &[Encoded]) -> Result<Vec<ChunkLoc>, StoreError> {
+        let refs: Vec<RecordRef<'_>> = es.iter().map(Encoded::record).collect();
+        self.append_refs(&refs)
+    }
+
+    /// [`Store::append_many`] of borrowed records: a chunk stored raw goes from the
+    /// write-back buffer into the append buffer without a copy of its own.
+    pub fn append_refs(&self, rs: &[RecordRef<'_>]) -> Result<Vec<ChunkLoc>, StoreError> {
         let mut buf = APPEND_BUFS.lock().pop().unwrap_or_default();
         buf.clear();
-        let r = self.append_records(es, &mut buf);
+        let r = self.append_records(rs, &mut buf);
         // Kept for a later append, unless unusually large or enough are kept already.
         if buf.capacity() <= 2 * MAX_COALESCED_READ as usize {
             let mut spare = APPEND_BUFS.lock();
@@ -247,13 +287,13 @@ impl Store {
 
     fn append_records(
         &self,
-        es: &[Encoded],
+        es: &[RecordRef<'_>],
         buf: &mut Vec<u8>,
     ) -> Result<Vec<ChunkLoc>, StoreError> {
         let mut rel = Vec::with_capacity(es.len());
         for e in es {
             rel.push(buf.len() as u64);
-            pack::write_record(buf, &e.id, e.codec, e.raw_len, &e.payload);
+            pack::write_record(buf, &e.id, e.codec, e.raw_len, e.payload);
         }
         let mut guard = self.active.lock();
         let a = match &mut *guard {
