@@ -61,8 +61,10 @@ impl Engine {
             .collect();
         let mut keys: Vec<ChunkKey> = Vec::new();
         for (idx, key) in tree::collect(&nodes, inode.root, first, last + 1)? {
-            let s = &mut srcs[(idx - first) as usize];
-            if matches!(s, Src::Hole) {
+            let slot = idx
+                .checked_sub(first)
+                .and_then(|i| srcs.get_mut(i as usize));
+            if let Some(s @ Src::Hole) = slot {
                 *s = Src::Stored;
                 keys.push(key);
             }
