@@ -1,6 +1,7 @@
 //! The `tessera` binary: parses the command line, runs the subcommand, maps errors to a
 //! one-line message and exit code 1 (2 for usage errors, from clap).
 
+mod alloc;
 mod cli;
 
 use std::process::ExitCode;

@@ -125,18 +125,6 @@ pub struct DaemonArgs {
     pub metrics: Option<std::net::SocketAddr>,
 }
 
-/// glibc malloc arenas for the daemon. The default (8 per core) lets freed chunk buffers of
-/// many FUSE and rayon threads pile up in separate arenas, adding resident memory under
-/// random-write load; 4 arenas keep contention low and memory bounded.
-const MALLOC_ARENAS: i32 = 4;
-
-/// Allocations from this size up (bytes) are mapped on their own and given back to the
-/// system when freed. glibc's default threshold starts at 128 KiB but rises to the size of
-/// each mapped block freed (up to 32 MiB), after which the multi-MiB buffers of pack appends
-/// and coalesced reads come from the arenas and stay resident once freed, in each arena:
-/// the server's resident memory grew by 100 MiB over a benchmark that way.
-const MALLOC_MMAP_THRESHOLD: i32 = 256 << 10;
-
 /// The export path for `--export` (or the datastore folder's name).
 fn export_name(a: &Args, dir: &std::path::Path) -> String {
     let raw = match &a.export {
@@ -152,13 +140,6 @@ fn export_name(a: &Args, dir: &std::path::Path) -> String {
 pub fn run(a: Args) -> Result<()> {
     if a.nfs.is_none() && a.mount.is_none() {
         bail!("nothing to serve: give --nfs [ADDR:PORT], --mount DIR, or both");
-    }
-    // SAFETY: mallopt only changes allocator tuning; it is called before this process starts
-    // any other thread; M_ARENA_MAX accepts any positive value and M_MMAP_THRESHOLD any value
-    // up to 32 MiB.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD);
     }
     let dir = super::datastore_arg(&a.dir)?;
     let mnt = match &a.mount {
