@@ -181,7 +181,8 @@ impl TesseraNfs {
     /// Run one engine operation. One that may wait for the disk runs with the runtime told
     /// to move other tasks off this worker thread; one that is mostly memory and page cache
     /// (READ, UNSTABLE WRITE, GETATTR) runs in place: the hand-off costs a thread wake-up per
-    /// call, a large share of a 4 KiB WRITE, and the runtime has more workers than cores.
+    /// call, a large share of a 4 KiB WRITE (the runtime has a worker per core, and a call that
+    /// runs in place is as short as a hand-off would be).
     fn run_on<T>(
         &self,
         op: &'static str,
