@@ -19,8 +19,8 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// - `dirty_decay_ms:250`: freed pages go back to the system within about 250 ms (the
 ///   default, 10 s, kept 550 MiB resident in the pool); `muzzy_decay_ms:0` skips the lazy
 ///   second stage, so what is purged stops counting as resident at once;
-/// - `narenas:4` (the default is 4 per core): fewer arenas hold fewer partly used pages; the
-///   IOPS in the runs above were those of the default.
+/// - `narenas:4` (the default is 4 per core): fewer arenas hold fewer partly used pages; one
+///   run with the default arenas gave the same IOPS.
 #[allow(non_upper_case_globals)]
 // jemalloc reads `const char *malloc_conf`, here with the `_rjem_` prefix tikv-jemalloc-sys
 // builds it with. A reference to an array is a thin pointer, laid out as that `char *`, and

@@ -940,8 +940,9 @@ pub type ChunkResult = Result<Arc<Vec<u8>>, StoreError>;
 
 /// Buffers of records being appended, reused: a fresh multi-MiB buffer per append costs a page
 /// fault and the zeroing of every page (the allocator gives freed pages back to the system
-/// within 250 ms, `src/alloc.rs`, and takes fresh zeroed ones for the next). A few are kept for the whole process, not one per thread: NFS and FUSE workers
-/// append too, and a buffer kept by each would hold tens of MiB resident.
+/// within 250 ms, `src/alloc.rs`, and takes fresh zeroed ones for the next). A few are kept
+/// for the whole process, not one per thread: NFS and FUSE workers append too, and a buffer
+/// kept by each would hold tens of MiB resident.
 static APPEND_BUFS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 const APPEND_BUFS_KEPT: usize = 2;
 
