@@ -41,8 +41,9 @@ pub const CHUNK_ALIASES: TableDefinition<&[u8; 32], u64> = TableDefinition::new(
 /// The format-1 index (read only by the upgrade).
 pub const CHUNKS_V1: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("chunks");
 pub const PACKS: TableDefinition<u32, (u64, u64)> = TableDefinition::new("packs");
-/// Bytes per pack of records stored uncompressed on the write path (chunks rewritten in part:
-/// see `crate::store::Encoded::uncompressed`), for compaction to compress. A hint: records that
+/// Bytes per pack of records stored uncompressed on the write path (chunks rewritten in part,
+/// new data while the backlog has room: see `crate::store::Encoded::uncompressed`), for
+/// compaction to compress. A hint: records that
 /// died since still count until their pack is compacted. Absent in datastores written before
 /// it (created at open); builds that do not know it ignore it.
 pub const PACK_DEFERRED: TableDefinition<u32, u64> = TableDefinition::new("pack_deferred");

@@ -59,7 +59,7 @@ pub fn run(a: Args) -> Result<()> {
         );
         if r.chunks_compressed > 0 {
             println!(
-                "compressed {} chunks that were written uncompressed (rewritten in part)",
+                "compressed {} chunks that were written uncompressed",
                 r.chunks_compressed
             );
         }

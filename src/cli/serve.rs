@@ -119,6 +119,13 @@ pub struct DaemonArgs {
     /// from disk once (`tessera warm` preloads it). Examples: 512M, 2G.
     #[arg(long, default_value = "48M", value_name = "SIZE", value_parser = super::parse_bytes)]
     pub cache_size: u64,
+    /// Store new data uncompressed while less than this much waits for compression, and
+    /// compress it in the background once its packs have been idle 10 minutes (or at once
+    /// with `tessera gc`): a copy onto the datastore runs at the speed of hashing instead of
+    /// zstd's. Past it (or an eighth of the free disk), data is compressed as it is written.
+    /// 0 compresses everything at once. Examples: 4G, 0.
+    #[arg(long, default_value = "4G", value_name = "SIZE", value_parser = super::parse_bytes)]
+    pub raw_backlog: u64,
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics (default 127.0.0.1:9477: loopback
     /// only; give an address of a private network for a Prometheus server elsewhere).
     #[arg(long, value_name = "ADDR:PORT", num_args = 0..=1, default_missing_value = "127.0.0.1:9477")]
@@ -177,6 +184,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let tuning = Tuning {
         cache_bytes: a.daemon.cache_size,
+        raw_backlog: a.daemon.raw_backlog,
         ..Tuning::default()
     };
     let engine = match Engine::open(&dir, tuning) {

@@ -82,7 +82,7 @@ pub fn run(a: Args) -> Result<()> {
     );
     if s.uncompressed_bytes > 0 {
         println!(
-            "to compress       {} written uncompressed (rewritten in part); gc compresses it",
+            "to compress       {} written uncompressed; compressed once idle 10 min, or now by tessera gc",
             human(s.uncompressed_bytes)
         );
     }

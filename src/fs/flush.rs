@@ -207,11 +207,14 @@ impl Engine {
         self.ops
             .dedup_hits
             .inc_by(written.saturating_sub(need.len() as u64));
-        // Chunks rewritten in part are stored uncompressed, for compaction to compress
-        // (`Encoded::uncompressed`).
+        // Chunks rewritten in part (the hot set) are stored uncompressed, for compaction to
+        // compress once their packs go cold; so are all new chunks while the backlog of such
+        // records is small (`Tuning::raw_backlog`): copying an image in then costs hashing and
+        // appending, and zstd runs later, in the background.
+        let ingest_raw = self.ingest_raw();
         let deferred: HashSet<ChunkId> = need
             .iter()
-            .filter(|(_, i)| hot.contains(i))
+            .filter(|(_, i)| ingest_raw || hot.contains(i))
             .map(|(id, _)| *id)
             .collect();
         // Compress on all cores, 4 MiB at a time, so compressed copies never pile up in memory;
@@ -336,8 +339,12 @@ impl Engine {
         };
         self.timings
             .add(stage, super::timing::thread_cpu_ns().saturating_sub(t));
-        if r.is_err() {
-            self.settle_failed_appends(&locs);
+        match &r {
+            Err(_) => self.settle_failed_appends(&locs),
+            Ok(()) => self.add_raw_backlog(
+                deferred.len() as u64
+                    * (self.chunk_size + crate::store::pack::RECORD_HEADER_LEN as u64),
+            ),
         }
         r
     }

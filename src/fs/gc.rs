@@ -8,6 +8,8 @@
 //! still hold a location in it (`Store::retire_pack` waits for every older snapshot).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -69,8 +71,24 @@ impl Engine {
     ) -> FsResult<GcReport> {
         // One compaction at a time (background and on demand): a second run could otherwise
         // take the pack the first one is copying into for a candidate and delete it.
+        self.gc_run(min_live, rate, Duration::ZERO, progress)
+    }
+
+    /// A background run (`spawn_reclaimer`): like `gc_paced`, but records stored uncompressed
+    /// are compressed only in packs gone cold (`Tuning::recompress_min_age`).
+    pub(crate) fn gc_background(&self, min_live: f64, rate: Option<u64>) -> FsResult<GcReport> {
+        self.gc_run(min_live, rate, self.tuning().recompress_min_age, &|_, _| {})
+    }
+
+    fn gc_run(
+        &self,
+        min_live: f64,
+        rate: Option<u64>,
+        min_age: Duration,
+        progress: &dyn Fn(u64, u64),
+    ) -> FsResult<GcReport> {
         let _one = self.gc_lock.lock();
-        let r = self.gc_inner(min_live, rate, GC_SCAN_LIVE_BYTES, progress);
+        let r = self.gc_inner(min_live, rate, min_age, GC_SCAN_LIVE_BYTES, progress);
         // Whatever happened, take the space reserve back if the copies let go of it.
         self.ensure_reserve();
         let mut r = r?;
@@ -104,21 +122,50 @@ impl Engine {
             return Ok(Some(0.0));
         }
         let packs: Vec<(u64, u64)> = uses.values().map(|u| (u.live, u.dead)).collect();
+        self.raw_backlog
+            .store(uses.values().map(|u| u.deferred).sum(), Ordering::Relaxed);
         let active = self.store.active_pack();
         let waiting: u64 = uses
             .iter()
-            .filter(|(p, _)| active.is_none_or(|a| **p < a) && self.cold(**p))
+            .filter(|(p, _)| {
+                active.is_none_or(|a| **p <= a) && self.cold(**p, self.tuning().recompress_min_age)
+            })
             .map(|(_, u)| u.deferred)
             .sum();
         Ok(pick_min_live(&packs).or_else(|| (waiting >= RECOMPRESS_MIN_BYTES).then_some(0.0)))
     }
 
-    /// Has `pack` gone without appends for `recompress_min_age` (or since the datastore was
-    /// opened)? Only such packs have their uncompressed records compressed.
-    fn cold(&self, pack: PackId) -> bool {
-        self.store
-            .idle_for(pack)
-            .is_none_or(|d| d >= self.tuning().recompress_min_age)
+    /// Has `pack` gone without appends for `min_age` (or since the datastore was opened)?
+    /// Only such packs have their uncompressed records compressed by background compaction
+    /// (`Tuning::recompress_min_age`); `tessera gc` compresses whatever waits (`min_age` 0).
+    fn cold(&self, pack: PackId, min_age: Duration) -> bool {
+        self.store.idle_for(pack).is_none_or(|d| d >= min_age)
+    }
+
+    /// Read the bytes of uncompressed records waiting for compaction from the pack accounting.
+    pub(crate) fn refresh_raw_backlog(&self) -> FsResult<()> {
+        let uses = self.store.pack_use(&*self.read_txn()?)?;
+        self.raw_backlog
+            .store(uses.values().map(|u| u.deferred).sum(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Should a flush store new chunks uncompressed (`Tuning::raw_backlog`)? Only while the
+    /// backlog is under the limit and an eighth of the disk's free space, and never on an
+    /// S3-backed datastore, whose sealed packs are uploaded (compressing them later would
+    /// upload them again).
+    pub(crate) fn ingest_raw(&self) -> bool {
+        let limit = self.tuning().raw_backlog;
+        if limit == 0 || self.store.io().as_tier().is_some() {
+            return false;
+        }
+        let backlog = self.raw_backlog.load(Ordering::Relaxed);
+        backlog < limit && backlog < self.disk_space().1 / 8
+    }
+
+    /// Count `bytes` more of uncompressed records stored by a flush.
+    pub(crate) fn add_raw_backlog(&self, bytes: u64) {
+        self.raw_backlog.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// The compaction run; candidates are worked through in groups of about
@@ -127,6 +174,7 @@ impl Engine {
         &self,
         min_live: f64,
         rate: Option<u64>,
+        min_age: Duration,
         group_live_bytes: u64,
         progress: &dyn Fn(u64, u64),
     ) -> FsResult<GcReport> {
@@ -140,11 +188,15 @@ impl Engine {
             let u = acc.get(&p).copied().unwrap_or_default();
             u.deferred > 0
                 && u.deferred as f64 >= RECOMPRESS_MIN_SHARE * (u.live + u.dead) as f64
-                && self.cold(p)
+                && self.cold(p, min_age)
         };
-        // The pack being appended to is compacted too once it qualifies: close it first.
+        // The pack being appended to is compacted too once it qualifies: close it first. (A
+        // copy stored uncompressed ends in it, up to a pack's worth: once the pack goes cold,
+        // or on `tessera gc`, it is compressed like the rest.)
         if let Some(a) = self.store.active_pack() {
-            if low(&accounting, a) && accounting.get(&a).is_some_and(|u| u.dead > 0) {
+            if (low(&accounting, a) && accounting.get(&a).is_some_and(|u| u.dead > 0))
+                || to_compress(&accounting, a)
+            {
                 self.store.seal_active()?;
                 accounting = self.store.pack_use(&*self.read_txn()?)?;
             }
@@ -201,6 +253,7 @@ impl Engine {
             }
         }
         progress(total, total);
+        self.refresh_raw_backlog()?;
         Ok(report)
     }
 
@@ -348,7 +401,7 @@ impl Engine {
                     return;
                 }
             };
-            match e.gc_paced(min_live, rate, &|_, _| {}) {
+            match e.gc_background(min_live, rate) {
                 Ok(r) if r.packs_compacted > 0 => tracing::info!(
                     "background gc: {} packs compacted, {} MiB moved, {} MiB freed",
                     r.packs_compacted,
@@ -518,7 +571,8 @@ mod tests {
         // A group limit below one pack's live bytes: one pack per group.
         let r = {
             let _one = e.gc_lock.lock();
-            e.gc_inner(0.5, None, 1, &|_, _| {}).unwrap()
+            e.gc_inner(0.5, None, Duration::ZERO, 1, &|_, _| {})
+                .unwrap()
         };
         assert_eq!(r.packs_compacted, 10, "{r:?}");
         assert_eq!(r.chunks_moved, 50);

@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::inode::{Inode, InodeId, Kind};
@@ -26,7 +27,8 @@ use crate::store::{ChunkKey, Encoded, IndexEntry};
 pub struct SendReport {
     pub entries: u64,
     pub chunks: u64,
-    /// Chunk payload bytes as stored (compressed).
+    /// Chunk payload bytes sent: compressed (records stored uncompressed are compressed on
+    /// the way, `Encoded::compressed`).
     pub chunk_bytes: u64,
     /// Whole stream, framing included.
     pub stream_bytes: u64,
@@ -358,12 +360,16 @@ impl Engine {
                 let mut buf = Vec::new();
                 for g in groups {
                     let want: Vec<IndexEntry> = g.iter().map(|t| ids[&t.0]).collect();
+                    let level = self.store.zstd_level();
                     let frame = self
                         .store
                         .read_stored_many(&want, &mut buf)
-                        .into_iter()
+                        .into_par_iter()
                         .zip(g)
-                        .map(|(r, (_, ino, s))| r.map_err(|e| FsError::from(e).at(ino.0, s * c)))
+                        .map(|(r, (_, ino, s))| {
+                            r.map(|e| e.compressed(level))
+                                .map_err(|e| FsError::from(e).at(ino.0, s * c))
+                        })
                         .collect::<FsResult<Vec<Encoded>>>();
                     let stop = frame.is_err();
                     if tx.send(frame).is_err() || stop {

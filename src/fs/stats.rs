@@ -35,8 +35,9 @@ pub struct Stats {
     pub pack_bytes: u64,
     /// Records no longer referenced, reclaimable by compaction.
     pub reclaimable_bytes: u64,
-    /// Records stored uncompressed on the write path (chunks rewritten in part), which
-    /// compaction compresses (gc; in the background once `RECOMPRESS_MIN_BYTES` wait).
+    /// Records stored uncompressed on the write path (new data while the backlog has room,
+    /// chunks rewritten in part), which compaction compresses (`tessera gc`; in the background
+    /// once their packs are cold and `RECOMPRESS_MIN_BYTES` wait).
     #[serde(default)]
     pub uncompressed_bytes: u64,
     /// The read cache of decompressed, verified chunks (`--cache-size`), shared by all files:

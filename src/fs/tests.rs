@@ -29,6 +29,25 @@ fn engine() -> (Engine, Arc<MemPackIo>) {
     )
 }
 
+/// An in-memory engine opened with `tuning`.
+fn engine_tuned(tuning: Tuning) -> Engine {
+    let (e, io) = engine();
+    let (db, _) = e.into_parts();
+    Engine::with_parts(db, io, tuning).unwrap()
+}
+
+/// An in-memory engine that compresses every chunk written whole at once, as when the backlog
+/// of uncompressed records is full (`Tuning::raw_backlog`).
+fn engine_compressing() -> (Engine, Arc<MemPackIo>) {
+    let (e, io) = engine();
+    let (db, _) = e.into_parts();
+    let tuning = Tuning {
+        raw_backlog: 0,
+        ..Tuning::default()
+    };
+    (Engine::with_parts(db, io.clone(), tuning).unwrap(), io)
+}
+
 fn reopen(e: Engine) -> Engine {
     e.sync_all().unwrap();
     let (db, io) = e.into_parts();
@@ -578,14 +597,96 @@ fn gc_reclaims_space_and_keeps_live_data() {
     assert_eq!(content(&e, "b"), want);
 }
 
-/// Protects: which small writes defer compression. A write of part of a chunk into a hole inside a
-/// sparse disk image (a desktop writing where its image was never written) is stored
-/// uncompressed like a rewrite (the VDI profile's random writes were a fifth compressed on the
-/// write path before), while a file written front to back in writes that do not line up with
-/// chunks (a copy, a log) is compressed at once.
+/// Protects: while the backlog of uncompressed records is under `Tuning::raw_backlog`, new
+/// chunks are stored uncompressed (a copy onto the datastore runs without zstd) and counted;
+/// past it they are compressed at once; background compaction leaves them while their pack is
+/// recent, and `tessera gc` compresses all of them, in the pack being appended to too, without
+/// changing a byte, after which the backlog has room again.
+#[test]
+fn copies_are_stored_raw_within_the_backlog_and_compressed_later() {
+    let c = C as usize;
+    let text = |k: usize| -> Vec<u8> {
+        format!("chunk {k:08} of a golden image, compressible\n")
+            .into_bytes()
+            .into_iter()
+            .cycle()
+            .take(c)
+            .collect()
+    };
+    let record = u64::from(C) + crate::store::pack::RECORD_HEADER_LEN as u64;
+    let e = engine_tuned(Tuning {
+        raw_backlog: 8 * record,
+        ..Tuning::default()
+    });
+    let f = e
+        .mknod(
+            InodeId::ROOT,
+            b"golden.raw",
+            Kind::File,
+            0o644,
+            0,
+            Ctx::ROOT,
+        )
+        .unwrap()
+        .ino;
+    let mut want: Vec<u8> = (0..8).flat_map(text).collect();
+    e.write(f, 0, &want).unwrap();
+    e.sync_all().unwrap();
+    let s = e.stats().unwrap();
+    assert_eq!(s.uncompressed_bytes, 8 * record, "{s:?}");
+    assert_eq!(s.stored_bytes, 8 * u64::from(C), "stored raw: {s:?}");
+    // The backlog is full: the next chunks are compressed as they are written.
+    let more: Vec<u8> = (8..16).flat_map(text).collect();
+    e.write(f, want.len() as u64, &more).unwrap();
+    want.extend(more);
+    e.sync_all().unwrap();
+    let s2 = e.stats().unwrap();
+    assert_eq!(s2.uncompressed_bytes, s.uncompressed_bytes, "{s2:?}");
+    assert!(
+        s2.stored_bytes - s.stored_bytes < 2 * u64::from(C),
+        "{s2:?}"
+    );
+    assert_clean(&e);
+    // Written just now: the background leaves them; `tessera gc` does not wait.
+    assert_eq!(e.gc_background(0.0, None).unwrap().chunks_compressed, 0);
+    let r = e.gc(super::gc::DEFAULT_MIN_LIVE, &|_, _| {}).unwrap();
+    assert_eq!(r.chunks_compressed, 8, "{r:?}");
+    let s3 = e.stats().unwrap();
+    assert_eq!(s3.uncompressed_bytes, 0, "{s3:?}");
+    assert!(s3.stored_bytes < 4 * u64::from(C), "{s3:?}");
+    assert_eq!(content(&e, "golden.raw"), want);
+    assert_clean(&e);
+    // Room again: the next copy is stored raw.
+    let g = e
+        .mknod(
+            InodeId::ROOT,
+            b"second.raw",
+            Kind::File,
+            0o644,
+            0,
+            Ctx::ROOT,
+        )
+        .unwrap()
+        .ino;
+    let other: Vec<u8> = (100..104).flat_map(text).collect();
+    e.write(g, 0, &other).unwrap();
+    e.sync_all().unwrap();
+    assert_eq!(e.stats().unwrap().uncompressed_bytes, 4 * record);
+    let e = reopen(e);
+    assert_eq!(content(&e, "golden.raw"), want);
+    assert_eq!(content(&e, "second.raw"), other);
+    assert_clean(&e);
+}
+
+/// Protects: which small writes defer compression once the backlog of uncompressed records is
+/// full (below it every new chunk is, see the test above). A write of part of a chunk into a
+/// hole inside a sparse disk image (a desktop writing where its image was never written) is
+/// stored uncompressed like a rewrite (the VDI profile's random writes were a fifth compressed
+/// on the write path before), while a file written front to back in writes that do not line up
+/// with chunks (a copy, a log) is compressed at once.
 #[test]
 fn small_writes_inside_a_sparse_image_defer_compression_and_appends_do_not() {
-    let (e, _io) = engine();
+    let (e, _io) = engine_compressing();
     let mk = |name: &[u8]| {
         e.mknod(InodeId::ROOT, name, Kind::File, 0o644, 0, Ctx::ROOT)
             .unwrap()
@@ -638,7 +739,7 @@ fn small_writes_inside_a_sparse_image_defer_compression_and_appends_do_not() {
 /// enough waits in packs no longer appended to.
 #[test]
 fn partial_rewrites_are_stored_raw_and_compaction_compresses_them() {
-    let (e, io) = engine();
+    let (e, io) = engine_compressing();
     let i = e
         .mknod(InodeId::ROOT, b"vm.raw", Kind::File, 0o644, 0, Ctx::ROOT)
         .unwrap()
@@ -675,7 +776,7 @@ fn partial_rewrites_are_stored_raw_and_compaction_compresses_them() {
     assert_eq!(e.reclaim_threshold().unwrap(), None);
     e.store.seal_active().unwrap();
     assert_eq!(e.reclaim_threshold().unwrap(), None);
-    assert_eq!(e.gc(0.0, &|_, _| {}).unwrap().chunks_compressed, 0);
+    assert_eq!(e.gc_background(0.0, None).unwrap().chunks_compressed, 0);
     let e = reopen(e);
     e.write(i, 0, &want[..C as usize]).unwrap(); // opens a new pack
     e.sync_all().unwrap();
@@ -888,13 +989,10 @@ fn gc_races_writes_clones_dedup_and_deletes() {
 
 /// An in-memory engine with a small dirty limit (`limit` bytes).
 fn engine_with_limit(limit: u64) -> Engine {
-    let (e, io) = engine();
-    let (db, _) = e.into_parts();
-    let tuning = Tuning {
+    engine_tuned(Tuning {
         dirty_limit: limit,
         ..Tuning::default()
-    };
-    Engine::with_parts(db, io, tuning).unwrap()
+    })
 }
 
 /// Protects: a partial flush (one batch of the background flusher) commits the lowest chunks

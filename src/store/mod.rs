@@ -200,6 +200,17 @@ impl Encoded {
         }
     }
 
+    /// This record compressed at `level` if it was stored uncompressed (left to compaction,
+    /// or found incompressible: `chunk::encode` samples that first and gives up quickly), so
+    /// a replication stream carries a copy written minutes ago compressed, as it will be
+    /// stored.
+    pub fn compressed(self, level: i32) -> Encoded {
+        match self.codec {
+            Codec::Raw => Encoded::new(self.id, &self.payload, level),
+            Codec::Zstd => self,
+        }
+    }
+
     /// Check a record received from elsewhere (replication): the payload decodes to `raw_len`
     /// bytes whose blake3 is `id`. Returns a one-line reason when it does not.
     pub fn verify(&self) -> Result<(), String> {
@@ -213,8 +224,8 @@ impl Encoded {
 
     /// `data` stored as is, its compression left to compaction: for chunks rewritten in part
     /// (a desktop's random 4 KiB writes), the hot set, where compressing on the write path
-    /// costs a fifth of the CPU of each write and the record is likely dead again soon. The
-    /// caller counts the record with `ChunkTables::count_deferred`, which is how compaction
+    /// costs a fifth of the CPU of each write and the record is likely dead again soon; and
+    /// for new data while few such records wait (`fs::Tuning::raw_backlog`). The caller counts the record with `ChunkTables::count_deferred`, which is how compaction
     /// finds the packs worth compressing (`Store::read_record_for_copy`).
     pub fn uncompressed(id: ChunkId, data: &[u8]) -> Encoded {
         Encoded {
@@ -563,6 +574,12 @@ impl Store {
                     list.push((ChunkKey(k.value()), e));
                 }
             }
+        }
+        // In the order they were appended (the index is in hash order): compaction copies
+        // them in this order, and a file written front to back stays laid out front to back,
+        // so reading it back stays sequential on the disk.
+        for list in live.values_mut() {
+            list.sort_unstable_by_key(|(_, e)| e.loc.offset);
         }
         Ok(live)
     }
