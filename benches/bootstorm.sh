@@ -75,6 +75,8 @@ cp --sparse=always "$GOLDEN" "$MNT/golden.raw"
 mkdir "$MNT/pool"
 "$TESSERA" clone "$MNT/golden.raw" "$MNT/pool/desktop-{n:03}.raw" --count "$CLONES" >/dev/null
 umount_ds
+# The copy was stored uncompressed; the golden image of a pool is at rest, compressed.
+"$TESSERA" gc "$DS" >/dev/null
 
 # fio_read OUT FILE...: the boot set of each FILE read once in random order, one job per file
 fio_read() {

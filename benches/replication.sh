@@ -76,6 +76,10 @@ echo "== corpus into A (cp through the mount)" >&2
 mkdir -p "$MA/corpus"
 for img in "${IMAGES[@]}"; do cp "$img" "$MA/corpus/"; done
 sync -f "$MA/corpus/golden.raw"
+# A stored the copies uncompressed, to compress them once their packs are cold: replicate the
+# corpus as it is at rest (compressed), and send the packs of that to the reference.
+sleep 1
+"$TESSERA" gc "$A" >/dev/null
 PACK_BYTES=$(du -sb "$A/packs" | awk '{ print $1 }')
 
 echo "== full replication of the corpus, cold" >&2
@@ -121,6 +125,10 @@ for n in range(1, 11):
     os.fsync(fd)
     os.close(fd)
 PY
+# The new blocks were stored uncompressed: their compressed size is what A holds once gc has
+# compressed them.
+sleep 1
+"$TESSERA" gc "$A" >/dev/null
 after=$(stored)
 NEW_BYTES=$((after - before))
 "$TESSERA" replicate "$MA/pool" --to "$PORT" --json >/tmp/repl-pool2.json

@@ -64,8 +64,8 @@ for _ in $(seq 1 100); do curl -sf -o /dev/null "$EP/" && break; sleep 0.2; done
 curl -sf -X PUT -o /dev/null "$EP/bench" || { echo "bench: moto did not start ($WORK/moto.log)" >&2; exit 1; }
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret
 
-serve() { # serve DS: FUSE mount at $MNT (no NFS: the copy goes through FUSE)
-    "$TESSERA" mount "$1" "$MNT" 2>"$WORK/tessera-$(basename "$1").log" &
+serve() { # serve DS [ARGS]: FUSE mount at $MNT (no NFS: the copy goes through FUSE)
+    "$TESSERA" mount "$1" "$MNT" "${@:2}" 2>"$WORK/tessera-$(basename "$1").log" &
     TPID=$!
     for _ in $(seq 1 300); do mountpoint -q "$MNT" && return 0; sleep 0.1; done
     echo "bench: the mount of $1 did not come up" >&2; tail "$WORK/tessera-$(basename "$1").log" >&2; return 1
@@ -105,7 +105,9 @@ cold_read() {
 # ---- local
 L=$EXT4/ds-local
 "$TESSERA" init "$L" >/dev/null
-serve "$L"
+# Compressing as it writes, as an S3-backed datastore does (one that stored a copy
+# uncompressed would upload it twice): the comparison is of the tier alone.
+serve "$L" --raw-backlog 0
 t_local=$(ingest)
 stop
 echo "bench: local ingest $(printf '%.1f' "$t_local") s"

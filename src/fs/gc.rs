@@ -192,10 +192,12 @@ impl Engine {
         };
         // The pack being appended to is compacted too once it qualifies: close it first. (A
         // copy stored uncompressed ends in it, up to a pack's worth: once the pack goes cold,
-        // or on `tessera gc`, it is compressed like the rest.)
+        // or on `tessera gc` once nothing was appended for `ACTIVE_QUIET`, it is compressed
+        // like the rest; a pack still being written is left alone, or a `tessera gc` during a
+        // desktop's writes would seal a small pack each time.)
         if let Some(a) = self.store.active_pack() {
             if (low(&accounting, a) && accounting.get(&a).is_some_and(|u| u.dead > 0))
-                || to_compress(&accounting, a)
+                || (to_compress(&accounting, a) && self.cold(a, min_age.max(ACTIVE_QUIET)))
             {
                 self.store.seal_active()?;
                 accounting = self.store.pack_use(&*self.read_txn()?)?;
@@ -365,7 +367,10 @@ pub const RECOMPRESS_MIN_SHARE: f64 = 0.25;
 /// space instead of being compressed first. (Without it, compaction compressed a desktop's
 /// writes as fast as they came: 2.3 GB copied in 30 s of fio's VDI profile, which then ran at
 /// 0.71x its speed.)
-pub const RECOMPRESS_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+pub const RECOMPRESS_MIN_AGE: Duration = Duration::from_secs(600);
+/// `tessera gc` compresses the uncompressed records of the pack being appended to only once
+/// nothing was appended to it for this long: a copy that has ended, not a desktop writing.
+pub const ACTIVE_QUIET: Duration = Duration::from_secs(1);
 /// Background compaction runs once this many bytes of uncompressed records wait in packs no
 /// longer appended to, even with nothing dead.
 pub const RECOMPRESS_MIN_BYTES: u64 = 32 << 20;

@@ -647,8 +647,12 @@ fn copies_are_stored_raw_within_the_backlog_and_compressed_later() {
         "{s2:?}"
     );
     assert_clean(&e);
-    // Written just now: the background leaves them; `tessera gc` does not wait.
+    // Written just now: the background leaves them, and so does `tessera gc` while the pack
+    // may still be appended to; once it has been quiet for a moment, `tessera gc` takes it.
     assert_eq!(e.gc_background(0.0, None).unwrap().chunks_compressed, 0);
+    let r = e.gc(super::gc::DEFAULT_MIN_LIVE, &|_, _| {}).unwrap();
+    assert_eq!(r.chunks_compressed, 0, "{r:?}");
+    std::thread::sleep(super::gc::ACTIVE_QUIET);
     let r = e.gc(super::gc::DEFAULT_MIN_LIVE, &|_, _| {}).unwrap();
     assert_eq!(r.chunks_compressed, 8, "{r:?}");
     let s3 = e.stats().unwrap();
