@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use rayon::prelude::*;
 use redb::{ReadTransaction, ReadableTable};
 
 use super::chunk::ChunkId;
@@ -148,9 +149,15 @@ impl Store {
     ) -> Result<Copied, (StoreError, Vec<ChunkLoc>)> {
         let mut out = Copied::default();
         for group in records.chunks(COPY_GROUP) {
+            // Read, checked and compressed on all cores (zstd is most of a run that compresses
+            // a copy stored uncompressed); appended in order, one thread.
+            let read: Vec<Result<Encoded, StoreError>> = group
+                .par_iter()
+                .map(|(_, e)| self.read_record_for_copy(&e.id, &e.loc, compress))
+                .collect();
             let mut copies: Vec<Encoded> = Vec::with_capacity(group.len());
-            for (_, e) in group {
-                match self.read_record_for_copy(&e.id, &e.loc, compress) {
+            for ((_, e), r) in group.iter().zip(read) {
+                match r {
                     Ok(c) => {
                         if c.codec != e.loc.codec {
                             out.compressed += 1;
