@@ -407,7 +407,7 @@ impl Engine {
     }
 
     /// Flush files (not durably), a batch at a time, until at most `target` bytes are dirty.
-    fn flush_some(&self, target: u64) -> FsResult<()> {
+    pub(crate) fn flush_some(&self, target: u64) -> FsResult<()> {
         let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
         for ino in inos {
             while self.dirty_bytes() > target {

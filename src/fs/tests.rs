@@ -597,6 +597,56 @@ fn gc_reclaims_space_and_keeps_live_data() {
     assert_eq!(content(&e, "b"), want);
 }
 
+/// Protects: a durable commit makes every pack it references durable, not only the one being
+/// appended to: packs filled and sealed since the last durable commit are not synced when
+/// sealed (appenders do not wait for the disk there) and must be synced by the commit. A power
+/// loss right after `sync_all` loses nothing.
+#[test]
+fn a_durable_commit_syncs_the_packs_sealed_since_the_last() {
+    let io = Arc::new(MemPackIo::with_pack_target(64 << 10));
+    let e = Engine::in_memory(
+        Format {
+            chunk_size: C,
+            zstd_level: 1,
+        },
+        io.clone(),
+    )
+    .unwrap();
+    let f = e
+        .mknod(
+            InodeId::ROOT,
+            b"golden.raw",
+            Kind::File,
+            0o644,
+            0,
+            Ctx::ROOT,
+        )
+        .unwrap()
+        .ino;
+    let want: Vec<u8> = (0..64u64)
+        .flat_map(|k| {
+            let mut b = blake3::hash(&k.to_le_bytes())
+                .as_bytes()
+                .repeat(C as usize / 32);
+            b[0] = k as u8;
+            b
+        })
+        .collect();
+    // Flushed (not durably) 8 chunks at a time, as the flusher does under memory pressure:
+    // each flush is one append, and a pack is full after two.
+    for (k, part) in want.chunks(8 * C as usize).enumerate() {
+        e.write(f, (k * part.len()) as u64, part).unwrap();
+        e.flush_some(0).unwrap();
+    }
+    assert!(io.list_packs().len() >= 4, "{:?}", io.list_packs());
+    e.sync_all().unwrap();
+    io.crash();
+    let (db, io) = e.into_parts();
+    let e = Engine::with_parts(db, io, Tuning::default()).unwrap();
+    assert_eq!(content(&e, "golden.raw"), want);
+    assert_clean(&e);
+}
+
 /// Protects: while the backlog of uncompressed records is under `Tuning::raw_backlog`, new
 /// chunks are stored uncompressed (a copy onto the datastore runs without zstd) and counted;
 /// past it they are compressed at once; background compaction leaves them while their pack is

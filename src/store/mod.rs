@@ -310,11 +310,16 @@ impl Store {
         let a = match &mut *guard {
             Some(a) if a.len < self.io.pack_target() => a,
             full => {
-                // Seal the full pack (durably) and start the next one.
+                // Seal the full pack and start the next one. A tier uploads a sealed pack, so
+                // it is synced first. A local one stays in `unsynced` for the next durable
+                // commit to sync (its write-back started as it was appended), so appenders do
+                // not wait here for the disk to take a pack's worth of data.
                 if let Some(a) = full {
-                    self.io.sync(a.pack)?;
-                    self.unsynced.lock().remove(&a.pack);
-                    self.io.sealed(a.pack);
+                    if self.io.tier().is_some() {
+                        self.io.sync(a.pack)?;
+                        self.unsynced.lock().remove(&a.pack);
+                        self.io.sealed(a.pack);
+                    }
                 }
                 let next = PackId(self.io.list()?.last().map_or(1, |p| p.0 + 1));
                 self.io.create(next)?;
@@ -370,6 +375,8 @@ impl Store {
             ))));
         }
         let _no_readers = self.gate.write();
+        // Nothing references it any more: no durable commit needs its bytes.
+        self.unsynced.lock().remove(&pack);
         self.io.remove(pack)?;
         self.last_append.lock().remove(&pack);
         Ok(())
