@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use super::data::{Falloc, SetAttr};
 use super::dir::{Ctx, RenameFlags};
 use super::*;
-use crate::fs::testutil::{content, ino};
+use crate::fs::testutil::{content, ino, new_file};
 use crate::store::pack::{MemPackIo, PackIo};
 
 const C: u32 = 4096;
@@ -612,17 +612,7 @@ fn a_durable_commit_syncs_the_packs_sealed_since_the_last() {
         io.clone(),
     )
     .unwrap();
-    let f = e
-        .mknod(
-            InodeId::ROOT,
-            b"golden.raw",
-            Kind::File,
-            0o644,
-            0,
-            Ctx::ROOT,
-        )
-        .unwrap()
-        .ino;
+    let f = new_file(&e, "golden.raw");
     let want: Vec<u8> = (0..64u64)
         .flat_map(|k| {
             let mut b = blake3::hash(&k.to_le_bytes())
@@ -668,17 +658,7 @@ fn copies_are_stored_raw_within_the_backlog_and_compressed_later() {
         raw_backlog: 8 * record,
         ..Tuning::default()
     });
-    let f = e
-        .mknod(
-            InodeId::ROOT,
-            b"golden.raw",
-            Kind::File,
-            0o644,
-            0,
-            Ctx::ROOT,
-        )
-        .unwrap()
-        .ino;
+    let f = new_file(&e, "golden.raw");
     let mut want: Vec<u8> = (0..8).flat_map(text).collect();
     e.write(f, 0, &want).unwrap();
     e.sync_all().unwrap();
@@ -711,17 +691,7 @@ fn copies_are_stored_raw_within_the_backlog_and_compressed_later() {
     assert_eq!(content(&e, "golden.raw"), want);
     assert_clean(&e);
     // Room again: the next copy is stored raw.
-    let g = e
-        .mknod(
-            InodeId::ROOT,
-            b"second.raw",
-            Kind::File,
-            0o644,
-            0,
-            Ctx::ROOT,
-        )
-        .unwrap()
-        .ino;
+    let g = new_file(&e, "second.raw");
     let other: Vec<u8> = (100..104).flat_map(text).collect();
     e.write(g, 0, &other).unwrap();
     e.sync_all().unwrap();

@@ -16,6 +16,20 @@ pub(crate) fn unique_data(seed: u64, chunks: usize, chunk: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A new empty file `name` (mode 0644) in the root folder.
+pub(crate) fn new_file(e: &Engine, name: &str) -> InodeId {
+    e.mknod(
+        InodeId::ROOT,
+        name.as_bytes(),
+        crate::fs::Kind::File,
+        0o644,
+        0,
+        crate::fs::dir::Ctx::ROOT,
+    )
+    .unwrap()
+    .ino
+}
+
 /// The inode of `name` in the root folder.
 pub(crate) fn ino(e: &Engine, name: &str) -> InodeId {
     e.lookup(InodeId::ROOT, name.as_bytes()).unwrap().ino
