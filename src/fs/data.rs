@@ -406,13 +406,20 @@ impl Engine {
             let cs = idx * c;
             let ce = (cs + c).min(end);
             let whole = pos == cs && ce == cs + c;
+            let src = &data[(pos - offset) as usize..(ce - offset) as usize];
             if !g.dirty.contains_key(&idx) {
                 if cs < inside && !whole {
                     g.hot.insert(idx);
                 }
-                let buf = if whole {
-                    vec![0u8; c as usize]
-                } else if let Some(b) = g.inflight.as_ref().and_then(|f| f.get(&idx)) {
+                if whole {
+                    // Copied once, not zero-filled and then overwritten (a sequential copy's
+                    // chunks are all whole).
+                    g.dirty.insert(idx, src.into());
+                    self.dirty_bytes.fetch_add(c, Ordering::Relaxed);
+                    pos = ce;
+                    continue;
+                }
+                let buf = if let Some(b) = g.inflight.as_ref().and_then(|f| f.get(&idx)) {
                     g.hot.insert(idx);
                     b.to_vec()
                 } else if let Some(loaded) = pre.remove(&idx) {
@@ -448,8 +455,7 @@ impl Engine {
                 self.dirty_bytes.fetch_add(c, Ordering::Relaxed);
             }
             let buf = g.dirty.get_mut(&idx).expect("inserted above");
-            buf[(pos - cs) as usize..(ce - cs) as usize]
-                .copy_from_slice(&data[(pos - offset) as usize..(ce - offset) as usize]);
+            buf[(pos - cs) as usize..(ce - cs) as usize].copy_from_slice(src);
             pos = ce;
         }
         g.size = Some(size.max(end));

@@ -60,17 +60,16 @@ impl Engine {
         self.gc_paced(min_live, None, progress)
     }
 
-    /// `gc` copying at most `rate` bytes per second (background compaction while serving).
-    /// Live records are copied in groups of `GC_GROUP` so memory stays bounded and pauses
-    /// are spread out; no lock is held while pausing.
+    /// `gc` copying at most `rate` bytes per second (`tessera gc --max-rate`). Live records are
+    /// copied in groups (`GC_SCAN_LIVE_BYTES` per scan of the index) so memory stays bounded
+    /// and pauses are spread out; no lock is held while pausing. Records stored uncompressed
+    /// are compressed whatever their age (but for the pack being appended to: `ACTIVE_QUIET`).
     pub fn gc_paced(
         &self,
         min_live: f64,
         rate: Option<u64>,
         progress: &dyn Fn(u64, u64),
     ) -> FsResult<GcReport> {
-        // One compaction at a time (background and on demand): a second run could otherwise
-        // take the pack the first one is copying into for a candidate and delete it.
         self.gc_run(min_live, rate, Duration::ZERO, progress)
     }
 
@@ -87,6 +86,8 @@ impl Engine {
         min_age: Duration,
         progress: &dyn Fn(u64, u64),
     ) -> FsResult<GcReport> {
+        // One compaction at a time (background and on demand): a second run could otherwise
+        // take the pack the first one is copying into for a candidate and delete it.
         let _one = self.gc_lock.lock();
         let r = self.gc_inner(min_live, rate, min_age, GC_SCAN_LIVE_BYTES, progress);
         // Whatever happened, take the space reserve back if the copies let go of it.

@@ -169,11 +169,10 @@ impl Default for Tuning {
     }
 }
 
-/// Default `Tuning::raw_backlog` (bytes): a few golden images' worth of uncompressed chunks
-/// (a 40 GiB image holds about 20 GiB of data, compressed 2-3:1), small beside a datastore
-/// of hundreds of desktops. Copying images in runs at the speed of hashing and appending; the
-/// extra disk writes (the raw records, then their compressed copies) are paid once, when the
-/// packs go cold.
+/// Default `Tuning::raw_backlog` (bytes): the data of a golden image or two (the corpus golden
+/// image holds 1.1 GiB in 2 GiB), small beside a datastore of hundreds of desktops. Copying
+/// images in runs at the speed of hashing and appending; the extra disk writes (the raw
+/// records, then their compressed copies) are paid once, when the packs go cold.
 pub const RAW_BACKLOG: u64 = 4 << 30;
 
 /// Attributes as front ends see them.
