@@ -14,11 +14,15 @@
 #             ratio (`tessera stats`)
 #   warm      `tessera warm` of the golden image, then the same storm: its time, and what the
 #             storm still read from the packs
+#   fuse      the ceiling of FUSE on this machine: the same storm through bindfs (a bare FUSE
+#             passthrough) over copies of the boot set held in RAM (tmpfs): no disk, no
+#             decompression, no cache; its aggregate throughput / the cold reader's is the most
+#             any FUSE file system reaches here
 # The boot set: the first BOOT_MIB MiB of the golden image (boot loader, kernel, the start of
 # the root file system; holes included), read in BS blocks, psync, O_DIRECT through the mount
 # (the page cache of the mount would otherwise answer the second read of a clone's block).
 #
-# Needs root, fio, jq, the corpus golden image (built if missing). Env: CLONES (20), BOOT_MIB
+# Needs root, fio, jq, bindfs, the corpus golden image (built if missing). Env: CLONES (20), BOOT_MIB
 # (256), BS (16k), CACHE_SIZE (384M), CORPUS, MNT_ROOT (/mnt), PEERS_DIR, TESSERA,
 # BENCH_RESULTS_DIR. Writes benches/results/bootstorm.json.
 set -euo pipefail
@@ -36,6 +40,7 @@ TESSERA=${TESSERA:-$PWD/target/release/tessera}
 EXT4=$MNT_ROOT/peer-ext4
 DS=$EXT4/ds
 MNT=$MNT_ROOT/tessera-boot
+REF=$MNT_ROOT/tessera-boot-ref
 WORK=$(mktemp -d /tmp/tessera-bootstorm.XXXXXX)
 TPID=
 GOLDEN=$CORPUS/golden.raw
@@ -62,6 +67,8 @@ umount_ds() {
 }
 cleanup() {
     [ -n "$TPID" ] && { fusermount3 -u "$MNT" 2>/dev/null || true; wait "$TPID" 2>/dev/null || true; }
+    mountpoint -q "$REF/fuse" 2>/dev/null && fusermount3 -u "$REF/fuse"
+    mountpoint -q "$REF/ram" 2>/dev/null && umount "$REF/ram"
     "$PEERS_DIR/umount-peer.sh" ext4 "$EXT4" >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
@@ -133,13 +140,28 @@ S_MBS=$P_MBS; S_PACK=$P_PACK; S_DISK=$P_DISK; S_HIT=$P_HIT; S_RSS=$P_RSS
 one_phase warmstorm warm
 W_MBS=$P_MBS; W_PACK=$P_PACK; W_S=$P_WARM_S
 
+# The same storm through bindfs over the boot set in RAM: what FUSE alone allows here.
+command -v bindfs >/dev/null || apt-get install -y -q bindfs >/dev/null
+mkdir -p "$REF/ram" "$REF/fuse"
+mount -t tmpfs -o size=$(( (CLONES + 1) * BOOT_MIB ))m tmpfs "$REF/ram"
+for i in $(seq 1 "$CLONES"); do head -c "${BOOT_MIB}M" "$GOLDEN" >"$REF/ram/desktop-$i.raw"; done
+bindfs "$REF/ram" "$REF/fuse"
+fio_read "$WORK/fuse.json" "$REF"/fuse/desktop-*.raw
+F_MBS=$(bw_mbs "$WORK/fuse.json")
+fusermount3 -u "$REF/fuse"; umount "$REF/ram"
+printf 'bench: fuse   %8.1f MB/s  (bindfs over tmpfs, %s readers)\n' "$F_MBS" "$CLONES"
+
 bench_metric cold MB/s "one cold reader: the golden image's first $BOOT_MIB MiB in random $BS reads" better=higher
 bench_value cold tessera "$C_MBS"
 bench_metric storm_ratio x "$CLONES clones booting at once from cold caches: aggregate throughput / one cold reader's" \
     better=higher headline=1 target=">= 10x"
 bench_value storm_ratio tessera "$(echo "$S_MBS / $C_MBS" | bc -l)"
-bench_metric storm MB/s "$CLONES clones at once: aggregate throughput" better=higher
+bench_metric storm MB/s "$CLONES clones at once: aggregate throughput" subject=tessera refs=bindfs better=higher \
+    note="bindfs: $CLONES readers of copies of the boot set through bindfs over tmpfs (FUSE alone: no disk, no decompression)"
 bench_value storm tessera "$S_MBS"
+bench_value storm bindfs "$F_MBS"
+bench_metric fuse_ceiling x "the most storm_ratio can reach through FUSE here: bindfs over tmpfs / one cold reader" better=higher
+bench_value fuse_ceiling bindfs "$(echo "$F_MBS / $C_MBS" | bc -l)"
 bench_metric storm_pack_ratio x "$CLONES clones at once: bytes read from packs / the boot set's stored bytes (the cold reader's)" \
     better=lower headline=1 target="<= 1.1x"
 bench_value storm_pack_ratio tessera "$(echo "$S_PACK / $C_PACK" | bc -l)"

@@ -7,7 +7,8 @@
 #           then `tessera replicate` of the folder to datastore B (`tessera mount
 #           --replication`), from cold caches: its time against copying A's pack files with
 #           `cat | nc` to a file on the same disk (synced) from cold caches (target: at least
-#           0.7x that speed).
+#           0.7x that speed). Also `tessera scrub` of A from cold caches: the receiver's
+#           check of every chunk against its id alone, a floor for the full run's time.
 #   pool    50 clones of the golden image in A replicated (B holds the golden image's chunks
 #           from the corpus already: almost nothing crosses), then 1 % of the 16 KiB blocks
 #           rewritten with new data in 10 of them and replicated again: chunk bytes sent
@@ -103,6 +104,16 @@ t1=$(date +%s.%N)
 T_REF=$(calc "$t1 - $t0")
 rm -f "$EXT4/ref.bin"
 
+# The receiver checks every chunk against its id: decompress and hash. Scrub does exactly that
+# on all cores and nothing else, so its time is a floor for a full replication on this machine
+# (which also reads, sends, stores and indexes, on the same two cores).
+echo "== verification alone: tessera scrub of A, cold" >&2
+drop_caches || true
+t0=$(date +%s.%N)
+"$TESSERA" scrub "$A" --max-rate 0 >/dev/null
+t1=$(date +%s.%N)
+T_SCRUB=$(calc "$t1 - $t0")
+
 echo "== pool: $CLONES clones of the golden image, then 1 % of blocks changed in 10" >&2
 mkdir -p "$MA/pool"
 "$TESSERA" clone "$MA/corpus/golden.raw" "$MA/pool/golden.raw" >/dev/null
@@ -156,6 +167,10 @@ bench_value full_speed tessera "$(calc "$T_REF / $T_REPL")"
 bench_metric full_s s "full replication of the corpus ($(numfmt --to=iec "$PACK_BYTES") of packs)" better=lower
 bench_value full_s tessera "$T_REPL"
 bench_value full_s "cat+nc" "$T_REF"
+bench_metric full_verify s "verification alone: tessera scrub of the source, every chunk decompressed and checked against its id on all cores (cold)" better=lower
+bench_value full_verify tessera "$T_SCRUB"
+bench_metric full_ceiling x "the most full_speed can reach here: cat+nc time / verification alone" better=higher
+bench_value full_ceiling tessera "$(calc "$T_REF / $T_SCRUB")"
 bench_metric full_stream MiB "full replication: bytes on the wire" better=lower
 bench_value full_stream tessera "$(calc "$STREAM / 1048576")"
 bench_value full_stream "cat+nc" "$(calc "$PACK_BYTES / 1048576")"
@@ -167,4 +182,4 @@ bench_value incr_ratio tessera "$(calc "$SENT / $NEW_BYTES")"
 bench_metric incr_overhead B "incremental run: stream bytes beyond the chunks, per file" better=lower
 bench_value incr_overhead tessera "$(calc "($STREAM2 - $SENT) / $ENTRIES")"
 bench_finish
-echo "full: ${T_REPL}s vs ${T_REF}s; pool: first $SENT1 B on the wire ($HELD1 chunks held), incremental $SENT B of chunks for $NEW_BYTES B new" >&2
+echo "full: ${T_REPL}s vs ${T_REF}s (verification alone ${T_SCRUB}s); pool: first $SENT1 B on the wire ($HELD1 chunks held), incremental $SENT B of chunks for $NEW_BYTES B new" >&2
