@@ -160,7 +160,7 @@ bench_metric storm MB/s "$CLONES clones at once: aggregate throughput" subject=t
     note="bindfs: $CLONES readers of copies of the boot set through bindfs over tmpfs (FUSE alone: no disk, no decompression)"
 bench_value storm tessera "$S_MBS"
 bench_value storm bindfs "$F_MBS"
-bench_metric fuse_ceiling x "the most storm_ratio can reach through FUSE here: bindfs over tmpfs / one cold reader" better=higher
+bench_metric fuse_ceiling x "through FUSE alone here (bindfs over tmpfs): aggregate throughput / one cold reader's, the most the ratio above can reach" better=higher
 bench_value fuse_ceiling bindfs "$(echo "$F_MBS / $C_MBS" | bc -l)"
 bench_metric storm_pack_ratio x "$CLONES clones at once: bytes read from packs / the boot set's stored bytes (the cold reader's)" \
     better=lower headline=1 target="<= 1.1x"

@@ -169,7 +169,7 @@ bench_value full_s tessera "$T_REPL"
 bench_value full_s "cat+nc" "$T_REF"
 bench_metric full_verify s "verification alone: tessera scrub of the source, every chunk decompressed and checked against its id on all cores (cold)" better=lower
 bench_value full_verify tessera "$T_SCRUB"
-bench_metric full_ceiling x "the most full_speed can reach here: cat+nc time / verification alone" better=higher
+bench_metric full_ceiling x "cat+nc time / verification alone: the most the full replication's speed ratio can reach here" better=higher
 bench_value full_ceiling tessera "$(calc "$T_REF / $T_SCRUB")"
 bench_metric full_stream MiB "full replication: bytes on the wire" better=lower
 bench_value full_stream tessera "$(calc "$STREAM / 1048576")"
