@@ -57,11 +57,20 @@ abs() { realpath -s -m -- "$1"; }
 fstype_at() { awk -v m="$1" '$2 == m { t = $3 } END { print t }' /proc/self/mounts; }
 is_mounted() { [ -n "$(fstype_at "$1")" ]; }
 
-# pid_running PID: true while PID exists and is not a zombie awaiting `wait`.
+# pid_running PID: true while any thread of PID has not exited (a process that is only a
+# zombie awaiting `wait` is not running). Every thread counts: after SIGKILL the group
+# leader shows as a zombie while the other threads are still exiting (one in the middle of a
+# disk write can take a while), and the process's files (its listening sockets, the
+# datastore lock) stay open until the last of them is gone, so a server started then would
+# find the port in use.
 pid_running() {
-    local st
-    st=$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) || return 1
-    [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+    local f st
+    for f in /proc/"$1"/task/*/stat; do
+        # The state follows the command name, which is in parentheses and may hold spaces.
+        st=$(sed -n 's/.*) \([A-Za-z]\) .*/\1/p' "$f" 2>/dev/null) || continue
+        [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ] && return 0
+    done
+    return 1
 }
 
 # wait_pid_exit PID SECONDS: true if PID ended within SECONDS.
@@ -252,8 +261,15 @@ start_serve() {
     SERVE_MNT=
     [ "${1:-}" = --mount ] && SERVE_MNT=$(abs "$2") && mkdir -p -- "$SERVE_MNT"
     [ -z "$SERVE_PID" ] || fail "start_serve: a server (pid $SERVE_PID) is already running"
+    # A server this suite stopped a moment ago may hold its ports while its last threads exit:
+    # give them 10 s before calling the port taken.
+    deadline=$((SECONDS + 10))
     for p in 2049 111; do
-        port_busy "$p" && fail "start_serve: port $p on $NFS_HOST is in use (another NFS server or rpcbind?)"
+        while port_busy "$p"; do
+            [ $SECONDS -lt $deadline ] ||
+                fail "start_serve: port $p on $NFS_HOST is in use (another NFS server or rpcbind?)"
+            sleep 0.1
+        done
     done
     MOUNT_SEQ=$((MOUNT_SEQ + 1))
     logf=$TEST_TMP/logs/serve-$MOUNT_SEQ.log
