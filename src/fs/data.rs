@@ -3,16 +3,17 @@
 //! and extent changes in `extent.rs`.
 //!
 //! # Write-back
-//! A write lands in the file's [`FileState`]: each touched chunk is held whole in memory
-//! (read once from the store if the write covers it only partly), so a burst of 4 KiB writes
-//! into one chunk costs one read and one hash + compress + append when flushed, not one per
-//! write. Dirty data is flushed (1) by `fsync`, durably; (2) by the background flusher every
+//! A write lands in the file's [`FileState`]: each touched chunk is held in memory, whole or
+//! as the ranges written so far ([`DirtyChunk`]; the stored chunk under a partial one is loaded
+//! by the flush, in a batch, not by the write), so a burst of 4 KiB writes into one chunk costs
+//! one load and one hash + compress + append when flushed, not one per write. Dirty data is flushed (1) by `fsync`, durably; (2) by the background flusher every
 //! few seconds, durably; (3) when the dirty total passes [`super::Tuning::dirty_limit`]
 //! (memory pressure); (4) before operations that need the file's stored state (truncate,
 //! clone, copy ranges). Reads see dirty data.
 //!
 //! # Flush
-//! Hash dirty chunks (in parallel); skip all-zero ones (holes); look up each id; compress and
+//! Complete partial chunks from their stored bases (in a batch, with the file's state lock
+//! released); hash dirty chunks (in parallel); skip all-zero ones (holes); look up each id; compress and
 //! append only the new ones; then one transaction points the file's chunk map at them and
 //! adjusts reference counts. Unchanged invariant: bytes past EOF inside the last chunk are 0.
 
@@ -21,12 +22,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+use parking_lot::{Mutex, RwLock};
 
+use super::dirty::{DirtyChunk, MAX_RANGES};
 use super::inode::{Inode, InodeId, Kind, Time};
 use super::timing::Stage;
-use super::{get_inode, tree, Attr, Engine, FsError, FsResult, MAX_FILE_SIZE};
-use crate::schema::{INODES, NODES};
+use super::{get_inode, Attr, Engine, FsError, FsResult, MAX_FILE_SIZE};
+use crate::schema::INODES;
 
 /// Share of the dirty limit the background flusher commits per transaction under memory
 /// pressure (a batch of the lowest-indexed dirty chunks of a file). It is woken at half the
@@ -42,19 +44,15 @@ pub(super) const FLUSH_BATCH_SHARE: u64 = 2;
 pub(super) const PRESSURE_WAIT: Duration = Duration::from_secs(2);
 
 /// Chunk buffers by chunk index.
-pub(crate) type Chunks = BTreeMap<u64, Box<[u8]>>;
+pub(crate) type Chunks = BTreeMap<u64, DirtyChunk>;
 
 #[cfg(test)]
 thread_local! {
-    /// Tests: run once on this thread while the next preload has the state lock released
-    /// (another writer's write and flush, deterministically inside the window).
-    pub(super) static WHILE_PRELOADING: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+    /// Tests: run once on this thread while the next flush loads the bases of partial chunks
+    /// with the state lock released (another writer's write, deterministically in the window).
+    pub(super) static WHILE_COMPLETING: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
         std::cell::RefCell::new(None);
 }
-
-/// Stored chunks loaded for a partial write before it takes effect, by chunk index (`None`:
-/// a hole). See [`Engine::preload`].
-type Preloaded = BTreeMap<u64, Option<Box<[u8]>>>;
 
 /// One file's write-back state and the lock that serialises its flushes.
 ///
@@ -79,8 +77,8 @@ pub struct FileState {
     pub(crate) size: Option<u64>,
     /// Modification time (and ctime) if changed since the last flush.
     pub(crate) mtime: Option<Time>,
-    /// Chunks written in part inside the file (a stored chunk read back to take a partial
-    /// write, or a hole inside the file filled in part by a write smaller than a chunk): the
+    /// Chunks written in part inside the file (a stored chunk completed by a partial write,
+    /// or a hole inside the file filled in part by a write smaller than a chunk): the
     /// hot set, stored uncompressed when flushed (`Encoded::uncompressed`) and compressed
     /// later by compaction, because a desktop's random 4 KiB writes come back to the same
     /// chunks. Chunks past the end of the file (a file written front to back, whatever its
@@ -105,14 +103,6 @@ impl FileState {
             && self.inflight.is_none()
             && self.size.is_none()
             && self.mtime.is_none()
-    }
-
-    /// The newest unflushed copy of chunk `idx`, if any.
-    pub(crate) fn chunk(&self, idx: u64) -> Option<&[u8]> {
-        self.dirty
-            .get(&idx)
-            .or_else(|| self.inflight.as_ref().and_then(|f| f.get(&idx)))
-            .map(|b| &b[..])
     }
 
     /// Chunks held in memory (dirty or in flight). A chunk rewritten while its flush is in
@@ -215,7 +205,7 @@ impl Engine {
         self.relieve_pressure(ino)?;
         let st = self.entry(ino);
         let mut g = st.state.write();
-        self.write_loading(ino, &mut g, offset, data, &mut None)?;
+        self.write_into(ino, &mut g, offset, data, &mut None)?;
         Ok(data.len())
     }
 
@@ -241,7 +231,7 @@ impl Engine {
         let mut stored = Some((rtx, inode));
         if !data.is_empty() {
             // A zero-length write changes nothing (not even the size past its offset).
-            self.write_loading(ino, &mut g, offset, data, &mut stored)?;
+            self.write_into(ino, &mut g, offset, data, &mut stored)?;
         }
         let (_, inode) = stored.expect("kept by write_into");
         let after = self.attr_of(ino, inode, Some(&g));
@@ -255,101 +245,7 @@ impl Engine {
         offset: u64,
         data: &[u8],
     ) -> FsResult<()> {
-        self.write_into(ino, g, offset, data, &mut None, Preloaded::new())
-    }
-
-    /// [`Engine::preload`] then [`Engine::write_into`], timed as one `Write` stage (its
-    /// `RmwRead` loads nested inside, as benches/vdi.sh counts them).
-    fn write_loading<'e>(
-        &'e self,
-        ino: InodeId,
-        g: &mut RwLockWriteGuard<'_, FileState>,
-        offset: u64,
-        data: &[u8],
-        stored: &mut Option<(super::Snapshot<'e>, Inode)>,
-    ) -> FsResult<()> {
-        self.timings.time(Stage::Write, || {
-            let pre = self.preload(ino, g, offset, data.len() as u64, stored)?;
-            self.write_into_timed(ino, g, offset, data, stored, pre)
-        })
-    }
-
-    /// Load the stored chunks a write covers only in part with the file's state lock released,
-    /// so the write then only copies. A load (chunk-map lookup, pread, decompress, verify:
-    /// 30-50 us) under the lock made every other writer and reader of the file wait behind it:
-    /// a hypervisor's whole disk queue (benches/vdi.sh: 6 % of writes at QD16 waited over
-    /// 1 ms for the lock, write p99 8 ms).
-    ///
-    /// The loads read the snapshot in `stored`, taken under the lock. They are kept only if
-    /// no transaction committed while the lock was released (`Engine::commits`): anything
-    /// that changes a file's chunk map commits first (a flush clears `inflight` only after its
-    /// commit), so an unchanged count means the snapshot is still the file's stored state, and
-    /// chunks another writer dirtied meanwhile are newer and win in [`Engine::write_into`].
-    /// Otherwise the loads are dropped, `stored` is taken again, and the write loads under the
-    /// lock as before (commits come a few times a second: a rare retry).
-    ///
-    /// Lock order: the snapshot holds the store's read gate (shared, recursive) while the
-    /// state lock is taken again; the gate's exclusive holder (pack deletion) takes no state
-    /// lock, so this cannot close a cycle.
-    fn preload<'e>(
-        &'e self,
-        ino: InodeId,
-        g: &mut RwLockWriteGuard<'_, FileState>,
-        offset: u64,
-        len: u64,
-        stored: &mut Option<(super::Snapshot<'e>, Inode)>,
-    ) -> FsResult<Preloaded> {
-        let c = self.chunk_size;
-        let end = offset + len;
-        let need: Vec<u64> = (offset / c..end.div_ceil(c))
-            .filter(|&idx| {
-                let whole = offset <= idx * c && end >= (idx + 1) * c;
-                !whole && g.chunk(idx).is_none()
-            })
-            .collect();
-        if need.is_empty() {
-            return Ok(Preloaded::new());
-        }
-        let before = self.commits.load(Ordering::SeqCst);
-        if stored.is_none() {
-            let rtx = self.read_txn()?;
-            let inode = get_inode(&rtx.open_table(INODES)?, ino)?;
-            *stored = Some((rtx, inode));
-        }
-        let (rtx, inode) = stored.as_ref().expect("taken above");
-        let loaded = RwLockWriteGuard::unlocked(g, || -> FsResult<Preloaded> {
-            #[cfg(test)]
-            if let Some(meanwhile) = WHILE_PRELOADING.with(|h| h.borrow_mut().take()) {
-                meanwhile();
-            }
-            let nodes = rtx.open_table(NODES)?;
-            let mut out = Preloaded::new();
-            for idx in need {
-                let chunk = match tree::get(&nodes, inode.root, idx)? {
-                    Some(id) => Some(
-                        self.timings
-                            .time(Stage::RmwRead, || self.store.read(rtx, id))
-                            .map_err(|e| {
-                                let e = FsError::from(e).at(ino.0, idx * c);
-                                tracing::error!(file = %self.path_of(ino), offset = idx * c, "read for write failed: {e}");
-                                e
-                            })?
-                            .to_vec()
-                            .into_boxed_slice(),
-                    ),
-                    None => None,
-                };
-                out.insert(idx, chunk);
-            }
-            Ok(out)
-        })?;
-        if self.commits.load(Ordering::SeqCst) == before {
-            return Ok(loaded);
-        }
-        let rtx = self.read_txn()?;
-        let inode = get_inode(&rtx.open_table(INODES)?, ino)?;
-        *stored = Some((rtx, inode));
-        Ok(Preloaded::new())
+        self.write_into(ino, g, offset, data, &mut None)
     }
 
     /// Copy `data` into the file's dirty chunks; `stored` is the snapshot and stored inode to
@@ -361,10 +257,9 @@ impl Engine {
         offset: u64,
         data: &[u8],
         stored: &mut Option<(super::Snapshot<'e>, Inode)>,
-        pre: Preloaded,
     ) -> FsResult<()> {
         self.timings.time(Stage::Write, || {
-            self.write_into_timed(ino, g, offset, data, stored, pre)
+            self.write_into_timed(ino, g, offset, data, stored)
         })
     }
 
@@ -375,7 +270,6 @@ impl Engine {
         offset: u64,
         data: &[u8],
         stored: &mut Option<(super::Snapshot<'e>, Inode)>,
-        mut pre: Preloaded,
     ) -> FsResult<()> {
         let c = self.chunk_size;
         let end = offset + data.len() as u64;
@@ -411,51 +305,40 @@ impl Engine {
                 if cs < inside && !whole {
                     g.hot.insert(idx);
                 }
-                if whole {
+                let chunk = if whole {
                     // Copied once, not zero-filled and then overwritten (a sequential copy's
                     // chunks are all whole).
-                    g.dirty.insert(idx, src.into());
-                    self.dirty_bytes.fetch_add(c, Ordering::Relaxed);
+                    DirtyChunk::whole(src.into())
+                } else if let Some(b) = g.inflight.as_ref().and_then(|f| f.get(&idx)) {
+                    // Newer than the stored chunk and older than this write: the copy keeps
+                    // it if its flush fails (see `Engine::flush_part`).
+                    g.hot.insert(idx);
+                    b.clone()
+                } else {
+                    // The stored chunk (or hole) under it is loaded by the flush.
+                    DirtyChunk::empty(c as usize)
+                };
+                g.dirty.insert(idx, chunk);
+                self.dirty_bytes.fetch_add(c, Ordering::Relaxed);
+                if whole {
                     pos = ce;
                     continue;
                 }
-                let buf = if let Some(b) = g.inflight.as_ref().and_then(|f| f.get(&idx)) {
-                    g.hot.insert(idx);
-                    b.to_vec()
-                } else if let Some(loaded) = pre.remove(&idx) {
-                    match loaded {
-                        Some(b) => {
-                            g.hot.insert(idx);
-                            b.into_vec()
-                        }
-                        None => vec![0u8; c as usize],
-                    }
-                } else {
-                    load(stored)?;
-                    let (rtx, inode) = stored.as_ref().expect("loaded above");
-                    let nodes = rtx.open_table(NODES)?;
-                    let stored_id = tree::get(&nodes, inode.root, idx)?;
-                    if stored_id.is_some() {
-                        g.hot.insert(idx);
-                    }
-                    match stored_id {
-                        Some(id) => self
-                            .timings
-                            .time(Stage::RmwRead, || self.store.read(rtx, id))
-                            .map_err(|e| {
-                                let e = FsError::from(e).at(ino.0, cs);
-                                tracing::error!(file = %self.path_of(ino), offset = cs, "read for write failed: {e}");
-                                e
-                            })?
-                            .to_vec(),
-                        None => vec![0u8; c as usize],
-                    }
-                };
-                g.dirty.insert(idx, buf.into_boxed_slice());
-                self.dirty_bytes.fetch_add(c, Ordering::Relaxed);
             }
-            let buf = g.dirty.get_mut(&idx).expect("inserted above");
-            buf[(pos - cs) as usize..(ce - cs) as usize].copy_from_slice(src);
+            if !whole && g.dirty[&idx].range_count() >= MAX_RANGES {
+                // Scattered tiny writes: complete the chunk now rather than track more ranges.
+                load(stored)?;
+                let (rtx, inode) = stored.as_ref().expect("loaded above");
+                let base = self.load_bases(ino, rtx, inode.root, &[idx]);
+                let base = base.into_iter().next().expect("one per index").1?;
+                if base.is_some() {
+                    g.hot.insert(idx);
+                }
+                let d = g.dirty.get_mut(&idx).expect("inserted above");
+                d.complete(base.as_deref().map(|b| &b[..]));
+            }
+            let d = g.dirty.get_mut(&idx).expect("inserted above");
+            d.write((pos - cs) as usize, src);
             pos = ce;
         }
         g.size = Some(size.max(end));
@@ -489,15 +372,20 @@ impl Engine {
                 return Ok(());
             }
         }
-        self.flush_ino(ino, false)?;
+        // A flush that fails for some chunks (a damaged chunk under a partial write) commits
+        // the others: the write fails only if room could not be made.
+        let mut r = self.flush_ino(ino, false);
         if self.dirty_bytes() > self.tuning.dirty_limit {
             let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
             for i in inos {
                 if self.dirty_bytes() <= self.tuning.dirty_limit / 2 {
                     break;
                 }
-                self.flush_ino(i, false)?;
+                r = r.and(self.flush_ino(i, false));
             }
+        }
+        if self.dirty_bytes() > self.tuning.dirty_limit {
+            r?;
         }
         Ok(())
     }

@@ -8,13 +8,16 @@ use crate::schema::K_BARRIERS;
 use crate::store::chunk::{is_zero, ChunkId};
 use crate::store::{Encoded, RecordRef};
 use rayon::prelude::*;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::data::{Chunks, FileState, FLUSH_BATCH_SHARE};
+
+/// A stored chunk under a partial write, as loaded (shared with the read cache).
+pub(crate) type Base = Arc<Vec<u8>>;
 
 /// Flusher ticks without a commit before the metadata file is compacted (at the default 5 s
 /// interval: 30 s of quiet).
@@ -39,30 +42,100 @@ impl Engine {
             return Ok(false);
         };
         let _one_flush = st.flush.lock();
+        // The batch: the `max` lowest-indexed dirty chunks, or all of them.
+        let split = |g: &FileState| max.and_then(|m| g.dirty.keys().nth(m).copied());
+        // Partial chunks of the batch get their bases first, loaded with the state lock
+        // released. Under the flush lock nothing else changes the file's chunk map (every
+        // change of a map holds its file's flush lock), so the loads stay the stored state
+        // even after the snapshot is dropped; writes meanwhile only add written ranges.
+        let partial: Vec<u64> = {
+            let g = st.state.read();
+            let end = split(&g).unwrap_or(u64::MAX);
+            g.dirty
+                .range(..end)
+                .filter(|(_, d)| !d.is_whole())
+                .map(|(&k, _)| k)
+                .collect()
+        };
+        let mut failed: Option<FsError> = None;
+        if !partial.is_empty() {
+            #[cfg(test)]
+            if let Some(meanwhile) = super::data::WHILE_COMPLETING.with(|h| h.borrow_mut().take()) {
+                meanwhile();
+            }
+            let bases = {
+                let rtx = self.read_txn()?;
+                let inode = super::get_inode(&rtx.open_table(crate::schema::INODES)?, ino)?;
+                self.load_bases(ino, &rtx, inode.root, &partial)
+            };
+            let mut g = st.state.write();
+            for (idx, base) in bases {
+                match base {
+                    Ok(base) => Self::complete_partial(&mut g, idx, base.as_deref()),
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+        }
         let (batch, size, mtime) = {
             let mut g = st.state.write();
+            // Chunks written in part since the loads above (rare): completed here.
+            let end = split(&g).unwrap_or(u64::MAX);
+            let late: Vec<u64> = g
+                .dirty
+                .range(..end)
+                .filter(|(k, d)| !(d.is_whole() || failed.is_some() && partial.contains(k)))
+                .map(|(&k, _)| k)
+                .collect();
+            if !late.is_empty() {
+                let rtx = self.read_txn()?;
+                let inode = super::get_inode(&rtx.open_table(crate::schema::INODES)?, ino)?;
+                for (idx, base) in self.load_bases(ino, &rtx, inode.root, &late) {
+                    match base {
+                        Ok(base) => Self::complete_partial(&mut g, idx, base.as_deref()),
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                }
+            }
             if g.is_clean() {
                 (None, None, None)
             } else {
-                let taken = match max.and_then(|m| g.dirty.keys().nth(m).copied()) {
+                let mut taken = match split(&g) {
                     Some(split) => {
                         let rest = g.dirty.split_off(&split);
                         std::mem::replace(&mut g.dirty, rest)
                     }
                     None => std::mem::take(&mut g.dirty),
                 };
+                // Chunks whose base could not be read stay dirty (their written bytes are
+                // kept; reads of the rest fail as the base does): the flush reports the error
+                // after committing everything else.
+                let stuck: Vec<u64> = taken
+                    .iter()
+                    .filter(|(_, d)| !d.is_whole())
+                    .map(|(&k, _)| k)
+                    .collect();
+                for k in stuck {
+                    let d = taken.remove(&k).expect("listed above");
+                    g.dirty.insert(k, d);
+                }
                 let hot: HashSet<u64> = if g.dirty.is_empty() {
                     std::mem::take(&mut g.hot)
                 } else {
                     taken.keys().filter(|k| g.hot.remove(k)).copied().collect()
                 };
+                // With chunks left dirty the file's size and mtime are committed with them
+                // later; committing them now too is harmless (they are the newest).
                 let batch = Arc::new(taken);
                 g.inflight = Some(batch.clone());
                 (Some((batch, hot)), g.size, g.mtime)
             }
         };
         let Some((batch, hot)) = batch else {
-            return Ok(false);
+            return failed.map_or(Ok(false), Err);
         };
         // The heavy part runs without the state lock: writers and readers go on.
         let r = self.commit_chunks(ino, &batch, &hot, size, mtime, None, false);
@@ -79,7 +152,10 @@ impl Engine {
                 self.dirty_bytes
                     .fetch_sub(batch.len() as u64 * self.chunk_size, Ordering::Relaxed);
                 self.progress.1.notify_all();
-                Ok(!g.dirty.is_empty())
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok(!g.dirty.is_empty()),
+                }
             }
             Err(e) => {
                 // Nothing was committed: the chunks are dirty again (unless rewritten).
@@ -128,15 +204,20 @@ impl Engine {
     /// Flush every file and commit durably (`syncfs`, the periodic flusher, unmount).
     pub fn sync_all(&self) -> FsResult<()> {
         let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
+        // One file that cannot be flushed (a damaged chunk under a partial write) does not
+        // hold back the others; its error is reported after they are flushed.
+        let mut failed = None;
         for ino in inos {
-            self.flush_ino(ino, false)?;
+            if let Err(e) = self.flush_ino(ino, false) {
+                failed.get_or_insert(e);
+            }
         }
         self.barrier()?;
         // Forget clean states nobody holds (only the map's reference left).
         self.files.retain(|_, s| {
             Arc::strong_count(s) > 1 || s.state.try_read().is_none_or(|g| !g.is_clean())
         });
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Commit the unflushed state of a file (the caller holds its `flush` and `state` locks,
@@ -151,6 +232,28 @@ impl Engine {
         debug_assert!(g.inflight.is_none());
         if g.is_clean() && holes.is_none() {
             return if durable { self.barrier() } else { Ok(()) };
+        }
+        let partial: Vec<u64> = g
+            .dirty
+            .iter()
+            .filter(|(_, d)| !d.is_whole())
+            .map(|(&k, _)| k)
+            .collect();
+        if !partial.is_empty() {
+            let rtx = self.read_txn()?;
+            let inode = super::get_inode(&rtx.open_table(crate::schema::INODES)?, ino)?;
+            let mut failed = None;
+            for (idx, base) in self.load_bases(ino, &rtx, inode.root, &partial) {
+                match base {
+                    Ok(base) => Self::complete_partial(g, idx, base.as_deref()),
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
         }
         self.commit_chunks(ino, &g.dirty, &g.hot, g.size, g.mtime, holes, durable)?;
         let n = g.dirty.len() as u64;
@@ -173,6 +276,17 @@ impl Engine {
         holes: Option<Range<u64>>,
         durable: bool,
     ) -> FsResult<()> {
+        // Every chunk is whole by now (completed by the callers): a partial one reaching here
+        // would be stored with zeros for its unwritten bytes.
+        let whole: BTreeMap<u64, &[u8]> = chunks
+            .iter()
+            .map(|(&i, d)| {
+                d.bytes().map(|b| (i, b)).ok_or(FsError::Invalid(
+                    "internal: a partial chunk reached the commit",
+                ))
+            })
+            .collect::<FsResult<_>>()?;
+        let chunks = &whole;
         let level = self.store.zstd_level();
         // From the first append to the commit below (see `Store::append_session`).
         let _appending = self.store.append_session();
@@ -233,9 +347,9 @@ impl Engine {
                 .map(|(id, i)| {
                     self.timings.time(Stage::Compress, || {
                         if deferred.contains(id) {
-                            Prepared::Raw(RecordRef::uncompressed(*id, &chunks[i]))
+                            Prepared::Raw(RecordRef::uncompressed(*id, chunks[i]))
                         } else {
-                            Prepared::Encoded(Encoded::new(*id, &chunks[i], level))
+                            Prepared::Encoded(Encoded::new(*id, chunks[i], level))
                         }
                     })
                 })
@@ -294,7 +408,7 @@ impl Engine {
                 if let Some(id) = id {
                     if !locs.contains_key(id) && w.chunks.find(id)?.is_none_or(|(_, l)| l.is_lost())
                     {
-                        let e = Encoded::new(*id, &dirty[i], level);
+                        let e = Encoded::new(*id, dirty[i], level);
                         locs.insert(*id, self.store.append(&e)?);
                     }
                 }
@@ -347,6 +461,70 @@ impl Engine {
             ),
         }
         r
+    }
+
+    /// Load the stored chunks (bases) under chunk indexes `idxs` of the file whose chunk map
+    /// is `root`, in one batch (coalesced pack reads, decompressed and verified on all cores):
+    /// per index, the chunk or `None` for a hole, or the error naming the file and offset.
+    pub(crate) fn load_bases(
+        &self,
+        ino: InodeId,
+        rtx: &redb::ReadTransaction,
+        root: super::tree::Root,
+        idxs: &[u64],
+    ) -> Vec<(u64, FsResult<Option<Base>>)> {
+        let c = self.chunk_size;
+        let located: Vec<(u64, FsResult<Option<crate::store::ChunkKey>>)> =
+            match rtx.open_table(crate::schema::NODES) {
+                Ok(nodes) => idxs
+                    .iter()
+                    .map(|&i| (i, super::tree::get(&nodes, root, i)))
+                    .collect(),
+                Err(e) => {
+                    let msg = FsError::from(e).to_string();
+                    let err = || FsError::Io(std::io::Error::other(msg.clone()));
+                    return idxs.iter().map(|&i| (i, Err(err()))).collect();
+                }
+            };
+        let keys: Vec<_> = located
+            .iter()
+            .filter_map(|(_, k)| k.as_ref().ok().copied().flatten())
+            .collect();
+        let mut loaded = self
+            .timings
+            .time(Stage::RmwRead, || self.store.read_many(rtx, &keys))
+            .into_iter();
+        located
+            .into_iter()
+            .map(|(idx, k)| {
+                let r = match k {
+                    Err(e) => Err(e),
+                    Ok(None) => Ok(None),
+                    Ok(Some(_)) => match loaded.next().expect("one result per key") {
+                        Ok(b) => Ok(Some(b)),
+                        Err(e) => {
+                            let e = FsError::from(e).at(ino.0, idx * c);
+                            tracing::error!(file = %self.path_of(ino), offset = idx * c, "cannot read the stored chunk under a partial write: {e}");
+                            Err(e)
+                        }
+                    },
+                };
+                (idx, r)
+            })
+            .collect()
+    }
+
+    /// Fill dirty chunk `idx`'s unwritten bytes from its stored `base` (`None`: a hole). A
+    /// stored chunk rewritten in part joins the hot set (see `FileState::hot`).
+    pub(crate) fn complete_partial(g: &mut FileState, idx: u64, base: Option<&Vec<u8>>) {
+        if let Some(d) = g.dirty.get_mut(&idx) {
+            if !d.is_whole() {
+                d.complete(base.map(|b| &b[..]));
+                if base.is_some() {
+                    g.hot.insert(idx);
+                }
+            }
+        }
     }
 
     /// Start the background flusher: every `interval`, flush all files durably. It stops
@@ -409,17 +587,24 @@ impl Engine {
     /// Flush files (not durably), a batch at a time, until at most `target` bytes are dirty.
     pub(crate) fn flush_some(&self, target: u64) -> FsResult<()> {
         let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
+        let mut failed = None;
         for ino in inos {
             while self.dirty_bytes() > target {
                 let batch = (self.tuning.dirty_limit / FLUSH_BATCH_SHARE / self.chunk_size).max(64);
-                if !self.flush_part(ino, Some(batch as usize))? {
-                    break;
+                match self.flush_part(ino, Some(batch as usize)) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    // This file's other chunks are committed; go on with the next file.
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        break;
+                    }
                 }
             }
             if self.dirty_bytes() <= target {
                 break;
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }

@@ -49,6 +49,7 @@ pub mod clone;
 mod crash_tests;
 pub mod data;
 pub mod dir;
+pub(crate) mod dirty;
 pub mod du;
 pub mod error;
 pub mod extent;

@@ -7,6 +7,7 @@ use crate::schema::{INODES, NODES};
 use crate::store::ChunkKey;
 
 use super::data::require_file;
+use super::dirty::Patch;
 
 impl Engine {
     /// Read up to `len` bytes at `offset` (short at end of file).
@@ -42,21 +43,40 @@ impl Engine {
             (s - idx * c) as usize..(e - idx * c) as usize
         };
         // Where each chunk of the range comes from. Unflushed chunks are copied (their part
-        // only) while the state lock is held; chunks in flight are shared, not copied.
+        // only) while the state lock is held; chunks in flight are shared, not copied. A part
+        // that unflushed chunks written in part do not cover comes from the chunk under them
+        // (in flight, stored or a hole) with their written bytes put over it (`Patch`es,
+        // newest first).
         enum Src {
             Mem(Vec<u8>),
             Inflight,
-            Stored,
-            Hole,
+            Stored(Vec<Patch>),
+            Hole(Vec<Patch>),
         }
         let mem = g.as_deref();
         let inflight = mem.and_then(|m| m.inflight.clone());
         let nodes = rtx.open_table(NODES)?;
         let mut srcs: Vec<Src> = (first..=last)
-            .map(|idx| match mem.and_then(|m| m.dirty.get(&idx)) {
-                Some(b) => Src::Mem(b[part(idx)].to_vec()),
-                None if inflight.as_ref().is_some_and(|f| f.contains_key(&idx)) => Src::Inflight,
-                None => Src::Hole,
+            .map(|idx| {
+                let p = part(idx);
+                let dirty = mem.and_then(|m| m.dirty.get(&idx));
+                let flying = inflight.as_ref().and_then(|f| f.get(&idx));
+                let mut patches = Vec::new();
+                for (layer, is_dirty) in [(dirty, true), (flying, false)] {
+                    let Some(d) = layer else { continue };
+                    if d.covers(&p) {
+                        if !is_dirty && patches.is_empty() {
+                            return Src::Inflight;
+                        }
+                        let mut v = d.slice(p.clone()).to_vec();
+                        for pt in patches.iter().rev() {
+                            Patch::apply(pt, &mut v);
+                        }
+                        return Src::Mem(v);
+                    }
+                    patches.push(d.patch(p.clone()));
+                }
+                Src::Hole(patches)
             })
             .collect();
         let mut keys: Vec<ChunkKey> = Vec::new();
@@ -64,8 +84,11 @@ impl Engine {
             let slot = idx
                 .checked_sub(first)
                 .and_then(|i| srcs.get_mut(i as usize));
-            if let Some(s @ Src::Hole) = slot {
-                *s = Src::Stored;
+            if let Some(s @ Src::Hole(_)) = slot {
+                let Src::Hole(patches) = std::mem::replace(s, Src::Inflight) else {
+                    unreachable!("matched above")
+                };
+                *s = Src::Stored(patches);
                 keys.push(key);
             }
         }
@@ -83,19 +106,28 @@ impl Engine {
                 Src::Mem(b) => out.extend_from_slice(b),
                 Src::Inflight => {
                     let f = inflight.as_ref().expect("seen above");
-                    out.extend_from_slice(&f[&idx][part(idx)]);
+                    out.extend_from_slice(f[&idx].slice(part(idx)));
                 }
-                Src::Stored => match chunks.next().expect("one result per key") {
-                    Ok(data) => out.extend_from_slice(&data[part(idx)]),
+                Src::Stored(patches) => match chunks.next().expect("one result per key") {
+                    Ok(data) => {
+                        let at = out.len();
+                        out.extend_from_slice(&data[part(idx)]);
+                        for pt in patches.iter().rev() {
+                            pt.apply(&mut out[at..]);
+                        }
+                    }
                     Err(e) => {
                         let e = FsError::from(e).at(ino.0, idx * c);
                         tracing::error!(file = %self.path_of(ino), offset = idx * c, "read failed: {e}");
                         return Err(e);
                     }
                 },
-                Src::Hole => {
-                    let n = part(idx).len();
-                    out.resize(out.len() + n, 0);
+                Src::Hole(patches) => {
+                    let at = out.len();
+                    out.resize(at + part(idx).len(), 0);
+                    for pt in patches.iter().rev() {
+                        pt.apply(&mut out[at..]);
+                    }
                 }
             }
         }

@@ -1201,14 +1201,13 @@ fn metadata_compaction_gives_free_pages_back_and_keeps_everything() {
     assert_clean(&e);
 }
 
-/// Protects the write path's unlocked read-modify-write (`Engine::preload`): a writer loads
-/// the stored chunk it writes into part of with the file's state lock released, and must not
-/// keep that load if the chunk changed and was committed meanwhile. Here another write into
-/// the same chunk, and its flush, happen exactly inside that window (through FUSE's `write`
-/// and NFS's `write_with_attrs`); keeping the stale load would put the chunk's old bytes back
-/// over the other write.
+/// Protects the flush's unlocked completion of partial chunks (`Engine::flush_part` loads
+/// the stored chunks under partial writes with the file's state lock released): another write
+/// into the same chunk lands exactly inside that window (through FUSE's `write` and NFS's
+/// `write_with_attrs`), and the completed chunk must keep both writes, with the stored bytes
+/// only where neither wrote.
 #[test]
-fn a_write_whose_chunk_is_committed_while_it_loads_keeps_the_other_write() {
+fn a_write_while_its_chunk_is_completed_keeps_both_writes() {
     for nfs in [false, true] {
         let (e, _io) = engine();
         let e = Arc::new(e);
@@ -1218,41 +1217,146 @@ fn a_write_whose_chunk_is_committed_while_it_loads_keeps_the_other_write() {
             .ino;
         e.write(f, 0, &vec![0xee; 2 * C as usize]).unwrap();
         e.sync_all().unwrap();
+        e.write(f, 0, &[1; 512]).unwrap();
         let other = e.clone();
-        super::data::WHILE_PRELOADING.with(|h| {
+        super::data::WHILE_COMPLETING.with(|h| {
             *h.borrow_mut() = Some(Box::new(move || {
-                other.write(f, 1024, &[2; 512]).unwrap();
-                other.flush_ino(f, false).unwrap();
+                if nfs {
+                    other
+                        .write_with_attrs(f, 1024, &[2; 512], |_| Ok::<(), FsError>(()))
+                        .unwrap();
+                } else {
+                    other.write(f, 1024, &[2; 512]).unwrap();
+                }
             }))
         });
-        if nfs {
-            e.write_with_attrs(f, 0, &[1; 512], |_| Ok::<(), FsError>(()))
-                .unwrap();
-        } else {
-            e.write(f, 0, &[1; 512]).unwrap();
-        }
+        e.flush_ino(f, false).unwrap();
         assert!(
-            super::data::WHILE_PRELOADING.with(|h| h.borrow().is_none()),
+            super::data::WHILE_COMPLETING.with(|h| h.borrow().is_none()),
             "the other write did not run inside the window"
         );
         let mut expect = vec![0xee; 2 * C as usize];
         expect[..512].fill(1);
         expect[1024..1536].fill(2);
-        let got = content(&e, "f");
-        let wrong: Vec<usize> = (0..expect.len()).filter(|&i| got[i] != expect[i]).collect();
-        assert!(
-            wrong.is_empty(),
-            "{} bytes wrong from offset {:?} (nfs path: {nfs}): the other write was lost",
-            wrong.len(),
-            wrong.first()
-        );
-        e.sync_all().unwrap();
+        for pass in ["dirty or in memory", "stored"] {
+            let got = content(&e, "f");
+            let wrong: Vec<usize> = (0..expect.len()).filter(|&i| got[i] != expect[i]).collect();
+            assert!(
+                wrong.is_empty(),
+                "{} bytes wrong from offset {:?} ({pass}, nfs path: {nfs}): a write was lost",
+                wrong.len(),
+                wrong.first()
+            );
+            e.sync_all().unwrap();
+        }
         assert_clean(&e);
     }
 }
 
-/// Protects the lock order of the unlocked read-modify-write (`Engine::preload` holds a
-/// snapshot while it takes the state lock again): four writers rewrite interleaved 512-byte
+/// Protects the deferred read-modify-write: a partial write into a stored chunk does not read
+/// it (the flush does, once), reads see the written bytes over the stored ones before the
+/// flush, and a chunk whose partial writes end up covering it whole is never read at all.
+#[test]
+fn partial_writes_load_their_chunk_once_at_flush_and_never_when_covered() {
+    let (e, _io) = engine();
+    let f = e
+        .mknod(InodeId::ROOT, b"f", Kind::File, 0o644, 0, Ctx::ROOT)
+        .unwrap()
+        .ino;
+    let old = pattern(5, 4 * C as usize);
+    e.write(f, 0, &old).unwrap();
+    let e = reopen(e); // empty the chunk cache
+    let loaded = |e: &Engine| e.store.cache_stats().pack_read_bytes;
+    let mut expect = old.clone();
+    // Chunk 0: three 512-byte writes, then a read of a written part and one across the base.
+    for at in [0usize, 1024, 3000] {
+        e.write(f, at as u64, &[7; 512]).unwrap();
+        expect[at..at + 512].fill(7);
+    }
+    assert_eq!(loaded(&e), 0, "a partial write read its chunk");
+    assert_eq!(e.read(f, 1024, 512).unwrap(), vec![7; 512]);
+    assert_eq!(
+        loaded(&e),
+        0,
+        "a read of written bytes read the stored chunk"
+    );
+    assert_eq!(e.read(f, 0, 4096).unwrap(), expect[..4096]);
+    let after_read = loaded(&e);
+    assert!(after_read > 0, "the stored bytes came from somewhere");
+    // Chunk 2: covered whole by four partial writes, never read.
+    for q in 0..4usize {
+        let at = 2 * C as usize + q * 1024;
+        e.write(f, at as u64, &[9; 1024]).unwrap();
+        expect[at..at + 1024].fill(9);
+    }
+    let e = reopen(e);
+    assert_eq!(content(&e, "f"), expect);
+    assert_clean(&e);
+    let before = loaded(&e);
+    e.write(f, 2 * u64::from(C) + 100, &[3; 100]).unwrap();
+    e.write(f, 2 * u64::from(C), &[4; 4096]).unwrap();
+    e.sync_all().unwrap();
+    assert_eq!(
+        loaded(&e),
+        before,
+        "a chunk written whole was read for its flush"
+    );
+}
+
+/// Protects "damage reads as EIO, never as wrong bytes" for partial writes: a write into a
+/// chunk whose stored copy is damaged is taken, reads of what it wrote succeed, reads of the
+/// rest and the flush fail naming the file and the chunk's offset, the file's other chunks and
+/// other files are still flushed, and overwriting the chunk whole makes the file flushable.
+#[test]
+fn a_partial_write_over_a_damaged_chunk_fails_at_flush_naming_it() {
+    let (e, io) = engine();
+    let f = e
+        .mknod(InodeId::ROOT, b"vm.raw", Kind::File, 0o644, 0, Ctx::ROOT)
+        .unwrap()
+        .ino;
+    let g = e
+        .mknod(InodeId::ROOT, b"other.raw", Kind::File, 0o644, 0, Ctx::ROOT)
+        .unwrap()
+        .ino;
+    e.write(f, 0, &pattern(3, 2 * C as usize)).unwrap();
+    e.sync_all().unwrap();
+    let e = reopen(e);
+    let pack = io.list_packs()[0];
+    io.corrupt(
+        pack,
+        crate::store::pack::PACK_HEADER_LEN as usize + 60,
+        0xff,
+    );
+    e.write(f, 100, &[1; 200]).unwrap();
+    e.write(f, u64::from(C), &[2; 200]).unwrap();
+    e.write(g, 0, &[5; 300]).unwrap();
+    assert_eq!(e.read(f, 100, 200).unwrap(), vec![1; 200]);
+    match e.read(f, 0, 100) {
+        Err(FsError::Corrupt { ino, offset, .. }) => assert_eq!((ino, offset), (f.0, 0)),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    match e.fsync(f) {
+        Err(FsError::Corrupt { ino, offset, .. }) => assert_eq!((ino, offset), (f.0, 0)),
+        other => panic!("expected Corrupt from fsync, got {other:?}"),
+    }
+    assert!(e.sync_all().is_err(), "sync_all hid the damage");
+    let e = {
+        // What could be flushed was: the other file and the undamaged chunk.
+        let (db, _) = e.into_parts();
+        Engine::with_parts(db, io.clone(), Tuning::default()).unwrap()
+    };
+    assert_eq!(e.read(g, 0, 300).unwrap(), vec![5; 300]);
+    let mut second = pattern(3, 2 * C as usize)[C as usize..].to_vec();
+    second[..200].fill(2);
+    assert_eq!(e.read(f, u64::from(C), C).unwrap(), second);
+    e.write(f, 100, &[1; 200]).unwrap();
+    e.write(f, 0, &vec![8; C as usize]).unwrap();
+    e.fsync(f).unwrap();
+    assert_eq!(e.read(f, 0, 400).unwrap(), vec![8; 400]);
+}
+
+/// Protects partial writes racing the flushes that complete and commit their chunks (the
+/// completion loads with the state lock released, then takes it again): four writers rewrite interleaved 512-byte
 /// slots of the same 8 chunks while flushes commit continually, under the deadlock watchdog;
 /// every slot ends with its writer's last bytes.
 #[test]
