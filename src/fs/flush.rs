@@ -80,14 +80,21 @@ impl Engine {
         }
         let (batch, size, mtime) = {
             let mut g = st.state.write();
-            // Chunks written in part since the loads above (rare): completed here.
-            let end = split(&g).unwrap_or(u64::MAX);
-            let late: Vec<u64> = g
-                .dirty
-                .range(..end)
-                .filter(|(k, d)| !(d.is_whole() || failed.is_some() && partial.contains(k)))
-                .map(|(&k, _)| k)
-                .collect();
+            // Chunks written in part since the loads above: a full flush (fsync, COMMIT)
+            // completes them here, under the lock (its window is short); a background batch
+            // leaves them to the next batch rather than hold every writer and reader of the
+            // file while it loads (random writes land below the batch's end half the time).
+            let late: Vec<u64> = if max.is_none() {
+                g.dirty
+                    .iter()
+                    .filter(|(k, d)| {
+                        !(d.is_whole() || failed.is_some() && partial.binary_search(k).is_ok())
+                    })
+                    .map(|(&k, _)| k)
+                    .collect()
+            } else {
+                Vec::new()
+            };
             if !late.is_empty() {
                 let rtx = self.read_txn()?;
                 let inode = super::get_inode(&rtx.open_table(crate::schema::INODES)?, ino)?;
@@ -110,9 +117,10 @@ impl Engine {
                     }
                     None => std::mem::take(&mut g.dirty),
                 };
-                // Chunks whose base could not be read stay dirty (their written bytes are
-                // kept; reads of the rest fail as the base does): the flush reports the error
-                // after committing everything else.
+                // Chunks still partial stay dirty: written since the loads (the next batch
+                // completes them), or over a base that could not be read (their written bytes
+                // are kept, reads of the rest fail as the base does; the flush reports the
+                // error after committing everything else).
                 let stuck: Vec<u64> = taken
                     .iter()
                     .filter(|(_, d)| !d.is_whole())
@@ -131,15 +139,45 @@ impl Engine {
                 // later; committing them now too is harmless (they are the newest).
                 let batch = Arc::new(taken);
                 g.inflight = Some(batch.clone());
-                (Some((batch, hot)), g.size, g.mtime)
+                // The partial chunks of the next batch, loaded while this one commits.
+                let next: Vec<u64> = g
+                    .dirty
+                    .iter()
+                    .take(max.unwrap_or(0))
+                    .filter(|(_, d)| !d.is_whole())
+                    .map(|(&k, _)| k)
+                    .collect();
+                (Some((batch, hot, next)), g.size, g.mtime)
             }
         };
-        let Some((batch, hot)) = batch else {
+        let Some((batch, hot, next)) = batch else {
             return failed.map_or(Ok(false), Err);
         };
-        // The heavy part runs without the state lock: writers and readers go on.
-        let r = self.commit_chunks(ino, &batch, &hot, size, mtime, None, false);
+        // The heavy part runs without the state lock: writers and readers go on. The bases of
+        // the next batch's partial chunks load meanwhile, on the core the commit (one thread)
+        // leaves: this commit changes only this batch's slots, and the flush lock keeps every
+        // other change of the chunk map out, so they stay the stored state. Failures are left
+        // for the next batch to meet (and report) again.
+        let (r, ahead) = rayon::join(
+            || self.commit_chunks(ino, &batch, &hot, size, mtime, None, false),
+            || -> Vec<(u64, FsResult<Option<Base>>)> {
+                if next.is_empty() {
+                    return Vec::new();
+                }
+                let load = || -> FsResult<_> {
+                    let rtx = self.read_txn()?;
+                    let inode = super::get_inode(&rtx.open_table(crate::schema::INODES)?, ino)?;
+                    Ok(self.load_bases(ino, &rtx, inode.root, &next))
+                };
+                load().unwrap_or_default()
+            },
+        );
         let mut g = st.state.write();
+        for (idx, base) in ahead {
+            if let Ok(base) = base {
+                Self::complete_partial(&mut g, idx, base.as_deref());
+            }
+        }
         g.inflight = None;
         match r {
             Ok(()) => {
