@@ -325,8 +325,16 @@ impl Engine {
                     continue;
                 }
             }
-            if !whole && g.dirty[&idx].range_count() >= MAX_RANGES {
+            let d = &g.dirty[&idx];
+            if !whole
+                && !d.is_whole()
+                && (d.range_count() >= MAX_RANGES
+                    || self.dirty_bytes() > self.tuning.dirty_limit / 2)
+            {
                 // Scattered tiny writes: complete the chunk now rather than track more ranges.
+                // Past half the dirty limit (the flusher is behind), writers load the stored
+                // chunk themselves: the load's cost then paces them, rather than a flush batch
+                // that must load thousands of chunks first holding all of them at the limit.
                 load(stored)?;
                 let (rtx, inode) = stored.as_ref().expect("loaded above");
                 let base = self.load_bases(ino, rtx, inode.root, &[idx]);

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 /// A stage of the data path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
-    /// A write call into the write-back buffer (includes `RmwRead`).
+    /// A write call into the write-back buffer (rarely includes an `RmwRead`: a chunk given
+    /// more scattered tiny writes than `dirty::MAX_RANGES` is completed by the write).
     Write,
     /// Loading the stored chunk a partial write lands in (read, decompress, verify).
     RmwRead,
