@@ -1055,10 +1055,7 @@ fn partial_flush_commits_a_batch_and_keeps_the_rest() {
 #[test]
 fn background_batches_complete_partial_chunks_ahead_and_lose_nothing() {
     let e = engine_with_limit(96 << 20);
-    let f = e
-        .mknod(InodeId::ROOT, b"f", Kind::File, 0o644, 0, Ctx::ROOT)
-        .unwrap()
-        .ino;
+    let f = new_file(&e, "f");
     let mut model = pattern(4, 12 * C as usize);
     e.write(f, 0, &model).unwrap();
     let e = reopen(e);
@@ -1264,6 +1261,57 @@ fn metadata_compaction_gives_free_pages_back_and_keeps_everything() {
     assert_clean(&e);
 }
 
+/// Protects the write path's unlocked read-modify-write past half the dirty limit
+/// (`Engine::preload`): a writer loads the stored chunk it writes into part of with the file's
+/// state lock released, and must not keep that load if the chunk changed and was committed
+/// meanwhile. Here another write into the same chunk, and its flush, happen exactly inside
+/// that window (through FUSE's `write` and NFS's `write_with_attrs`); keeping the stale load
+/// would put the chunk's old bytes back over the other write.
+#[test]
+fn a_write_whose_chunk_is_committed_while_it_loads_keeps_the_other_write() {
+    for nfs in [false, true] {
+        let e = Arc::new(engine_with_limit(4 * u64::from(C)));
+        let f = new_file(&e, "f");
+        let busy = new_file(&e, "busy");
+        e.write(f, 0, &vec![0xee; 2 * C as usize]).unwrap();
+        e.sync_all().unwrap();
+        // Past half the limit, so the next partial write loads its chunk itself.
+        e.write(busy, 0, &vec![7; 3 * C as usize]).unwrap();
+        let other = e.clone();
+        super::data::WHILE_PRELOADING.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                other.write(f, 1024, &[2; 512]).unwrap();
+                other.flush_ino(f, false).unwrap();
+            }))
+        });
+        if nfs {
+            e.write_with_attrs(f, 0, &[1; 512], |_| Ok::<(), FsError>(()))
+                .unwrap();
+        } else {
+            e.write(f, 0, &[1; 512]).unwrap();
+        }
+        assert!(
+            super::data::WHILE_PRELOADING.with(|h| h.borrow().is_none()),
+            "the other write did not run inside the window"
+        );
+        let mut expect = vec![0xee; 2 * C as usize];
+        expect[..512].fill(1);
+        expect[1024..1536].fill(2);
+        for pass in ["in memory", "stored"] {
+            let got = content(&e, "f");
+            let wrong: Vec<usize> = (0..expect.len()).filter(|&i| got[i] != expect[i]).collect();
+            assert!(
+                wrong.is_empty(),
+                "{} bytes wrong from offset {:?} ({pass}, nfs path: {nfs}): the other write was lost",
+                wrong.len(),
+                wrong.first()
+            );
+            e.sync_all().unwrap();
+        }
+        assert_clean(&e);
+    }
+}
+
 /// Protects the flush's unlocked completion of partial chunks (`Engine::flush_part` loads
 /// the stored chunks under partial writes with the file's state lock released): another write
 /// into the same chunk lands exactly inside that window (through FUSE's `write` and NFS's
@@ -1274,10 +1322,7 @@ fn a_write_while_its_chunk_is_completed_keeps_both_writes() {
     for nfs in [false, true] {
         let (e, _io) = engine();
         let e = Arc::new(e);
-        let f = e
-            .mknod(InodeId::ROOT, b"f", Kind::File, 0o644, 0, Ctx::ROOT)
-            .unwrap()
-            .ino;
+        let f = new_file(&e, "f");
         e.write(f, 0, &vec![0xee; 2 * C as usize]).unwrap();
         e.sync_all().unwrap();
         e.write(f, 0, &[1; 512]).unwrap();
@@ -1322,10 +1367,7 @@ fn a_write_while_its_chunk_is_completed_keeps_both_writes() {
 #[test]
 fn partial_writes_load_their_chunk_once_at_flush_and_never_when_covered() {
     let (e, _io) = engine();
-    let f = e
-        .mknod(InodeId::ROOT, b"f", Kind::File, 0o644, 0, Ctx::ROOT)
-        .unwrap()
-        .ino;
+    let f = new_file(&e, "f");
     let old = pattern(5, 4 * C as usize);
     e.write(f, 0, &old).unwrap();
     let e = reopen(e); // empty the chunk cache
@@ -1373,14 +1415,8 @@ fn partial_writes_load_their_chunk_once_at_flush_and_never_when_covered() {
 #[test]
 fn a_partial_write_over_a_damaged_chunk_fails_at_flush_naming_it() {
     let (e, io) = engine();
-    let f = e
-        .mknod(InodeId::ROOT, b"vm.raw", Kind::File, 0o644, 0, Ctx::ROOT)
-        .unwrap()
-        .ino;
-    let g = e
-        .mknod(InodeId::ROOT, b"other.raw", Kind::File, 0o644, 0, Ctx::ROOT)
-        .unwrap()
-        .ino;
+    let f = new_file(&e, "vm.raw");
+    let g = new_file(&e, "other.raw");
     e.write(f, 0, &pattern(3, 2 * C as usize)).unwrap();
     e.sync_all().unwrap();
     let e = reopen(e);
