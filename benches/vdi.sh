@@ -180,7 +180,7 @@ total = (int(open(f"{w}/stages1.ticks").read()) - int(open(f"{w}/stages0.ticks")
 j = json.load(open(f"{w}/tessera-qd16.json"))["jobs"][0]
 ios = j["read"]["total_ios"] + j["write"]["total_ios"]
 us = lambda x: x * 1e6 / ios
-d["write_buffer"] = d.pop("write")  # the flush loads the chunks under partial writes (rmw_read)
+d["write_buffer"] = d.pop("write")  # without the loads it makes (rmw_read): stages nest, each charged once
 engine = sum(d.values())
 d["front_end"] = max(total - engine, 0.0)
 print("total", us(total))
@@ -208,7 +208,7 @@ bench_metric rss MiB "Tessera's peak RSS over the run" subject=tessera better=lo
 bench_metric cpu_total "us/IO" "Tessera CPU per I/O, QD16 run (80 % 4 KiB writes)" subject=tessera better=lower
 declare -A STAGE_LABEL=(
     [write_buffer]="copying writes into the write-back buffer (locks, snapshot, copy)"
-    [rmw_read]="read-modify-write: loading the stored 16 KiB chunk a 4 KiB write lands in, at flush (read, decompress, verify)"
+    [rmw_read]="read-modify-write: loading the stored 16 KiB chunk a 4 KiB write lands in, by the flush or, past half the dirty limit, by the write (read, decompress, verify)"
     [read]="reads (chunk-map lookup, pack read, decompress, verify)"
     [hash]="blake3 of flushed chunks"
     [compress]="zstd of new chunks"

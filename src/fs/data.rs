@@ -272,7 +272,8 @@ impl Engine {
         })
     }
 
-    /// [`Engine::preload`] then [`Engine::write_into`], timed as one `Write` stage.
+    /// [`Engine::preload`] then [`Engine::write_into`], timed as one `Write` stage (its loads are
+    /// charged to `RmwRead` alone).
     fn write_loading<'e>(
         &'e self,
         ino: InodeId,
