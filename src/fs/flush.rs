@@ -460,11 +460,6 @@ impl Engine {
                 };
                 keyed.push((*i, key));
             }
-            for id in &deferred {
-                if let Some(l) = locs.get(id) {
-                    w.chunks.count_deferred(id, l)?;
-                }
-            }
             let (root, total) = w.tree().set(inode.root, &keyed)?;
             inode.root = root;
             inode.aux = total;
@@ -475,7 +470,7 @@ impl Engine {
                 inode.mtime = t;
                 inode.ctime = t;
             }
-            w.chunks.settle_appended(&locs)?;
+            w.chunks.settle_flushed(&locs, &deferred)?;
             w.put_inode(ino, &inode)
         });
         let stage = if durable {

@@ -226,7 +226,7 @@ impl Encoded {
     /// (a desktop's random 4 KiB writes), the hot set, where compressing on the write path
     /// costs a fifth of the CPU of each write and the record is likely dead again soon; and
     /// for new data while few such records wait (`fs::Tuning::raw_backlog`). The caller
-    /// counts the record with `ChunkTables::count_deferred`, which is how compaction finds the
+    /// counts the record with `ChunkTables::settle_flushed`, which is how compaction finds the
     /// packs worth compressing (`Store::read_record_for_copy`).
     pub fn uncompressed(id: ChunkId, data: &[u8]) -> Encoded {
         Encoded {
