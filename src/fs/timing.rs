@@ -102,13 +102,24 @@ impl Timings {
         if !sampled && outer.is_none() {
             return f();
         }
+        /// Puts the enclosing stage's count back even if `f` unwinds (otherwise every later
+        /// call on this thread would be measured as if nested).
+        struct Restore(Option<u64>, u64);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let total = thread_cpu_ns().saturating_sub(self.1);
+                NESTED_NS.with(|c| c.set(self.0.map(|o| o + total)));
+            }
+        }
         NESTED_NS.with(|c| c.set(Some(0)));
         let t = thread_cpu_ns();
+        let restore = Restore(outer, t);
         let r = f();
         let total = thread_cpu_ns().saturating_sub(t);
-        let nested = NESTED_NS.with(|c| c.replace(outer.map(|o| o + total)));
+        let nested = NESTED_NS.with(Cell::get).unwrap_or(0);
+        drop(restore);
         if sampled {
-            let own = total.saturating_sub(nested.unwrap_or(0));
+            let own = total.saturating_sub(nested);
             self.ns[i].fetch_add(own * every, Ordering::Relaxed);
         }
         r
@@ -253,5 +264,11 @@ mod tests {
         assert!(read < 0.001, "an unsampled call was charged: {read} s");
         let hash = secs(Stage::Hash) / SAMPLE_EVERY as f64;
         assert!((0.0009..0.0025).contains(&hash), "hash: {hash} s");
+        // A stage that unwinds leaves the thread outside any stage again.
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            t.time(Stage::Durable, || panic!("a failing stage"))
+        }));
+        assert!(unwound.is_err());
+        assert_eq!(NESTED_NS.with(Cell::get), None);
     }
 }
