@@ -313,13 +313,7 @@ impl<'txn> ChunkTables<'txn> {
         &mut self,
         appended: impl IntoIterator<Item = (&'a ChunkId, &'a ChunkLoc)>,
     ) -> Result<(), StoreError> {
-        for (id, loc) in appended {
-            match self.find(id)? {
-                Some((_, cur)) if cur.pack == loc.pack && cur.offset == loc.offset => {}
-                _ => self.add_dead(loc)?,
-            }
-        }
-        Ok(())
+        self.settle_flushed(appended, &HashSet::new())
     }
 
     /// [`ChunkTables::settle_appended`] for a flush, which also counts the records it stored
@@ -328,9 +322,9 @@ impl<'txn> ChunkTables<'txn> {
     /// dead). One index lookup per record and one counter update per pack: the flush commit
     /// runs on one thread, and a batch of random 4 KiB writes appends thousands of raw
     /// records to the same pack.
-    pub fn settle_flushed(
+    pub fn settle_flushed<'a>(
         &mut self,
-        appended: &HashMap<ChunkId, ChunkLoc>,
+        appended: impl IntoIterator<Item = (&'a ChunkId, &'a ChunkLoc)>,
         raw: &HashSet<ChunkId>,
     ) -> Result<(), StoreError> {
         let mut waiting: HashMap<u32, u64> = HashMap::new();
