@@ -17,6 +17,7 @@
 # script waits until they are): the two servers run one after the other.
 # Env: CORPUS (/var/tmp/corpus), IMAGE (the image copied; default the corpus golden image, a
 #      smaller file for development runs), OPS (random ops, 20000), MNT_ROOT (/mnt), PEERS_DIR,
+#      CHUNK_SIZE (Tessera's chunk size, `tessera init --chunk-size`; default 16K),
 #      BENCH_RESULTS_DIR (benches/results). Writes benches/results/nfs.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,8 @@ gv=$(dpkg-query -W -f='${Version}' nfs-ganesha)
 bench_param nfs-ganesha "$gv" "$gv" # the version measured against, not a knob
 bench_param OPS "$OPS" 20000
 bench_param IMAGE "$GOLDEN" "$CORPUS/golden.raw"
+CHUNK_SIZE=${CHUNK_SIZE:-16K}
+bench_param CHUNK_SIZE "$CHUNK_SIZE" 16K
 
 TPID= GPID= RPCPID=
 cleanup() {
@@ -129,7 +132,7 @@ rm -rf "$EXT4/ganesha"
 
 # ---- Tessera, datastore on the same ext4 disk
 wait_ports_free 2049 111
-"$TESSERA" init "$EXT4/ds" >/dev/null
+"$TESSERA" init --chunk-size "$CHUNK_SIZE" "$EXT4/ds" >/dev/null
 start_tessera_nfs "$EXT4/ds" "$WORK"
 run_suite tessera nfs://127.0.0.1/ds "$EXT4/ds/packs" "$EXT4/ds/meta.redb"
 stop_pid "$TPID"; TPID=

@@ -22,6 +22,7 @@
 # nfs-ganesha, nfs-ganesha-vfs and rpcbind when missing. Ports 111 and 2049 must be free.
 # Env: CORPUS (/var/tmp/corpus), IMAGE (default the corpus golden image), RUNTIME (30 s per
 #      point), QDS ("1 4 16 64"), CLIENTS (4), MNT_ROOT (/mnt), PEERS_DIR, TESSERA,
+#      CHUNK_SIZE (Tessera's chunk size, `tessera init --chunk-size`; default 16K),
 #      BENCH_RESULTS_DIR (benches/results). Writes benches/results/vdi.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +52,8 @@ bench_param RUNTIME "$RUNTIME" 30
 bench_param QDS "$QDS" "1 4 16 64"
 bench_param CLIENTS "$CLIENTS" 4
 bench_param IMAGE "$GOLDEN" "$CORPUS/golden.raw"
+CHUNK_SIZE=${CHUNK_SIZE:-16K}
+bench_param CHUNK_SIZE "$CHUNK_SIZE" 16K
 
 TPID= GPID= RPCPID=
 NBD_PIDS=()
@@ -158,7 +161,7 @@ rm -rf "$EXT4/ganesha"
 
 # ---- Tessera, datastore on the same ext4 disk
 wait_ports_free 2049 111
-"$TESSERA" init "$EXT4/ds" >/dev/null
+"$TESSERA" init --chunk-size "$CHUNK_SIZE" "$EXT4/ds" >/dev/null
 start_tessera_nfs "$EXT4/ds" "$WORK"
 tessera_copy() { "$TESSERA" clone "$EXT4/ds/vdi-0.raw" "$EXT4/ds/vdi-$1.raw" >/dev/null; }
 run_suite tessera nfs://127.0.0.1/ds tessera_copy
