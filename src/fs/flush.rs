@@ -6,7 +6,7 @@ use super::timing::Stage;
 use super::{Engine, FsError, FsResult};
 use crate::schema::K_BARRIERS;
 use crate::store::chunk::{is_zero, ChunkId};
-use crate::store::{Encoded, RecordRef};
+use crate::store::{ChunkKey, Encoded, RecordRef};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -452,13 +452,19 @@ impl Engine {
                 inode.root = root;
                 inode.aux = total;
             }
-            let mut keyed = Vec::with_capacity(updates.len());
-            for (i, id) in &updates {
-                let key = match id {
-                    Some(id) => Some(w.chunks.reference(id, locs.get(id))?),
-                    None => None,
-                };
-                keyed.push((*i, key));
+            // References are taken in chunk-key order, not file order: a batch of random
+            // writes touches thousands of random index keys, and in key order consecutive
+            // lookups walk the same branch pages and often the same leaf.
+            let mut keyed: Vec<(u64, Option<ChunkKey>)> =
+                updates.iter().map(|(i, _)| (*i, None)).collect();
+            let mut by_key: Vec<(usize, &ChunkId)> = updates
+                .iter()
+                .enumerate()
+                .filter_map(|(j, (_, id))| id.as_ref().map(|id| (j, id)))
+                .collect();
+            by_key.sort_unstable_by_key(|(_, id)| ChunkKey::preferred(id));
+            for (j, id) in by_key {
+                keyed[j].1 = Some(w.chunks.reference(id, locs.get(id))?);
             }
             let (root, total) = w.tree().set(inode.root, &keyed)?;
             inode.root = root;

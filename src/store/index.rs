@@ -328,6 +328,10 @@ impl<'txn> ChunkTables<'txn> {
         raw: &HashSet<ChunkId>,
     ) -> Result<(), StoreError> {
         let mut waiting: HashMap<u32, u64> = HashMap::new();
+        // In key order: thousands of random keys, and consecutive lookups in key order walk
+        // the same branch pages and often the same leaf.
+        let mut appended: Vec<_> = appended.into_iter().collect();
+        appended.sort_unstable_by_key(|(id, _)| ChunkKey::preferred(id));
         for (id, loc) in appended {
             match self.find(id)? {
                 Some((_, cur)) if cur.pack == loc.pack && cur.offset == loc.offset => {
@@ -461,7 +465,10 @@ impl<'txn> ChunkTables<'txn> {
     /// Apply the deferred reference drops; a chunk leaves the index when none are left and its
     /// record becomes dead space in its pack. Must run before the transaction commits.
     pub fn apply_decrefs(&mut self) -> Result<(), StoreError> {
-        for k in std::mem::take(&mut self.pending) {
+        // In key order: consecutive drops walk the same index pages (see `settle_flushed`).
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.sort_unstable();
+        for k in pending {
             self.decref_now(k)?;
         }
         let a = std::mem::take(&mut self.acct);
