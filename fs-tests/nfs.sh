@@ -289,7 +289,7 @@ grep -q 'portmapper: refusing a connection from .*: 64 connections already open'
 pid_running "$SERVE_PID" || fail "the server died"
 stop_serve
 
-step "dead clients: a reply stalled 3 s drops the connection, a connection without calls for 3 s closes"
+step "dead clients: a reply stalled 3 s drops the connection, a connection without calls (or stalled inside one) for 3 s closes"
 start_serve "$DS" --nfs-write-timeout 3 --nfs-idle-timeout 3
 nfsc idle "$NFS_HOST" 10 >&2 || fail "idle connection not closed"
 nfsc slowreader "$NFS_HOST" "$rawfh" "$SERVE_PID" 8 512 >&2 || fail "slow reader"

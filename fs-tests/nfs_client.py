@@ -37,8 +37,8 @@ Subcommands (HOST is an IPv4 address; NFS and MOUNT are on PORT, default 2049):
                                      portmapper): exactly CAP are served (a NULL call) and the
                                      rest are closed by the server; after closing them all, a
                                      new connection is served
-  idle HOST SECS                     a connection with no call is closed by the server within
-                                     SECS seconds
+  idle HOST SECS                     a connection with no call, and one stalled inside a call,
+                                     are closed by the server within SECS seconds
   readdircap HOST DIRFH LIMIT        READDIR (count) and READDIRPLUS (dircount, maxcount) of
                                      4 GiB - 1: both replies at most LIMIT bytes and not eof
                                      (the listing continues), NFS3_OK
@@ -671,6 +671,14 @@ def idle(host, secs):
     got = read_until_closed(r.s, secs)
     assert got == b"", "unexpected bytes on an idle connection"
     print(f"idle: closed by the server after {time.time() - t0:.1f} s without a call")
+    # A client that stalls inside a call (a record mark promising 200 bytes, 10 sent): the
+    # server cannot resume a half-read record, so it drops the connection too.
+    r = Rpc(host, timeout=10)
+    r.s.sendall(struct.pack(">I", 0x80000000 | 200) + b"\0" * 10)
+    t0 = time.time()
+    got = read_until_closed(r.s, secs)
+    assert got == b"", "unexpected bytes on a connection stalled inside a call"
+    print(f"idle: closed by the server {time.time() - t0:.1f} s into a stalled call")
 
 
 def readdir_cap(host, dirfh, limit):

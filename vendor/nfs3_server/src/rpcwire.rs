@@ -9,13 +9,12 @@ use nfs3_types::rpc::{
 };
 use nfs3_types::xdr_codec::{Pack, Unpack};
 use nfs3_types::{nfs3 as nfs, portmap};
-use tokio::io::{AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc};
 use tracing::{error, info, trace, warn};
 
 use crate::context::RPCContext;
 use crate::transaction_tracker::{self, TransactionError, TransactionLock};
-use crate::units::KIBIBYTE;
 use crate::vfs::NfsFileSystem;
 use crate::{mount_handlers, nfs_handlers, portmap_handlers};
 
@@ -344,8 +343,6 @@ pub struct SocketMessageHandler<T: NfsFileSystem + 'static> {
     inflight: Arc<Semaphore>,
     // Tessera patch: CONNECTION_BYTE_BUDGET, in BUDGET_UNIT permits.
     budget: Arc<Semaphore>,
-    cur_fragment: PackedRpcMessage,
-    socket_receive_channel: DuplexStream,
     reply_send_channel: mpsc::UnboundedSender<SocketMessageType>,
     context: RPCContext<T>,
 }
@@ -366,14 +363,10 @@ where
     T: NfsFileSystem + 'static,
 {
     /// Creates a new `SocketMessageHandler` with the receiver for queued message replies
-    pub fn new(
-        context: RPCContext<T>,
-    ) -> (
-        Self,
-        DuplexStream,
-        mpsc::UnboundedReceiver<SocketMessageType>,
-    ) {
-        let (socksend, sockrecv) = tokio::io::duplex(256 * KIBIBYTE as usize);
+    // Tessera patch: no pipe between the socket and the handler; the connection's reading
+    // loop passes its buffered socket to `read_record` (upstream copied every byte from the
+    // socket into a `DuplexStream` and out again, a copy and a task wake-up per read).
+    pub fn new(context: RPCContext<T>) -> (Self, mpsc::UnboundedReceiver<SocketMessageType>) {
         // Unbounded in messages, but bounded by what each message holds: at most
         // MAX_INFLIGHT_CALLS replies and CONNECTION_BYTE_BUDGET bytes.
         let (msgsend, msgrecv) = mpsc::unbounded_channel();
@@ -381,12 +374,9 @@ where
             Self {
                 inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_CALLS)),
                 budget: Arc::new(Semaphore::new(CONNECTION_BYTE_BUDGET / BUDGET_UNIT)),
-                cur_fragment: PackedRpcMessage::new(),
-                socket_receive_channel: sockrecv,
                 reply_send_channel: msgsend,
                 context,
             },
-            socksend,
             msgrecv,
         )
     }
@@ -396,58 +386,61 @@ where
         CallProbe(self.inflight.clone())
     }
 
-    /// Reads a fragment from the socket. This should be looped.
-    pub async fn read(&mut self) -> Result<(), anyhow::Error> {
-        let is_last = self
-            .cur_fragment
-            .recv(&mut self.socket_receive_channel)
-            .await?;
-        if is_last {
-            let message = std::mem::replace(&mut self.cur_fragment, PackedRpcMessage::new());
-            let message = match message {
-                PackedRpcMessage::Complete(data) => data,
-                PackedRpcMessage::Incomplete(_) => {
-                    unreachable!()
-                }
-            };
-
-            let context = self.context.clone();
-            let send = self.reply_send_channel.clone();
-            // Tessera patch: reserve the call's slot and its bytes before serving it;
-            // both are released when its reply has been written (or when it has none).
-            let bytes = message
-                .as_bytes()
-                .len()
-                .max(reply_bound(message.as_bytes()));
-            let units = bytes
-                .div_ceil(BUDGET_UNIT)
-                .min(CONNECTION_BYTE_BUDGET / BUDGET_UNIT);
-            let slot = self.inflight.clone().acquire_owned().await?;
-            let reserved = self
-                .budget
-                .clone()
-                .acquire_many_owned(u32::try_from(units)?)
-                .await?;
-            let server = SERVER_BUDGET.acquire_many(u32::try_from(units)?).await?;
-            tokio::spawn(async move {
-                let result = handle_rpc_message(context, message).await;
-                match result {
-                    Ok(HandleResult::Reply(reply)) => {
-                        let _ = send.send(Ok(QueuedReply {
-                            reply,
-                            held: (slot, reserved, server),
-                        }));
-                    }
-                    Ok(HandleResult::NoReply) => {
-                        // No reply needed
-                    }
-                    Err(err) => {
-                        error!("Error handling RPC message: {err}");
-                        let _ = send.send(Err(anyhow!("Error handling RPC message")));
-                    }
-                }
-            });
+    /// Tessera patch: read one whole record (all its fragments) from `input`. Not
+    /// cancel-safe: bytes of a record are consumed as they arrive, so a caller that gives
+    /// up on a record must drop the connection.
+    pub async fn read_record(
+        &mut self,
+        input: &mut (impl AsyncRead + Unpin),
+    ) -> Result<CompleteRpcMessage, anyhow::Error> {
+        let mut record = PackedRpcMessage::new();
+        while !record.recv(input).await? {}
+        match record {
+            PackedRpcMessage::Complete(data) => Ok(data),
+            PackedRpcMessage::Incomplete(_) => unreachable!("recv completes the record"),
         }
+    }
+
+    /// Tessera patch: serve a record read by `read_record` on its own task, once the
+    /// connection has a call slot and budget for it (waiting here is what stops the
+    /// connection's reading loop, so TCP pushes back on a client past its limits).
+    pub async fn dispatch(&mut self, message: CompleteRpcMessage) -> Result<(), anyhow::Error> {
+        let context = self.context.clone();
+        let send = self.reply_send_channel.clone();
+        // Tessera patch: reserve the call's slot and its bytes before serving it;
+        // both are released when its reply has been written (or when it has none).
+        let bytes = message
+            .as_bytes()
+            .len()
+            .max(reply_bound(message.as_bytes()));
+        let units = bytes
+            .div_ceil(BUDGET_UNIT)
+            .min(CONNECTION_BYTE_BUDGET / BUDGET_UNIT);
+        let slot = self.inflight.clone().acquire_owned().await?;
+        let reserved = self
+            .budget
+            .clone()
+            .acquire_many_owned(u32::try_from(units)?)
+            .await?;
+        let server = SERVER_BUDGET.acquire_many(u32::try_from(units)?).await?;
+        tokio::spawn(async move {
+            let result = handle_rpc_message(context, message).await;
+            match result {
+                Ok(HandleResult::Reply(reply)) => {
+                    let _ = send.send(Ok(QueuedReply {
+                        reply,
+                        held: (slot, reserved, server),
+                    }));
+                }
+                Ok(HandleResult::NoReply) => {
+                    // No reply needed
+                }
+                Err(err) => {
+                    error!("Error handling RPC message: {err}");
+                    let _ = send.send(Err(anyhow!("Error handling RPC message")));
+                }
+            }
+        });
 
         Ok(())
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
@@ -104,23 +104,17 @@ where
     T: NfsFileSystem + 'static,
 {
     let client = context.client_addr.clone();
-    let (mut message_handler, mut socksend, mut msgrecvchan) =
-        SocketMessageHandler::new(context.clone());
+    let (mut message_handler, mut msgrecvchan) = SocketMessageHandler::new(context.clone());
     let calls = message_handler.call_probe();
-
-    tokio::spawn(async move {
-        loop {
-            if let Err(e) = message_handler.read().await {
-                debug!("Message loop broken due to {e}");
-                break;
-            }
-        }
-    });
-    let (mut rd, mut wr) = tokio::io::split(socket);
+    let (rd, mut wr) = tokio::io::split(socket);
+    // Tessera patch: the calls are read from the socket through one buffer, by this loop
+    // (upstream read the socket here and piped the bytes to a message loop on another task).
     let reading = async {
-        let mut buf = vec![0u8; 128 * KIBIBYTE as usize].into_boxed_slice();
+        let mut input = tokio::io::BufReader::with_capacity(128 * KIBIBYTE as usize, rd);
         loop {
-            let n = match tokio::time::timeout(limits.idle, rd.read(&mut buf)).await {
+            // Wait for the first byte of a call; `fill_buf` consumes nothing, so the idle
+            // timeout may cancel it without losing data.
+            match tokio::time::timeout(limits.idle, input.fill_buf()).await {
                 Err(_) if calls.idle() => {
                     info!(
                         "closing the connection from {client}: no call for {} s",
@@ -129,19 +123,35 @@ where
                     return Ok(());
                 }
                 Err(_) => continue,
-                Ok(Ok(0)) => return Ok(()),
-                Ok(Ok(n)) => n,
+                Ok(Ok(b)) if b.is_empty() => return Ok(()),
+                Ok(Ok(_)) => {}
                 Ok(Err(ref e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Ok(Err(e)) => {
                     debug!("Message handling closed : {e}");
                     return Err(e.into());
                 }
-            };
-            // Tessera patch: when the message loop has ended (a malformed or oversized
-            // record), close the connection instead of reading into a pipe nobody drains.
-            if socksend.write_all(&buf[..n]).await.is_err() {
-                return Err(anyhow::anyhow!("message loop ended"));
             }
+            // The rest of the record. Part of it is consumed as it arrives, so a client
+            // that stalls inside a record for the idle limit is dropped, not waited on.
+            let record =
+                match tokio::time::timeout(limits.idle, message_handler.read_record(&mut input))
+                    .await
+                {
+                    Err(_) => {
+                        info!(
+                            "closing the connection from {client}: a call stalled for {} s",
+                            limits.idle.as_secs()
+                        );
+                        return Ok(());
+                    }
+                    Ok(Err(e)) => {
+                        // A malformed or oversized record: the connection is useless after it.
+                        debug!("Message loop broken due to {e}");
+                        return Err(e);
+                    }
+                    Ok(Ok(r)) => r,
+                };
+            message_handler.dispatch(record).await?;
         }
     };
     let writing = async {
