@@ -80,7 +80,7 @@ pub struct NfsLimits {
     #[arg(long, default_value_t = 60, hide = true, value_name = "SECONDS")]
     pub nfs_write_timeout: u64,
     /// Seconds an NFS connection with no call outstanding may stay silent before it is
-    /// closed.
+    /// closed (and a call may stall half-sent).
     #[arg(long, default_value_t = 15 * 60, hide = true, value_name = "SECONDS")]
     pub nfs_idle_timeout: u64,
 }
