@@ -82,7 +82,7 @@ impl Engine {
                         }
                     }
                     let key = match id {
-                        Some(id) => Some(w.chunks.reference(id, appended.as_ref())?),
+                        Some(id) => Some(w.chunks.reference(id, appended.as_ref())?.key),
                         None => None,
                     };
                     let (r, t) = w.tree().set(i.root, &[(*idx, key)])?;

@@ -463,8 +463,15 @@ impl Engine {
                 .filter_map(|(j, (_, id))| id.as_ref().map(|id| (j, id)))
                 .collect();
             by_key.sort_unstable_by_key(|(_, id)| ChunkKey::preferred(id));
+            // Which appended records the index took (the others are dead), for the settling
+            // below: known here, so it needs no lookup per record.
+            let mut recorded = HashSet::new();
             for (j, id) in by_key {
-                keyed[j].1 = Some(w.chunks.reference(id, locs.get(id))?);
+                let r = w.chunks.reference(id, locs.get(id))?;
+                if r.recorded {
+                    recorded.insert(*id);
+                }
+                keyed[j].1 = Some(r.key);
             }
             let (root, total) = w.tree().set(inode.root, &keyed)?;
             inode.root = root;
@@ -476,7 +483,7 @@ impl Engine {
                 inode.mtime = t;
                 inode.ctime = t;
             }
-            w.chunks.settle_flushed(&locs, &deferred)?;
+            w.chunks.settle_flushed(&locs, &recorded, &deferred)?;
             w.put_inode(ino, &inode)
         });
         let stage = if durable {

@@ -361,7 +361,7 @@ impl Engine {
                         let mut ups = Vec::with_capacity(ids.len());
                         for (k, id) in ids.iter().enumerate() {
                             // Another copy may have arrived meanwhile: `reference` counts ours dead.
-                            let key = w.chunks.reference(id, locs.get(id))?;
+                            let key = w.chunks.reference(id, locs.get(id))?.key;
                             ups.push((first + k as u64, Some(key)));
                         }
                         set_slots(w, held_ino, &ups, Some((first + ids.len() as u64) * c))?;
@@ -712,7 +712,10 @@ impl Engine {
             w.snapshots_writable = true;
             let mut ups = Vec::with_capacity(orphans.len());
             for (k, (id, loc)) in orphans.iter().enumerate() {
-                ups.push((first + k as u64, Some(w.chunks.reference(id, Some(loc))?)));
+                ups.push((
+                    first + k as u64,
+                    Some(w.chunks.reference(id, Some(loc))?.key),
+                ));
             }
             // Stored again meanwhile by another writer: that record stays dead space.
             w.chunks

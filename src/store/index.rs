@@ -110,13 +110,14 @@ fn bump(t: &mut redb::Table<'_, &'static str, u64>, k: &str, d: i64) -> Result<(
     Ok(())
 }
 
-/// What a lookup by id found.
-enum Found {
-    At(ChunkKey, ChunkLoc),
-    /// Not stored, and its preferred key is free.
-    Free(ChunkKey),
-    /// Not stored, and another chunk holds its preferred key.
-    Taken,
+/// A reference taken by [`ChunkTables::reference`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reference {
+    /// The chunk's key (what the chunk-map slot holds).
+    pub key: ChunkKey,
+    /// The record appended for it is now the chunk's copy (false: it was stored already, and
+    /// the appended record, if any, is dead).
+    pub recorded: bool,
 }
 
 /// Bytes a record takes in its pack (header and payload).
@@ -313,33 +314,33 @@ impl<'txn> ChunkTables<'txn> {
         &mut self,
         appended: impl IntoIterator<Item = (&'a ChunkId, &'a ChunkLoc)>,
     ) -> Result<(), StoreError> {
-        self.settle_flushed(appended, &HashSet::new())
+        for (id, loc) in appended {
+            match self.find(id)? {
+                Some((_, cur)) if cur.pack == loc.pack && cur.offset == loc.offset => {}
+                _ => self.add_dead(loc)?,
+            }
+        }
+        Ok(())
     }
 
-    /// [`ChunkTables::settle_appended`] for a flush, which also counts the records it stored
-    /// uncompressed (`raw`) that the index points at as waiting for compaction to compress
-    /// them (not when another copy of the chunk was stored first, which leaves the record
-    /// dead). One index lookup per record and one counter update per pack: the flush commit
-    /// runs on one thread, and a batch of random 4 KiB writes appends thousands of raw
-    /// records to the same pack.
+    /// [`ChunkTables::settle_appended`] for a flush that took its references with
+    /// [`ChunkTables::reference`], which said which appended records it `recorded` (the
+    /// others are dead: another copy of the chunk was stored first), so no lookups are
+    /// needed. Also counts the recorded records stored uncompressed (`raw`) as waiting for
+    /// compaction to compress them. One counter update per pack: a batch of random 4 KiB
+    /// writes appends thousands of raw records to the same pack.
     pub fn settle_flushed<'a>(
         &mut self,
         appended: impl IntoIterator<Item = (&'a ChunkId, &'a ChunkLoc)>,
+        recorded: &HashSet<ChunkId>,
         raw: &HashSet<ChunkId>,
     ) -> Result<(), StoreError> {
         let mut waiting: HashMap<u32, u64> = HashMap::new();
-        // In key order: thousands of random keys, and consecutive lookups in key order walk
-        // the same branch pages and often the same leaf.
-        let mut appended: Vec<_> = appended.into_iter().collect();
-        appended.sort_unstable_by_key(|(id, _)| ChunkKey::preferred(id));
         for (id, loc) in appended {
-            match self.find(id)? {
-                Some((_, cur)) if cur.pack == loc.pack && cur.offset == loc.offset => {
-                    if raw.contains(id) {
-                        *waiting.entry(loc.pack.0).or_default() += record_bytes(loc);
-                    }
-                }
-                _ => self.add_dead(loc)?,
+            if !recorded.contains(id) {
+                self.add_dead(loc)?;
+            } else if raw.contains(id) {
+                *waiting.entry(loc.pack.0).or_default() += record_bytes(loc);
             }
         }
         for (pack, bytes) in waiting {
@@ -357,68 +358,101 @@ impl<'txn> ChunkTables<'txn> {
         Ok(())
     }
 
-    /// Add a reference to `id`, recording it at `loc` if it is not in the index yet.
-    /// Returns its key.
+    /// Add a reference to `id`, recording it at `loc` if it is not in the index yet (or is
+    /// lost). Returns its key and whether `loc` was recorded.
+    ///
+    /// The new entry is written first and the one it replaced, if any, looked at after: a
+    /// flush's chunks are nearly all new, and then this is one B-tree operation, not a
+    /// lookup and an insert. A chunk stored already (a dedup hit) or a key held by another
+    /// chunk gets its entry put back, two operations as before.
     pub fn incref_or_insert(
         &mut self,
         id: &ChunkId,
         loc: &ChunkLoc,
-    ) -> Result<ChunkKey, StoreError> {
+    ) -> Result<Reference, StoreError> {
+        let k = ChunkKey::preferred(id);
         let mut l = *loc;
-        let key = match self.find_or_free(id)? {
-            Found::At(k, cur) if !cur.is_lost() => {
-                let mut cur = cur;
-                cur.refs += 1;
-                self.put(k, id, &cur)?;
-                return Ok(k);
+        l.refs = 1;
+        let new = IndexEntry { id: *id, loc: l }.encode();
+        let replaced: Option<Vec<u8>> = self
+            .index
+            .insert(k.0, new.as_slice())?
+            .map(|v| v.value().to_vec());
+        let Some(raw) = replaced else {
+            self.acct.pack(l.pack, record_bytes(&l) as i64, 0);
+            self.acct.chunk(&l, 1);
+            return Ok(Reference {
+                key: k,
+                recorded: true,
+            });
+        };
+        let Some(cur) = IndexEntry::decode(&raw) else {
+            self.index.insert(k.0, raw.as_slice())?;
+            return Err(StoreError::BadIndex(k));
+        };
+        if cur.id == *id {
+            if !cur.loc.is_lost() {
+                let mut c = cur.loc;
+                c.refs += 1;
+                self.put(k, id, &c)?;
+                return Ok(Reference {
+                    key: k,
+                    recorded: false,
+                });
             }
             // A lost chunk stored again: the new record takes over, with every reference
             // the damaged files still hold.
-            Found::At(k, cur) => {
+            l.refs = cur.loc.refs + 1;
+            self.put(k, id, &l)?;
+            self.acct.chunks -= 1;
+            self.acct.pack(l.pack, record_bytes(&l) as i64, 0);
+            self.acct.chunk(&l, 1);
+            return Ok(Reference {
+                key: k,
+                recorded: true,
+            });
+        }
+        // Another chunk holds the preferred key: it keeps it; `id` lives under an alias.
+        self.index.insert(k.0, raw.as_slice())?;
+        let key = match self.find(id)? {
+            Some((a, cur)) if !cur.is_lost() => {
+                let mut c = cur;
+                c.refs += 1;
+                self.put(a, id, &c)?;
+                return Ok(Reference {
+                    key: a,
+                    recorded: false,
+                });
+            }
+            Some((a, cur)) => {
                 l.refs = cur.refs + 1;
                 self.acct.chunks -= 1;
-                k
+                a
             }
-            Found::Free(k) => {
-                l.refs = 1;
-                k
-            }
-            Found::Taken => {
-                l.refs = 1;
-                self.new_alias(id)?
-            }
+            None => self.new_alias(id)?,
         };
         self.put(key, id, &l)?;
         self.acct.pack(l.pack, record_bytes(&l) as i64, 0);
         self.acct.chunk(&l, 1);
-        Ok(key)
-    }
-
-    /// Where `id` is, or else whether its preferred key is free: one lookup for a chunk that
-    /// is new (the common case of a write), not two.
-    fn find_or_free(&self, id: &ChunkId) -> Result<Found, StoreError> {
-        let k = ChunkKey::preferred(id);
-        match entry_in(&self.index, k)? {
-            Some(e) if e.id == *id => Ok(Found::At(k, e.loc)),
-            None => Ok(Found::Free(k)),
-            Some(_) => match self.find(id)? {
-                Some((k, l)) => Ok(Found::At(k, l)),
-                None => Ok(Found::Taken),
-            },
-        }
+        Ok(Reference {
+            key,
+            recorded: true,
+        })
     }
 
     /// Take a reference to `id` for a chunk-map slot: recorded at `appended` (the record just
-    /// written for it) unless stored already; without a record it must be stored. Returns its
-    /// key.
+    /// written for it) unless stored already; without a record it must be stored.
     pub fn reference(
         &mut self,
         id: &ChunkId,
         appended: Option<&ChunkLoc>,
-    ) -> Result<ChunkKey, StoreError> {
+    ) -> Result<Reference, StoreError> {
         match appended {
             Some(l) => self.incref_or_insert(id, l),
-            None => self.incref_id(id),
+            None => Ok(Reference {
+                key: self.incref_id(id)?,
+                recorded: false,
+            }),
         }
     }
 
@@ -494,8 +528,12 @@ impl<'txn> ChunkTables<'txn> {
         Ok(())
     }
 
+    /// Drop one reference now. The entry is removed first and put back with one reference
+    /// less if others remain: most dropped chunks lose their last reference (a rewritten
+    /// chunk of a file), and then this is one B-tree operation, not a lookup and a remove.
     fn decref_now(&mut self, key: ChunkKey) -> Result<(), StoreError> {
-        let Some(mut e) = self.entry(key)? else {
+        let removed: Option<Vec<u8>> = self.index.remove(key.0)?.map(|v| v.value().to_vec());
+        let Some(raw) = removed else {
             // A chunk lost to damage (fsck --repair names its files): dropping a reference to
             // it must not fail, or a damaged file could never be deleted or overwritten.
             tracing::warn!(
@@ -503,11 +541,14 @@ impl<'txn> ChunkTables<'txn> {
             );
             return Ok(());
         };
+        let Some(mut e) = IndexEntry::decode(&raw) else {
+            self.index.insert(key.0, raw.as_slice())?;
+            return Err(StoreError::BadIndex(key));
+        };
         if e.loc.refs > 1 {
             e.loc.refs -= 1;
             return self.put(key, &e.id, &e.loc);
         }
-        self.index.remove(key.0)?;
         if key.is_alias() {
             self.aliases.remove(&e.id.0)?;
         }
@@ -552,13 +593,19 @@ mod tests {
         let w = db.begin_write().unwrap();
         {
             let mut t = ChunkTables::open(&w).unwrap();
-            let ka = t.incref_or_insert(&a, &loc(100)).unwrap();
-            let kb = t.incref_or_insert(&b, &loc(200)).unwrap();
+            let ka = t.incref_or_insert(&a, &loc(100)).unwrap().key;
+            let kb = t.incref_or_insert(&b, &loc(200)).unwrap().key;
             assert_eq!(ka, ChunkKey::preferred(&a));
             assert!(kb.is_alias());
             assert_eq!(t.find(&a).unwrap().unwrap().1.offset, 100);
             assert_eq!(t.find(&b).unwrap().unwrap().1.offset, 200);
-            assert_eq!(t.incref_or_insert(&b, &loc(300)).unwrap(), kb);
+            assert_eq!(
+                t.incref_or_insert(&b, &loc(300)).unwrap(),
+                Reference {
+                    key: kb,
+                    recorded: false
+                }
+            );
             // Release a (the holder of the preferred key): b stays findable by its alias.
             t.decref(ka).unwrap();
             t.apply_decrefs().unwrap();
@@ -574,7 +621,7 @@ mod tests {
                 )
             );
             // a comes back under its preferred key; b keeps its alias.
-            assert_eq!(t.incref_or_insert(&a, &loc(400)).unwrap(), ka);
+            assert_eq!(t.incref_or_insert(&a, &loc(400)).unwrap().key, ka);
             t.decref(kb).unwrap();
             t.decref(kb).unwrap();
             t.apply_decrefs().unwrap();
@@ -602,18 +649,25 @@ mod tests {
         let w = db.begin_write().unwrap();
         {
             let mut t = ChunkTables::open(&w).unwrap();
-            t.incref_or_insert(&a, &loc(100)).unwrap();
+            let mut recorded = HashSet::new();
+            let mut take = |t: &mut ChunkTables, id: ChunkId, at: u64| {
+                if t.incref_or_insert(&id, &loc(at)).unwrap().recorded {
+                    recorded.insert(id);
+                }
+            };
+            take(&mut t, a, 100);
             // b was stored at 300 by another writer before this flush's record at 200.
             t.incref_or_insert(&b, &loc(300)).unwrap();
-            t.incref_or_insert(&b, &loc(200)).unwrap();
-            t.incref_or_insert(&c, &loc(500)).unwrap();
-            t.incref_or_insert(&d, &loc(600)).unwrap();
+            take(&mut t, b, 200);
+            take(&mut t, c, 500);
+            take(&mut t, d, 600);
+            assert_eq!(recorded, HashSet::from([a, c, d]));
             let dead_before = t.acct.packs.get(&1).map_or(0, |p| p.1);
             let appended =
                 HashMap::from([(a, loc(100)), (b, loc(200)), (c, loc(500)), (d, loc(600))]);
             // c was compressed: it waits for nothing.
             let raw = HashSet::from([a, b, d]);
-            t.settle_flushed(&appended, &raw).unwrap();
+            t.settle_flushed(&appended, &recorded, &raw).unwrap();
             let rec = record_bytes(&loc(0));
             assert_eq!(
                 t.acct.packs[&1].1 - dead_before,
@@ -624,8 +678,9 @@ mod tests {
             assert_eq!(waiting(&t), Some(2 * rec), "a and d wait for compression");
             // A later flush adds to the pack's count.
             let e = ChunkId([5; 32]);
-            t.incref_or_insert(&e, &loc(700)).unwrap();
-            t.settle_flushed(&HashMap::from([(e, loc(700))]), &HashSet::from([e]))
+            assert!(t.incref_or_insert(&e, &loc(700)).unwrap().recorded);
+            let e1 = HashSet::from([e]);
+            t.settle_flushed(&HashMap::from([(e, loc(700))]), &e1, &e1)
                 .unwrap();
             assert_eq!(waiting(&t), Some(3 * rec));
         }
