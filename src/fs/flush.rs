@@ -538,7 +538,7 @@ impl Engine {
             .par_iter()
             .map(|&k| {
                 self.timings
-                    .time(Stage::RmwRead, || self.store.read(rtx, k))
+                    .time(Stage::RmwRead, || self.store.read_transient(rtx, k))
             })
             .collect::<Vec<_>>()
             .into_iter();

@@ -1408,6 +1408,41 @@ fn partial_writes_load_their_chunk_once_at_flush_and_never_when_covered() {
     );
 }
 
+/// Protects the read cache from the bases of partial writes: the stored chunk a flush loads
+/// to complete a partial write is replaced by that flush, so it must not push out chunks
+/// that are read again (a golden image's boot working set), while a read still caches.
+#[test]
+fn partial_write_bases_do_not_enter_the_read_cache() {
+    let (e, _io) = engine();
+    let g = new_file(&e, "golden");
+    let old = pattern(6, 8 * C as usize);
+    e.write(g, 0, &old).unwrap();
+    e.sync_all().unwrap();
+    // A clone: the bases its writes load stay stored (the golden image holds them), so
+    // nothing drops them from the cache after the flush.
+    e.clone_paths(b"/golden", &[b"/f".to_vec()]).unwrap();
+    let e = reopen(e); // empty the chunk cache
+    let f = e.resolve(b"/f").unwrap();
+    let cached = |e: &Engine| e.store.cache_stats().chunks;
+    let loaded = |e: &Engine| e.store.cache_stats().pack_read_bytes;
+    for i in 0..4u64 {
+        e.write(f, i * u64::from(C) + 8, &[1; 100]).unwrap();
+    }
+    e.sync_all().unwrap();
+    assert!(loaded(&e) > 0, "the flush loaded the bases");
+    assert_eq!(
+        cached(&e),
+        0,
+        "a partial write's base entered the read cache"
+    );
+    let mut expect = old.clone();
+    for i in 0..4usize {
+        expect[i * C as usize + 8..i * C as usize + 108].fill(1);
+    }
+    assert_eq!(e.read(f, 0, 8 * C).unwrap(), expect);
+    assert_eq!(cached(&e), 8, "reads are cached");
+}
+
 /// Protects "damage reads as EIO, never as wrong bytes" for partial writes: a write into a
 /// chunk whose stored copy is damaged is taken, reads of what it wrote succeed, reads of the
 /// rest and the flush fail naming the file and the chunk's offset, the file's other chunks and

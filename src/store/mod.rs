@@ -717,6 +717,31 @@ impl Store {
         rtx: &ReadTransaction,
         keys: &[ChunkKey],
     ) -> Vec<Result<Arc<Vec<u8>>, StoreError>> {
+        self.read_many_admitting(rtx, keys, true)
+    }
+
+    /// Read a chunk needed once: the stored chunk under a partial write, which the flush
+    /// replaces. Served from the read cache if it is there, but not added to it: caching it
+    /// would push out chunks that are read again for one that will not be, and the churn of
+    /// long-lived 16 KiB buffers costs page faults (jemalloc purges freed pages before they
+    /// are reused; a buffer freed right after use is reused from the thread's cache).
+    pub fn read_transient(
+        &self,
+        rtx: &ReadTransaction,
+        key: ChunkKey,
+    ) -> Result<Arc<Vec<u8>>, StoreError> {
+        self.read_many_admitting(rtx, std::slice::from_ref(&key), false)
+            .pop()
+            .expect("one result per id")
+    }
+
+    /// [`Store::read_many`]; chunks loaded from packs enter the read cache if `admit`.
+    fn read_many_admitting(
+        &self,
+        rtx: &ReadTransaction,
+        keys: &[ChunkKey],
+        admit: bool,
+    ) -> Vec<Result<Arc<Vec<u8>>, StoreError>> {
         let t = match rtx.open_table(schema::CHUNKS) {
             Ok(t) => t,
             Err(e) => {
@@ -741,6 +766,16 @@ impl Store {
         let mut waiting: Vec<(usize, ChunkLoc)> = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             match index::entry_in(&t, *k) {
+                Ok(Some(e)) if !admit => {
+                    ids.push(e.id);
+                    if let Some(d) = self.cache.get(&e.id) {
+                        self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                        out.push(Some(Ok(d)));
+                    } else {
+                        out.push(None);
+                        todo.push((i, e.loc));
+                    }
+                }
                 Ok(Some(e)) => {
                     ids.push(e.id);
                     use quick_cache::sync::GuardResult;
