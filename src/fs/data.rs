@@ -410,12 +410,13 @@ impl Engine {
                     g.hot.insert(idx);
                     b.clone()
                 } else if let Some(base) = pre.remove(&idx) {
-                    let mut d = DirtyChunk::empty(c as usize);
-                    d.complete(base.as_deref().map(|b| &b[..]));
-                    if base.is_some() {
-                        g.hot.insert(idx);
+                    match base {
+                        Some(b) => {
+                            g.hot.insert(idx);
+                            DirtyChunk::from_stored(b, c as usize)
+                        }
+                        None => DirtyChunk::whole(vec![0u8; c as usize].into_boxed_slice()),
                     }
-                    d
                 } else {
                     // The stored chunk (or hole) under it is loaded by the flush.
                     DirtyChunk::empty(c as usize)
@@ -440,11 +441,14 @@ impl Engine {
                 let (rtx, inode) = stored.as_ref().expect("loaded above");
                 let base = self.load_bases(ino, rtx, inode.root, &[idx]);
                 let base = base.into_iter().next().expect("one per index").1?;
-                if base.is_some() {
-                    g.hot.insert(idx);
-                }
                 let d = g.dirty.get_mut(&idx).expect("inserted above");
-                d.complete(base.as_deref().map(|b| &b[..]));
+                match base {
+                    Some(b) => {
+                        d.complete_from(b);
+                        g.hot.insert(idx);
+                    }
+                    None => d.complete(None),
+                }
             }
             let d = g.dirty.get_mut(&idx).expect("inserted above");
             d.write((pos - cs) as usize, src);

@@ -9,6 +9,7 @@
 //! whose writes end up covering it whole is never loaded at all.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Separate written ranges a partial chunk may hold; a write that would add more loads the
 /// base first (under the file's lock, the old way). Bounds the range list, and the cost of
@@ -127,6 +128,51 @@ impl DirtyChunk {
         }
     }
 
+    /// The stored chunk `base` as a chunk to write into, taking its buffer when nothing else
+    /// holds it (a base loaded for this write alone), or else copying it.
+    pub(crate) fn from_stored(base: Arc<Vec<u8>>, len: usize) -> Self {
+        let mut d = DirtyChunk {
+            buf: Box::default(),
+            written: Some(Vec::new()),
+        };
+        match Arc::try_unwrap(base) {
+            Ok(b) if b.len() == len => d.buf = b.into_boxed_slice(),
+            Ok(b) => {
+                d.buf = vec![0u8; len].into_boxed_slice();
+                d.complete(Some(&b));
+            }
+            Err(shared) => {
+                d.buf = vec![0u8; len].into_boxed_slice();
+                d.complete(Some(&shared));
+            }
+        }
+        d.written = None;
+        d
+    }
+
+    /// [`DirtyChunk::complete`] from a stored chunk loaded for this completion: the written
+    /// ranges are copied over the base's buffer, which becomes this chunk's (unless something
+    /// else holds it, then the base is copied in as by `complete`). Copies a 4 KiB write
+    /// rather than the 12 KiB around it, and the write-back buffer's own 16 KiB, touched only
+    /// where written, is freed before its other pages are faulted in: page faults were a few
+    /// percent of the daemon's CPU under random 4 KiB writes.
+    pub(crate) fn complete_from(&mut self, base: Arc<Vec<u8>>) {
+        let Some(w) = self.written.as_ref() else {
+            return;
+        };
+        match Arc::try_unwrap(base) {
+            Ok(mut b) if b.len() == self.buf.len() => {
+                for r in w.iter().map(|r| r.start as usize..r.end as usize) {
+                    b[r.clone()].copy_from_slice(&self.buf[r]);
+                }
+                self.buf = b.into_boxed_slice();
+                self.written = None;
+            }
+            Ok(b) => self.complete(Some(&b)),
+            Err(shared) => self.complete(Some(&shared)),
+        }
+    }
+
     /// Fill the bytes nobody wrote from `base` (the stored chunk; `None`: a hole, zeros, which
     /// those bytes already are). The chunk is whole afterwards.
     pub(crate) fn complete(&mut self, base: Option<&[u8]>) {
@@ -161,6 +207,7 @@ mod tests {
             writes in prop::collection::vec((0usize..64, 1usize..24, any::<u8>()), 0..40),
             reads in prop::collection::vec((0usize..64, 0usize..64), 1..10),
             hole in any::<bool>(),
+            owned in any::<bool>(),
         ) {
             const LEN: usize = 64;
             let base: Vec<u8> = (0..LEN as u8).map(|b| b.wrapping_mul(7) | 1).collect();
@@ -186,7 +233,11 @@ mod tests {
                     prop_assert_eq!(c.slice(r.clone()), &expect[..]);
                 }
             }
-            c.complete((!hole).then_some(&base[..]));
+            if owned && !hole {
+                c.complete_from(Arc::new(base.clone()));
+            } else {
+                c.complete((!hole).then_some(&base[..]));
+            }
             let expect: Vec<u8> = (0..LEN).map(want).collect();
             prop_assert_eq!(c.bytes(), Some(&expect[..]));
         }

@@ -98,7 +98,7 @@ impl Engine {
                 let inode = super::get_inode(&rtx.open_table(crate::schema::INODES)?, ino)?;
                 for (idx, base) in self.load_bases(ino, &rtx, inode.root, &late) {
                     match base {
-                        Ok(base) => Self::complete_partial(&mut g, idx, base.as_deref()),
+                        Ok(base) => Self::complete_partial(&mut g, idx, base),
                         Err(e) => {
                             failed.get_or_insert(e);
                         }
@@ -277,7 +277,7 @@ impl Engine {
             let mut failed = None;
             for (idx, base) in self.load_bases(ino, &rtx, inode.root, &partial) {
                 match base {
-                    Ok(base) => Self::complete_partial(g, idx, base.as_deref()),
+                    Ok(base) => Self::complete_partial(g, idx, base),
                     Err(e) => {
                         failed.get_or_insert(e);
                     }
@@ -578,7 +578,7 @@ impl Engine {
             let mut g = st.state.write();
             for (idx, base) in it.by_ref().take(COMPLETE_GROUP) {
                 match base {
-                    Ok(base) => Self::complete_partial(&mut g, idx, base.as_deref()),
+                    Ok(base) => Self::complete_partial(&mut g, idx, base),
                     Err(e) => {
                         failed.get_or_insert(e);
                     }
@@ -590,12 +590,15 @@ impl Engine {
 
     /// Fill dirty chunk `idx`'s unwritten bytes from its stored `base` (`None`: a hole). A
     /// stored chunk rewritten in part joins the hot set (see `FileState::hot`).
-    pub(crate) fn complete_partial(g: &mut FileState, idx: u64, base: Option<&Vec<u8>>) {
+    pub(crate) fn complete_partial(g: &mut FileState, idx: u64, base: Option<Base>) {
         if let Some(d) = g.dirty.get_mut(&idx) {
             if !d.is_whole() {
-                d.complete(base.map(|b| &b[..]));
-                if base.is_some() {
-                    g.hot.insert(idx);
+                match base {
+                    Some(b) => {
+                        d.complete_from(b);
+                        g.hot.insert(idx);
+                    }
+                    None => d.complete(None),
                 }
             }
         }
