@@ -131,23 +131,17 @@ impl DirtyChunk {
     /// The stored chunk `base` as a chunk to write into, taking its buffer when nothing else
     /// holds it (a base loaded for this write alone), or else copying it.
     pub(crate) fn from_stored(base: Arc<Vec<u8>>, len: usize) -> Self {
-        let mut d = DirtyChunk {
-            buf: Box::default(),
-            written: Some(Vec::new()),
-        };
         match Arc::try_unwrap(base) {
-            Ok(b) if b.len() == len => d.buf = b.into_boxed_slice(),
-            Ok(b) => {
-                d.buf = vec![0u8; len].into_boxed_slice();
-                d.complete(Some(&b));
-            }
-            Err(shared) => {
-                d.buf = vec![0u8; len].into_boxed_slice();
-                d.complete(Some(&shared));
+            Ok(b) if b.len() == len => DirtyChunk::whole(b.into_boxed_slice()),
+            other => {
+                let mut d = DirtyChunk::empty(len);
+                match other {
+                    Ok(b) => d.complete(Some(&b)),
+                    Err(shared) => d.complete(Some(&shared)),
+                }
+                d
             }
         }
-        d.written = None;
-        d
     }
 
     /// [`DirtyChunk::complete`] from a stored chunk loaded for this completion: the written
