@@ -96,6 +96,12 @@ impl Accounting {
         e.1 += dead;
     }
 
+    /// A record now in the index: live bytes in its pack, and one more chunk.
+    fn recorded(&mut self, loc: &ChunkLoc) {
+        self.pack(loc.pack, record_bytes(loc) as i64, 0);
+        self.chunk(loc, 1);
+    }
+
     /// A chunk record entering (`sign` 1) or leaving (-1) the index.
     fn chunk(&mut self, loc: &ChunkLoc, sign: i64) {
         self.chunks += sign;
@@ -379,8 +385,7 @@ impl<'txn> ChunkTables<'txn> {
             .insert(k.0, new.as_slice())?
             .map(|v| v.value().to_vec());
         let Some(raw) = replaced else {
-            self.acct.pack(l.pack, record_bytes(&l) as i64, 0);
-            self.acct.chunk(&l, 1);
+            self.acct.recorded(&l);
             return Ok(Reference {
                 key: k,
                 recorded: true,
@@ -405,8 +410,7 @@ impl<'txn> ChunkTables<'txn> {
             l.refs = cur.loc.refs + 1;
             self.put(k, id, &l)?;
             self.acct.chunks -= 1;
-            self.acct.pack(l.pack, record_bytes(&l) as i64, 0);
-            self.acct.chunk(&l, 1);
+            self.acct.recorded(&l);
             return Ok(Reference {
                 key: k,
                 recorded: true,
@@ -432,8 +436,7 @@ impl<'txn> ChunkTables<'txn> {
             None => self.new_alias(id)?,
         };
         self.put(key, id, &l)?;
-        self.acct.pack(l.pack, record_bytes(&l) as i64, 0);
-        self.acct.chunk(&l, 1);
+        self.acct.recorded(&l);
         Ok(Reference {
             key,
             recorded: true,
