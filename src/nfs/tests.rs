@@ -276,3 +276,103 @@ async fn namespace_ops_and_read_only() {
     );
     assert_eq!(read_all(&ro, &h).await, data(4, 100));
 }
+
+/// One ONC RPC call record (RFC 5531): AUTH_NONE credential and verifier, `args` packed.
+fn rpc_call(xid: u32, procedure: u32, args: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for w in [xid, 0, 2, 100_003, 3, procedure, 0, 0, 0, 0] {
+        body.extend_from_slice(&w.to_be_bytes());
+    }
+    body.extend_from_slice(args);
+    let mut rec = (0x8000_0000u32 | body.len() as u32).to_be_bytes().to_vec();
+    rec.extend_from_slice(&body);
+    rec
+}
+
+/// Reads one big-endian u32 from `b` at `*at`, moving `*at` past it.
+fn be32(b: &[u8], at: &mut usize) -> u32 {
+    let v = u32::from_be_bytes(b[*at..*at + 4].try_into().unwrap());
+    *at += 4;
+    v
+}
+
+/// Protects: READ replies on the wire carry exactly the bytes read, padded to 4 bytes, each
+/// in a record of the right length, also pipelined (the data leaves from its own buffer after
+/// the packed reply, and its padding before the next record's mark: a slip in either shifts
+/// every reply after it).
+#[tokio::test(flavor = "multi_thread")]
+async fn read_replies_are_framed_on_the_wire() {
+    use nfs3_server::tcp::{NFSTcp, NFSTcpListener};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (fs, _) = nfs();
+    let root = fs.root_dir();
+    let (h, _) = fs.create(&root, &n("f"), sattr3::default()).await.unwrap();
+    let content = data(9, 3 * 4096 + 5);
+    fs.write(&h, 0, &content, stable_how::FILE_SYNC)
+        .await
+        .unwrap();
+    let generation = 7u64;
+    let listener = NFSTcpListener::bind_with_generation("127.0.0.1:0", fs, generation)
+        .await
+        .unwrap();
+    let port = listener.get_listen_port();
+    let server = tokio::spawn(async move { listener.handle_forever().await });
+
+    let mut fh = generation.to_le_bytes().to_vec();
+    fh.extend_from_slice(h.as_bytes());
+    // (offset, count): odd lengths (pads of 1, 3 and 2 bytes), a read past the end of the
+    // file (short, eof) and one at it (no data at all).
+    let reads: [(u64, u32); 5] = [(1, 8191), (0, 1 << 20), (4093, 2), (12_000, 4), (12_293, 9)];
+    let mut calls = Vec::new();
+    for (i, (off, count)) in reads.iter().enumerate() {
+        let mut args = (fh.len() as u32).to_be_bytes().to_vec();
+        args.extend_from_slice(&fh);
+        args.extend_from_slice(&off.to_be_bytes());
+        args.extend_from_slice(&count.to_be_bytes());
+        calls.extend(rpc_call(100 + i as u32, 6, &args));
+    }
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    sock.write_all(&calls).await.unwrap();
+
+    let mut replies = std::collections::HashMap::new();
+    for _ in reads {
+        let mut mark = [0u8; 4];
+        sock.read_exact(&mut mark).await.unwrap();
+        let mark = u32::from_be_bytes(mark);
+        assert!(mark & 0x8000_0000 != 0, "one fragment per reply");
+        let mut rec = vec![0u8; (mark & 0x7fff_ffff) as usize];
+        sock.read_exact(&mut rec).await.unwrap();
+        let mut at = 0;
+        let xid = be32(&rec, &mut at);
+        // REPLY, MSG_ACCEPTED, verifier (flavor, empty body), SUCCESS, NFS3_OK
+        for want in [1, 0, 0, 0, 0, 0] {
+            assert_eq!(be32(&rec, &mut at), want, "reply header of call {xid}");
+        }
+        assert_eq!(be32(&rec, &mut at), 1, "attributes follow");
+        at += 84; // fattr3
+        let count = be32(&rec, &mut at) as usize;
+        let eof = be32(&rec, &mut at) == 1;
+        let len = be32(&rec, &mut at) as usize;
+        assert_eq!(len, count, "count and data length of call {xid}");
+        let bytes = rec[at..at + len].to_vec();
+        at += len;
+        assert!(rec[at..].iter().all(|&b| b == 0), "padding is zeros");
+        assert_eq!(
+            rec.len() - at,
+            (4 - len % 4) % 4,
+            "padded to 4 bytes, no more"
+        );
+        replies.insert(xid, (bytes, eof));
+    }
+    for (i, (off, count)) in reads.iter().enumerate() {
+        let (bytes, eof) = &replies[&(100 + i as u32)];
+        let s = (*off as usize).min(content.len());
+        let e = (s + *count as usize).min(content.len());
+        assert_eq!(bytes[..], content[s..e], "data of READ({off}, {count})");
+        assert_eq!(*eof, e == content.len(), "eof of READ({off}, {count})");
+    }
+    server.abort();
+}

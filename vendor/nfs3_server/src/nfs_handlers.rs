@@ -9,7 +9,7 @@ use tracing::{debug, error, trace, warn};
 use crate::context::RPCContext;
 use crate::nfs_ext::{BoundedEntryPlusList, CookieVerfExt};
 use crate::rpcwire::messages::{HandleResult, IncomingRpcMessage};
-use crate::rpcwire::{MAX_REPLY_DATA, handle};
+use crate::rpcwire::{MAX_REPLY_DATA, handle, handle_with_data};
 use crate::vfs::{NextResult, NfsFileSystem, VFSCapabilities};
 
 #[allow(clippy::enum_glob_use)]
@@ -44,7 +44,7 @@ where
         NFSPROC3_NULL => handle(context, message, nfsproc3_null).await,
         NFSPROC3_GETATTR => handle(context, message, nfsproc3_getattr).await,
         NFSPROC3_LOOKUP => handle(context, message, nfsproc3_lookup).await,
-        NFSPROC3_READ => handle(context, message, nfsproc3_read).await,
+        NFSPROC3_READ => handle_with_data(context, message, nfsproc3_read).await,
         NFSPROC3_FSINFO => handle(context, message, nfsproc3_fsinfo).await,
         NFSPROC3_ACCESS => handle(context, message, nfsproc3_access).await,
         NFSPROC3_PATHCONF => handle(context, message, nfsproc3_pathconf).await,
@@ -140,16 +140,24 @@ where
     }
 }
 
+/// Tessera patch: the reply is packed with its data empty and the data returned beside it
+/// (`handle_with_data`), so the bytes read are not copied into the reply's buffer.
 async fn nfsproc3_read<T>(
     context: RPCContext<T>,
     xid: u32,
     read3args: READ3args,
-) -> READ3res<'static>
+) -> (READ3res<'static>, Vec<u8>)
 where
     T: NfsFileSystem,
 {
     let handle = read3args.file;
-    let id = fh_to_id!(context, &handle);
+    let id = match context.file_handle_converter.fh_from_nfs(&handle) {
+        Ok(id) => id,
+        Err(stat) => {
+            warn!("cannot resolve fh: {stat}");
+            return (Nfs3Result::Err((stat, Default::default())), Vec::new());
+        }
+    };
     // Tessera patch: never more than MAX_REPLY_DATA per READ, whatever count the client
     // asks: the per-connection byte budget (rpcwire.rs) reserves at most that much per call.
     let count = read3args.count.min(MAX_REPLY_DATA);
@@ -162,16 +170,18 @@ where
     match result {
         Ok((bytes, eof)) => {
             debug!(" {xid} --> read {} bytes, eof: {eof}", bytes.len());
-            READ3res::Ok(READ3resok {
+            let ok = READ3res::Ok(READ3resok {
                 file_attributes,
                 count: u32::try_from(bytes.len()).expect("buffer is too big"),
                 eof,
-                data: Opaque::owned(bytes),
-            })
+                data: Opaque::borrowed(&[]),
+            });
+            (ok, bytes)
         }
         Err(stat) => {
             error!("read error {} --> {stat}", xid);
-            READ3res::Err((stat, READ3resfail { file_attributes }))
+            let err = READ3res::Err((stat, READ3resfail { file_attributes }));
+            (err, Vec::new())
         }
     }
 }

@@ -111,21 +111,55 @@ where
     O: Pack + Send + 'static,
     T: NfsFileSystem,
 {
+    let Some(args) = unpack_args::<I>(&mut message) else {
+        return message.into_error_reply(accept_stat_data::GARBAGE_ARGS);
+    };
+    let result = handler(context, message.xid(), args).await;
+    message.into_success_reply(&result)
+}
+
+/// Tessera patch: [`handle`] for a procedure whose reply ends with bulk data (READ): the
+/// handler packs its reply with that opaque empty and returns the data beside it, which goes
+/// on the wire from its own buffer (`CompleteRpcMessage::set_trailing_opaque`). Upstream
+/// copied every byte read into the reply's buffer.
+pub async fn handle_with_data<I, O, T>(
+    context: RPCContext<T>,
+    mut message: IncomingRpcMessage,
+    handler: impl AsyncFnOnce(RPCContext<T>, u32, I) -> (O, Vec<u8>),
+) -> anyhow::Result<HandleResult>
+where
+    I: Unpack,
+    O: Pack + Send + 'static,
+    T: NfsFileSystem,
+{
+    let Some(args) = unpack_args::<I>(&mut message) else {
+        return message.into_error_reply(accept_stat_data::GARBAGE_ARGS);
+    };
+    let (result, data) = handler(context, message.xid(), args).await;
+    let mut reply = message.into_success_reply(&result)?;
+    if let HandleResult::Reply(r) = &mut reply
+        && !data.is_empty()
+    {
+        r.set_trailing_opaque(data)?;
+    }
+    Ok(reply)
+}
+
+/// A call's arguments, or `None` (logged) when they do not unpack to exactly the record.
+fn unpack_args<I: Unpack>(message: &mut IncomingRpcMessage) -> Option<I> {
     let mut cursor = message.take_data();
     let (args, _) = match I::unpack(&mut cursor) {
         Ok(ok) => ok,
         Err(err) => {
             error!("Failed to unpack message: {err}");
-            return message.into_error_reply(accept_stat_data::GARBAGE_ARGS);
+            return None;
         }
     };
     if cursor.position() != cursor.get_ref().len() as u64 {
         error!("Unpacked message size does not match expected size");
-        return message.into_error_reply(accept_stat_data::GARBAGE_ARGS);
+        return None;
     }
-
-    let result = handler(context, message.xid(), args).await;
-    message.into_success_reply(&result)
+    Some(args)
 }
 
 fn lock_transaction(
@@ -168,17 +202,25 @@ pub async fn write_replies<IO: tokio::io::AsyncWrite + Unpin>(
 ) -> Result<(), anyhow::Error> {
     let mut out: Vec<u8> = Vec::new();
     for r in batch.iter_mut() {
-        let body = std::mem::take(&mut r.reply).into_inner();
-        assert!(body.len() < (1 << 31));
-        let header = fragment_header::new(body.len() as u32, true).into_xdr_buf();
-        if body.len() > 64 * 1024 {
-            // Large: flush what is gathered, then header and body without copying the body.
-            out.extend_from_slice(&header);
+        let len = r.reply.wire_len();
+        let (body, data) = std::mem::take(&mut r.reply).into_parts();
+        assert!(len < (1 << 31));
+        let header = fragment_header::new(len as u32, true).into_xdr_buf();
+        out.extend_from_slice(&header);
+        if !data.is_empty() {
+            // Bulk data (a READ's): the body after what is gathered, then the data from its
+            // own buffer, its padding left to start the next write.
+            out.extend_from_slice(&body);
+            write_all_progressing(socket, &out, stall).await?;
+            out.clear();
+            write_all_progressing(socket, &data, stall).await?;
+            out.extend_from_slice(&[0; 3][..messages::xdr_pad(data.len())]);
+        } else if body.len() > 64 * 1024 {
+            // Large: flush what is gathered, then the body without copying it.
             write_all_progressing(socket, &out, stall).await?;
             out.clear();
             write_all_progressing(socket, &body, stall).await?;
         } else {
-            out.extend_from_slice(&header);
             out.extend_from_slice(&body);
         }
     }

@@ -167,12 +167,12 @@ where
                     // and a body per reply, two syscalls and often two TCP segments for a
                     // 4 KiB WRITE's reply, a large share of the server's CPU at deep queues.
                     let mut batch = vec![first];
-                    let mut bytes = batch[0].reply.as_bytes().len();
+                    let mut bytes = batch[0].reply.wire_len();
                     let mut failed = None;
                     while bytes < COALESCE_BYTES {
                         match msgrecvchan.try_recv() {
                             Ok(Ok(r)) => {
-                                bytes += r.reply.as_bytes().len();
+                                bytes += r.reply.wire_len();
                                 batch.push(r);
                             }
                             Ok(Err(e)) => {
