@@ -18,7 +18,7 @@
 //! compress and append only the new ones; then one transaction points the file's chunk map at
 //! them and adjusts reference counts. Unchanged invariant: bytes past EOF inside the last chunk are 0.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,7 +93,7 @@ pub struct FileState {
     /// chunks. Chunks past the end of the file (a file written front to back, whatever its
     /// write size) and the edges of large writes into holes (a copy's extents) are compressed
     /// at once. A hint only: an index left here after its chunk was dropped costs nothing.
-    pub(crate) hot: HashSet<u64>,
+    pub(crate) hot: BTreeSet<u64>,
 }
 
 impl FileState {
