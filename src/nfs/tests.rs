@@ -340,11 +340,19 @@ async fn read_replies_are_framed_on_the_wire() {
     let mut replies = std::collections::HashMap::new();
     for _ in reads {
         let mut mark = [0u8; 4];
-        sock.read_exact(&mut mark).await.unwrap();
+        // Bounded: a reply the server never finishes fails the test instead of hanging it.
+        let limit = std::time::Duration::from_secs(30);
+        tokio::time::timeout(limit, sock.read_exact(&mut mark))
+            .await
+            .expect("a reply's record mark within 30 s")
+            .unwrap();
         let mark = u32::from_be_bytes(mark);
         assert!(mark & 0x8000_0000 != 0, "one fragment per reply");
         let mut rec = vec![0u8; (mark & 0x7fff_ffff) as usize];
-        sock.read_exact(&mut rec).await.unwrap();
+        tokio::time::timeout(limit, sock.read_exact(&mut rec))
+            .await
+            .expect("a reply's record within 30 s")
+            .unwrap();
         let mut at = 0;
         let xid = be32(&rec, &mut at);
         // REPLY, MSG_ACCEPTED, verifier (flavor, empty body), SUCCESS, NFS3_OK
