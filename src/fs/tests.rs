@@ -1019,6 +1019,16 @@ fn engine_with_limit(limit: u64) -> Engine {
     })
 }
 
+/// A 96 MiB-limit engine holding file `f`: 12 chunks of `pattern(seed)`, stored and out of
+/// the cache (reopened). Returns the engine, the file and its bytes.
+fn stored_file(seed: u8) -> (Engine, InodeId, Vec<u8>) {
+    let e = engine_with_limit(96 << 20);
+    let f = new_file(&e, "f");
+    let model = pattern(seed, 12 * C as usize);
+    e.write(f, 0, &model).unwrap();
+    (reopen(e), f, model)
+}
+
 /// Protects: a partial flush (one batch of the background flusher) commits the lowest chunks
 /// with the file's size, leaves the rest dirty, and reads see both as one file, before and
 /// after the rest is flushed and the datastore reopened.
@@ -1054,11 +1064,7 @@ fn partial_flush_commits_a_batch_and_keeps_the_rest() {
 /// reads agree with the writes at every step.
 #[test]
 fn background_batches_complete_partial_chunks_ahead_and_lose_nothing() {
-    let e = engine_with_limit(96 << 20);
-    let f = new_file(&e, "f");
-    let mut model = pattern(4, 12 * C as usize);
-    e.write(f, 0, &model).unwrap();
-    let e = reopen(e);
+    let (e, f, mut model) = stored_file(4);
     let w = |e: &Engine, model: &mut Vec<u8>, at: usize, b: u8| {
         e.write(f, at as u64, &[b; 100]).unwrap();
         model[at..at + 100].fill(b);
@@ -1113,11 +1119,7 @@ fn background_batches_complete_partial_chunks_ahead_and_lose_nothing() {
 /// it keep theirs for a later batch, and the data reads back whole.
 #[test]
 fn a_batch_takes_its_hot_marks_and_leaves_the_rest() {
-    let e = engine_with_limit(96 << 20);
-    let f = new_file(&e, "f");
-    let mut model = pattern(5, 12 * C as usize);
-    e.write(f, 0, &model).unwrap();
-    let e = reopen(e);
+    let (e, f, mut model) = stored_file(5);
     // Partial rewrites of stored chunks: each joins the hot set.
     for i in 0..12 {
         let at = i * C as usize + 70;
