@@ -11,6 +11,10 @@
 #                      each; `tessera clone` for Tessera, full copies for ganesha): total IOPS,
 #                      write p99 over all of them
 #   rss                Tessera's peak resident memory (VmHWM) over the whole run
+#   cpu_server         each server's CPU time per I/O in its QD16 run (/proc/PID/stat, all
+#                      threads): a figure the host's noise moves less than IOPS. On this CPU-bound
+#                      2-core machine the client (qemu-nbd, fio) costs about the same with either
+#                      server, so the IOPS ratio follows the ratio of server CPU per I/O.
 #   cpu_*              where Tessera's CPU goes during the QD16 run, in microseconds per I/O:
 #                      the engine's per-stage CPU timings (`tessera stats --json`, stages) and
 #                      the rest of the process's CPU time (/proc/PID/stat): the NFS front end,
@@ -118,15 +122,34 @@ PY
         "${R[$1.$2]}" "${R[$1.$2_wp99]}" "${R[$1.$2_rp99]}"
 }
 
+# server_cpu NAME: R[NAME.cpu_server], the server's CPU microseconds per I/O in its QD16 run
+server_cpu() {
+    R[$1.cpu_server]=$(python3 - "$WORK/$1-qd16.json" "$WORK/$1-qd16.ticks" "$(getconf CLK_TCK)" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+t0, t1 = map(int, open(sys.argv[2]).read().split())
+print((t1 - t0) / int(sys.argv[3]) * 1e6 / (j["read"]["total_ios"] + j["write"]["total_ios"]))
+PY
+    )
+    printf 'bench: %-8s server CPU per I/O at QD16: %.1f us\n' "$1" "${R[$1.cpu_server]}"
+}
+
 # stage_mark PREFIX: Tessera's per-stage timings and its CPU time (clock ticks) right now
 stage_mark() {
     "$TESSERA" stats --json "$EXT4/ds" >"$1.json"
     awk '{print $14 + $15}' "/proc/$TPID/stat" >"$1.ticks"
 }
 
+# server_ticks NAME: the CPU time (clock ticks, all threads) of server NAME so far
+server_ticks() {
+    local pid=$TPID
+    [ "$1" = tessera ] || pid=$GPID
+    awk '{print $14 + $15}' "/proc/$pid/stat"
+}
+
 # run_suite NAME URL MAKE_COPY: MAKE_COPY N makes clone N of vdi-0.raw (server's way)
 run_suite() {
-    local name=$1 url=$2 copy=$3 qd n socks=()
+    local name=$1 url=$2 copy=$3 qd n socks=() t0
     qemu-img convert -O raw "$GOLDEN" "$url/vdi-0.raw"
     # Tessera stores a fresh copy uncompressed and compresses it once its packs are cold;
     # compress it now, so the desktops run on a golden image as it is at rest.
@@ -134,10 +157,13 @@ run_suite() {
     for qd in $QDS; do
         nbd_serve "$url/vdi-0.raw" "$WORK/nbd-0.sock"
         [ "$name.$qd" != tessera.16 ] || stage_mark "$WORK/stages0"
+        t0=$(server_ticks "$name")
         run_fio "$WORK/$name-qd$qd.json" "$qd" "$WORK/nbd-0.sock"
+        [ "$qd" != 16 ] || echo "$t0 $(server_ticks "$name")" >"$WORK/$name-qd16.ticks"
         [ "$name.$qd" != tessera.16 ] || stage_mark "$WORK/stages1"
         stop_nbd
         summarise "$name" "qd$qd" "$WORK/$name-qd$qd.json"
+        [ "$qd" != 16 ] || server_cpu "$name"
     done
     for n in $(seq 1 $((CLIENTS - 1))); do "$copy" "$n"; done
     for n in $(seq 0 $((CLIENTS - 1))); do
@@ -208,6 +234,8 @@ bench_metric pool IOPS "VDI profile, $CLIENTS clients on $CLIENTS clones at once
     subject=tessera refs=ganesha better=higher headline=1
 bench_metric pool_wp99 ms "write p99, $CLIENTS clients" subject=tessera refs=ganesha better=lower
 bench_metric rss MiB "Tessera's peak RSS over the run" subject=tessera better=lower target="< 512 MiB"
+bench_metric cpu_server "us/IO" "server CPU per I/O, QD16 run (process CPU time over reads + writes)" \
+    subject=tessera refs=ganesha better=lower
 bench_metric cpu_total "us/IO" "Tessera CPU per I/O, QD16 run (80 % 4 KiB writes)" subject=tessera better=lower
 declare -A STAGE_LABEL=(
     [write_buffer]="copying writes into the write-back buffer (locks, snapshot, copy)"
@@ -230,6 +258,7 @@ for s in ganesha tessera; do
     done
     bench_value pool "$s" "${R[$s.pool]:-}"
     bench_value pool_wp99 "$s" "${R[$s.pool_wp99]:-}"
+    bench_value cpu_server "$s" "${R[$s.cpu_server]:-}"
 done
 bench_value rss tessera "${R[tessera.rss]}"
 bench_value cpu_total tessera "${CPU[total]}"
