@@ -101,6 +101,15 @@ need_ganesha() {
     done
 }
 
+# trim_disk MNT: give the host back the space of files deleted on a loop-mounted peer disk.
+# The peers' images are sparse files mounted without `discard`, so everything a benchmark
+# ever wrote stays allocated on the host until a trim: a full vdi.sh writes tens of GiB of
+# packs and copies, and a host disk that fills under the image turns into I/O errors
+# inside it. Runs between measured runs, never inside one.
+trim_disk() {
+    fstrim "$1" >/dev/null 2>&1 || true
+}
+
 # stop_pid PID: TERM, wait up to 60 s, then KILL.
 stop_pid() {
     [ -n "$1" ] || return 0

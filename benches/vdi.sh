@@ -162,6 +162,7 @@ run_suite() {
         [ "$qd" != 16 ] || echo "$t0 $(server_ticks "$name")" >"$WORK/$name-qd16.ticks"
         [ "$name.$qd" != tessera.16 ] || stage_mark "$WORK/stages1"
         stop_nbd
+        trim_disk "$EXT4"
         summarise "$name" "qd$qd" "$WORK/$name-qd$qd.json"
         [ "$qd" != 16 ] || server_cpu "$name"
     done
@@ -172,6 +173,7 @@ run_suite() {
     done
     run_fio "$WORK/$name-pool.json" 16 "${socks[@]}"
     stop_nbd
+    trim_disk "$EXT4"
     summarise "$name" pool "$WORK/$name-pool.json"
 }
 
