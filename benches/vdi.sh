@@ -13,8 +13,12 @@
 #   rss                Tessera's peak resident memory (VmHWM) over the whole run
 #   cpu_server         each server's CPU time per I/O in its QD16 run (/proc/PID/stat, all
 #                      threads): a figure the host's noise moves less than IOPS. On this CPU-bound
-#                      2-core machine the client (qemu-nbd, fio) costs about the same with either
-#                      server, so the IOPS ratio follows the ratio of server CPU per I/O.
+#                      2-core machine the IOPS ratio follows the ratio of the whole machine's CPU
+#                      per I/O, and most of the difference is the server's own.
+#   cpu_client         the client's CPU time per I/O in the same run: qemu-nbd (/proc) and fio
+#                      (its own usr_cpu + sys_cpu)
+#   cpu_machine        the whole machine's busy CPU time per I/O in the same run (/proc/stat:
+#                      user, nice, system, irq, softirq; steal and idle left out)
 #   cpu_*              where Tessera's CPU goes during the QD16 run, in microseconds per I/O:
 #                      the engine's per-stage CPU timings (`tessera stats --json`, stages) and
 #                      the rest of the process's CPU time (/proc/PID/stat): the NFS front end,
@@ -122,16 +126,33 @@ PY
         "${R[$1.$2]}" "${R[$1.$2_wp99]}" "${R[$1.$2_rp99]}"
 }
 
-# server_cpu NAME: R[NAME.cpu_server], the server's CPU microseconds per I/O in its QD16 run
+# cpu_mark NAME: the CPU time so far (clock ticks) of server NAME, of the qemu-nbd processes
+# and of the whole machine (busy), on one line
+cpu_mark() {
+    local pid=$TPID p n=0
+    [ "$1" = tessera ] || pid=$GPID
+    for p in "${NBD_PIDS[@]}"; do n=$((n + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+    echo "$(awk '{print $14 + $15}' "/proc/$pid/stat") $n $(awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat)"
+}
+
+# server_cpu NAME: R[NAME.cpu_server], R[NAME.cpu_client] and R[NAME.cpu_machine], CPU
+# microseconds per I/O in NAME's QD16 run (marks in $WORK/NAME-qd16.cpu)
 server_cpu() {
-    R[$1.cpu_server]=$(python3 - "$WORK/$1-qd16.json" "$WORK/$1-qd16.ticks" "$(getconf CLK_TCK)" <<'PY'
+    local v
+    v=$(python3 - "$WORK/$1-qd16.json" "$WORK/$1-qd16.cpu" "$(getconf CLK_TCK)" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
-t0, t1 = map(int, open(sys.argv[2]).read().split())
-print((t1 - t0) / int(sys.argv[3]) * 1e6 / (j["read"]["total_ios"] + j["write"]["total_ios"]))
+a, b = (list(map(int, l.split())) for l in open(sys.argv[2]).read().splitlines())
+hz = int(sys.argv[3])
+ios = j["read"]["total_ios"] + j["write"]["total_ios"]
+us = lambda ticks: ticks / hz * 1e6 / ios
+fio = (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["job_runtime"] / 1e3 * 1e6 / ios
+print(us(b[0] - a[0]), us(b[1] - a[1]) + fio, us(b[2] - a[2]))
 PY
     )
-    printf 'bench: %-8s server CPU per I/O at QD16: %.1f us\n' "$1" "${R[$1.cpu_server]}"
+    read -r R[$1.cpu_server] R[$1.cpu_client] R[$1.cpu_machine] <<<"$v"
+    printf 'bench: %-8s CPU per I/O at QD16: server %.1f us, client %.1f us, machine busy %.1f us\n' \
+        "$1" "${R[$1.cpu_server]}" "${R[$1.cpu_client]}" "${R[$1.cpu_machine]}"
 }
 
 # stage_mark PREFIX: Tessera's per-stage timings and its CPU time (clock ticks) right now
@@ -140,16 +161,9 @@ stage_mark() {
     awk '{print $14 + $15}' "/proc/$TPID/stat" >"$1.ticks"
 }
 
-# server_ticks NAME: the CPU time (clock ticks, all threads) of server NAME so far
-server_ticks() {
-    local pid=$TPID
-    [ "$1" = tessera ] || pid=$GPID
-    awk '{print $14 + $15}' "/proc/$pid/stat"
-}
-
 # run_suite NAME URL MAKE_COPY: MAKE_COPY N makes clone N of vdi-0.raw (server's way)
 run_suite() {
-    local name=$1 url=$2 copy=$3 qd n socks=() t0
+    local name=$1 url=$2 copy=$3 qd n socks=() c0
     qemu-img convert -O raw "$GOLDEN" "$url/vdi-0.raw"
     # Tessera stores a fresh copy uncompressed and compresses it once its packs are cold;
     # compress it now, so the desktops run on a golden image as it is at rest.
@@ -157,9 +171,9 @@ run_suite() {
     for qd in $QDS; do
         nbd_serve "$url/vdi-0.raw" "$WORK/nbd-0.sock"
         [ "$name.$qd" != tessera.16 ] || stage_mark "$WORK/stages0"
-        t0=$(server_ticks "$name")
+        c0=$(cpu_mark "$name")
         run_fio "$WORK/$name-qd$qd.json" "$qd" "$WORK/nbd-0.sock"
-        [ "$qd" != 16 ] || echo "$t0 $(server_ticks "$name")" >"$WORK/$name-qd16.ticks"
+        [ "$qd" != 16 ] || printf '%s\n%s\n' "$c0" "$(cpu_mark "$name")" >"$WORK/$name-qd16.cpu"
         [ "$name.$qd" != tessera.16 ] || stage_mark "$WORK/stages1"
         stop_nbd
         trim_disk "$EXT4"
@@ -238,6 +252,10 @@ bench_metric pool_wp99 ms "write p99, $CLIENTS clients" subject=tessera refs=gan
 bench_metric rss MiB "Tessera's peak RSS over the run" subject=tessera better=lower target="< 512 MiB"
 bench_metric cpu_server "us/IO" "server CPU per I/O, QD16 run (process CPU time over reads + writes)" \
     subject=tessera refs=ganesha better=lower
+bench_metric cpu_client "us/IO" "  client CPU per I/O in the same run (qemu-nbd + fio)" \
+    subject=tessera refs=ganesha better=lower
+bench_metric cpu_machine "us/IO" "  whole machine's busy CPU per I/O in the same run" \
+    subject=tessera refs=ganesha better=lower
 bench_metric cpu_total "us/IO" "Tessera CPU per I/O, QD16 run (80 % 4 KiB writes)" subject=tessera better=lower
 declare -A STAGE_LABEL=(
     [write_buffer]="copying writes into the write-back buffer (locks, snapshot, copy)"
@@ -261,6 +279,8 @@ for s in ganesha tessera; do
     bench_value pool "$s" "${R[$s.pool]:-}"
     bench_value pool_wp99 "$s" "${R[$s.pool_wp99]:-}"
     bench_value cpu_server "$s" "${R[$s.cpu_server]:-}"
+    bench_value cpu_client "$s" "${R[$s.cpu_client]:-}"
+    bench_value cpu_machine "$s" "${R[$s.cpu_machine]:-}"
 done
 bench_value rss tessera "${R[tessera.rss]}"
 bench_value cpu_total tessera "${CPU[total]}"
