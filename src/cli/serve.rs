@@ -126,10 +126,43 @@ pub struct DaemonArgs {
     /// 0 compresses everything at once. Examples: 4G, 0.
     #[arg(long, default_value = "4G", value_name = "SIZE", value_parser = super::parse_bytes)]
     pub raw_backlog: u64,
+    /// Written data held in memory before it is flushed to packs, for all files together:
+    /// more lets rewrites of the same 16 KiB chunk between flushes cost one flush instead of
+    /// several, at that much more resident memory. Writers wait for the flusher past it.
+    /// Examples: 96M, 256M.
+    #[arg(long, default_value = "96M", value_name = "SIZE", value_parser = parse_dirty_limit)]
+    pub dirty_limit: u64,
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics (default 127.0.0.1:9477: loopback
     /// only; give an address of a private network for a Prometheus server elsewhere).
     #[arg(long, value_name = "ADDR:PORT", num_args = 0..=1, default_missing_value = "127.0.0.1:9477")]
     pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// The smallest `--dirty-limit` (bytes): below it a write of a few chunks would wait for the
+/// flusher every time (its batches are at least 64 chunks anyway).
+const MIN_DIRTY_LIMIT: u64 = 1 << 20;
+
+impl DaemonArgs {
+    /// The engine's run-time tuning these options ask for.
+    pub fn tuning(&self) -> Tuning {
+        Tuning {
+            cache_bytes: self.cache_size,
+            raw_backlog: self.raw_backlog,
+            dirty_limit: self.dirty_limit,
+            ..Tuning::default()
+        }
+    }
+}
+
+/// `--dirty-limit`: a size of at least [`MIN_DIRTY_LIMIT`].
+fn parse_dirty_limit(s: &str) -> Result<u64, String> {
+    let n = super::parse_bytes(s)?;
+    if n < MIN_DIRTY_LIMIT {
+        return Err(format!(
+            "{s:?} is too small for the write-back buffer (give at least 1M; default 96M)"
+        ));
+    }
+    Ok(n)
 }
 
 /// The export path for `--export` (or the datastore folder's name).
@@ -182,12 +215,7 @@ pub fn run(a: Args) -> Result<()> {
             false
         }
     };
-    let tuning = Tuning {
-        cache_bytes: a.daemon.cache_size,
-        raw_backlog: a.daemon.raw_backlog,
-        ..Tuning::default()
-    };
-    let engine = match Engine::open(&dir, tuning) {
+    let engine = match Engine::open(&dir, a.daemon.tuning()) {
         Ok(e) => Arc::new(e),
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
@@ -446,4 +474,32 @@ fn raise_readahead(mnt: PathBuf) {
             tracing::debug!("could not raise readahead ({path}): {e}");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn daemon(args: &[&str]) -> Result<DaemonArgs, clap::Error> {
+        let argv = ["tessera", "serve", "ds", "--nfs"].iter().chain(args);
+        match super::super::Cli::try_parse_from(argv)?.cmd {
+            super::super::Cmd::Serve(a) => Ok(a.daemon),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    /// Protects `--dirty-limit`: the size given reaches the engine, the default stays the
+    /// 96 MiB the memory bound is measured with, and a size too small to flush is refused.
+    #[test]
+    fn dirty_limit_reaches_the_engine() {
+        assert_eq!(daemon(&[]).unwrap().tuning().dirty_limit, 96 << 20);
+        assert_eq!(Tuning::default().dirty_limit, 96 << 20);
+        let t = daemon(&["--dirty-limit", "256M", "--cache-size", "1G"])
+            .unwrap()
+            .tuning();
+        assert_eq!((t.dirty_limit, t.cache_bytes), (256 << 20, 1 << 30));
+        let e = daemon(&["--dirty-limit", "4K"]).unwrap_err().to_string();
+        assert!(e.contains("too small"), "{e}");
+    }
 }
