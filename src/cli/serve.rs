@@ -126,10 +126,9 @@ pub struct DaemonArgs {
     /// 0 compresses everything at once. Examples: 4G, 0.
     #[arg(long, default_value = "4G", value_name = "SIZE", value_parser = super::parse_bytes)]
     pub raw_backlog: u64,
-    /// Written data held in memory before it is flushed to packs, for all files together:
-    /// more lets rewrites of the same 16 KiB chunk between flushes cost one flush instead of
-    /// several, at that much more resident memory. Writers wait for the flusher past it.
-    /// Examples: 96M, 256M.
+    /// Written file data held in memory before it is flushed to packs, all files together.
+    /// More makes each flush transaction cover more chunks (cheaper per chunk) at about as
+    /// much more resident memory; writers wait for the flusher past it. Examples: 96M, 256M.
     #[arg(long, default_value = "96M", value_name = "SIZE", value_parser = parse_dirty_limit)]
     pub dirty_limit: u64,
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics (default 127.0.0.1:9477: loopback
