@@ -18,6 +18,9 @@
 #                                         what follows "cold"
 #   wait_ports_free PORT...               wait (up to PORT_WAIT s, default 3600) until nothing
 #                                         listens on these TCP/UDP ports on any address
+#   hold_memory SIZE                      keep SIZE (e.g. 16G) of memory in use until the script
+#                                         ends (sets HOLD_PID; kill it in the cleanup), as the
+#                                         desktops' VMs do on a hypervisor host
 #
 # Env: BENCH_RESULTS_DIR (default benches/results; point it elsewhere for development runs).
 BENCH_RESULTS_DIR=${BENCH_RESULTS_DIR:-$PWD/benches/results}
@@ -60,6 +63,37 @@ drop_caches() {
         echo "bench: dropping the page cache failed: the next measurement is not cold" >&2
         return 1
     fi
+}
+
+# hold_memory SIZE: a process that takes SIZE bytes of memory, touches every page and keeps it
+# until killed, so the page cache works in what is left, as on a host whose RAM is in use. On a
+# VM whose unused memory goes back to the hypervisor (a balloon with free page reporting),
+# page-cache pages taken from free memory each cost a fault in the host at first use (writing
+# 1 GiB into a new file: about 2 s of system time, against 0.25 s once the page cache is full
+# and recycles its own pages), which penalises whichever server allocates new pages (appends)
+# over one that overwrites pages it already has. Returns once the memory is taken.
+hold_memory() {
+    local bytes ready
+    bytes=$(numfmt --from=iec "$1")
+    ready=$(mktemp /tmp/tessera-bench-hold.XXXXXX)
+    python3 - "$bytes" "$ready" <<'PY' &
+import mmap, signal, sys, time
+n = int(sys.argv[1])
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+for off in range(0, n, 4096):  # MAP_POPULATE already faulted them in; make sure
+    m[off] = 1
+open(sys.argv[2], "w").write("ready\n")
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+while True:
+    time.sleep(3600)
+PY
+    HOLD_PID=$!
+    until [ -s "$ready" ]; do
+        kill -0 "$HOLD_PID" 2>/dev/null || { echo "bench: cannot hold $1 of memory" >&2; return 1; }
+        sleep 1
+    done
+    rm -f "$ready"
+    echo "bench: holding $1 of memory (pid $HOLD_PID); $(awk '/MemAvailable/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) left available"
 }
 
 # ports_busy PORT...: prints the listeners on those ports (TCP listen or UDP bound)

@@ -31,6 +31,9 @@
 # Env: CORPUS (/var/tmp/corpus), IMAGE (default the corpus golden image), RUNTIME (30 s per
 #      point), QDS ("1 4 16 64"), CLIENTS (4), MNT_ROOT (/mnt), PEERS_DIR, TESSERA,
 #      CHUNK_SIZE (Tessera's chunk size, `tessera init --chunk-size`; default 16K),
+#      HOLD_MEMORY (e.g. 16G: keep that much memory in use for the whole run, as the desktops'
+#      VMs do on a hypervisor host, so both servers' page caches recycle their own pages; see
+#      `hold_memory` in benches/lib.sh and benches/README.md, "Memory the host took back"),
 #      BENCH_RESULTS_DIR (benches/results). Writes benches/results/vdi.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,8 +65,10 @@ bench_param CLIENTS "$CLIENTS" 4
 bench_param IMAGE "$GOLDEN" "$CORPUS/golden.raw"
 CHUNK_SIZE=${CHUNK_SIZE:-16K}
 bench_param CHUNK_SIZE "$CHUNK_SIZE" 16K
+HOLD_MEMORY=${HOLD_MEMORY:-none}
+bench_param HOLD_MEMORY "$HOLD_MEMORY" none
 
-TPID= GPID= RPCPID=
+TPID= GPID= RPCPID= HOLD_PID=
 NBD_PIDS=()
 stop_nbd() {
     local p
@@ -75,12 +80,14 @@ cleanup() {
     stop_pid "$TPID"
     stop_pid "$GPID"
     stop_pid "$RPCPID"
+    stop_pid "$HOLD_PID"
     "$PEERS_DIR/umount-peer.sh" ext4 "$EXT4" >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 "$PEERS_DIR/umount-peer.sh" ext4 "$EXT4" >/dev/null 2>&1 || true
 "$PEERS_DIR/mount-peer.sh" ext4 "$EXT4"
+[ "$HOLD_MEMORY" = none ] || hold_memory "$HOLD_MEMORY"
 
 SIZE=$(stat -c %s "$GOLDEN")
 declare -A R=()
