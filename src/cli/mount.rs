@@ -25,6 +25,7 @@ pub fn run(a: Args) -> Result<()> {
         read_only: false,
         allow: Vec::new(),
         portmap: 0,
+        nfs_threads: None,
         limits: Default::default(),
         daemon: a.daemon,
     })

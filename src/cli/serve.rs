@@ -62,6 +62,10 @@ pub struct Args {
     /// nfs://HOST/path URLs (qemu, libnfs, ESXi) ask it where NFS is.
     #[arg(long, default_value_t = 111, value_name = "PORT")]
     pub portmap: u16,
+    /// Threads serving NFS calls (default: one fewer than the cores, at least one, so the
+    /// background flusher, which hashes and stores what the calls wrote, keeps a core).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub nfs_threads: Option<u16>,
     #[command(flatten)]
     pub limits: NfsLimits,
     #[command(flatten)]
@@ -377,6 +381,21 @@ fn copy_synced(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<
     out.sync_all()
 }
 
+/// Cores this process may run on.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// NFS runtime workers for `cores` cores: one fewer, at least one. The flusher (and its pool)
+/// does as much work per write as the call itself: with a worker on every core as well, they
+/// take turns on the cores and every turn is a context switch. On 2 cores one worker gave a
+/// lower write p99 in every alternated pair (3.2-4.4 ms against 4.4-5.3 at QD16) for the same
+/// or more IOPS; four workers had given the same IOPS as two with a higher tail
+/// (benches/README.md, "NFS workers").
+fn nfs_workers(cores: usize) -> usize {
+    cores.saturating_sub(1).max(1)
+}
+
 fn start_nfs(
     a: &Args,
     addr: SocketAddr,
@@ -384,11 +403,12 @@ fn start_nfs(
     engine: Arc<Engine>,
     peer: Option<Arc<dyn PeerCaches>>,
 ) -> Result<tokio::runtime::Runtime> {
-    // One worker per core (tokio's default). Four on 2 cores gave the same IOPS with a higher
-    // tail: the VDI profile's write p99 5.6-6.1 ms against 4.7-5.1 at QD16, 37-38 ms against
-    // 26 with 4 clients (alternated runs, benches/README.md "Where the time goes").
+    let workers = a
+        .nfs_threads
+        .map_or_else(|| nfs_workers(cores()), usize::from);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .thread_name("nfs")
+        .worker_threads(workers)
         .enable_all()
         .build()
         .context("cannot start the NFS runtime")?;
@@ -500,5 +520,26 @@ mod tests {
         assert_eq!((t.dirty_limit, t.cache_bytes), (256 << 20, 1 << 30));
         let e = daemon(&["--dirty-limit", "4K"]).unwrap_err().to_string();
         assert!(e.contains("too small"), "{e}");
+    }
+
+    /// Protects the NFS runtime's size: one worker fewer than the cores (the flusher keeps
+    /// one), never none, and `--nfs-threads` overrides it but cannot be 0.
+    #[test]
+    fn nfs_workers_leave_the_flusher_a_core() {
+        assert_eq!(
+            [1, 2, 4, 16].map(nfs_workers),
+            [1, 1, 3, 15],
+            "workers for 1, 2, 4, 16 cores"
+        );
+        let serve = |args: &[&str]| {
+            let argv = ["tessera", "serve", "ds", "--nfs"].iter().chain(args);
+            match super::super::Cli::try_parse_from(argv)?.cmd {
+                super::super::Cmd::Serve(a) => Ok::<_, clap::Error>(a.nfs_threads),
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        assert_eq!(serve(&[]).unwrap(), None);
+        assert_eq!(serve(&["--nfs-threads", "3"]).unwrap(), Some(3));
+        assert!(serve(&["--nfs-threads", "0"]).is_err());
     }
 }
