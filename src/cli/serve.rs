@@ -387,11 +387,12 @@ fn cores() -> usize {
 }
 
 /// NFS runtime workers for `cores` cores: one fewer, at least one. The flusher (and its pool)
-/// does as much work per write as the call itself: with a worker on every core as well, they
-/// take turns on the cores and every turn is a context switch. On 2 cores one worker gave a
-/// lower write p99 in every alternated pair (3.2-4.4 ms against 4.4-5.3 at QD16) for the same
-/// or more IOPS; four workers had given the same IOPS as two with a higher tail
-/// (benches/README.md, "NFS workers").
+/// does more CPU work per write than the call itself (loading, hashing and appending the
+/// chunk, the commit): with a worker on every core as well, they take turns on the cores and
+/// every turn is a context switch. On 2 cores one worker gave a lower write p99 in every one
+/// of five alternated pairs (3.2-4.4 ms against 4.4-5.3 at QD16) for about the same IOPS; four
+/// workers had given the same IOPS as two with a higher tail (benches/README.md, "NFS
+/// workers"). Measured on 2 cores only.
 fn nfs_workers(cores: usize) -> usize {
     cores.saturating_sub(1).max(1)
 }
