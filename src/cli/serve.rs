@@ -501,12 +501,17 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    fn daemon(args: &[&str]) -> Result<DaemonArgs, clap::Error> {
+    /// `tessera serve ds --nfs ARGS...`, parsed.
+    fn serve(args: &[&str]) -> Result<Args, clap::Error> {
         let argv = ["tessera", "serve", "ds", "--nfs"].iter().chain(args);
         match super::super::Cli::try_parse_from(argv)?.cmd {
-            super::super::Cmd::Serve(a) => Ok(a.daemon),
+            super::super::Cmd::Serve(a) => Ok(a),
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    fn daemon(args: &[&str]) -> Result<DaemonArgs, clap::Error> {
+        serve(args).map(|a| a.daemon)
     }
 
     /// Protects `--dirty-limit`: the size given reaches the engine, the default stays the
@@ -532,15 +537,8 @@ mod tests {
             [1, 1, 3, 15],
             "workers for 1, 2, 4, 16 cores"
         );
-        let serve = |args: &[&str]| {
-            let argv = ["tessera", "serve", "ds", "--nfs"].iter().chain(args);
-            match super::super::Cli::try_parse_from(argv)?.cmd {
-                super::super::Cmd::Serve(a) => Ok::<_, clap::Error>(a.nfs_threads),
-                other => panic!("parsed as {other:?}"),
-            }
-        };
-        assert_eq!(serve(&[]).unwrap(), None);
-        assert_eq!(serve(&["--nfs-threads", "3"]).unwrap(), Some(3));
+        assert_eq!(serve(&[]).unwrap().nfs_threads, None);
+        assert_eq!(serve(&["--nfs-threads", "3"]).unwrap().nfs_threads, Some(3));
         assert!(serve(&["--nfs-threads", "0"]).is_err());
     }
 }
