@@ -618,7 +618,9 @@ impl Engine {
     /// Start the background flusher: every `interval`, flush all files durably. It stops
     /// when the engine is dropped.
     /// It also runs when writers signal memory pressure, flushing (not durably) until the
-    /// dirty total is under a quarter of the limit.
+    /// dirty total is under a quarter of the limit; under pressure that never lets up, the
+    /// durable flush still comes every `interval` (it used to wait for a quiet moment: behind
+    /// a steady stream of writes, written data was not durable for minutes).
     pub fn spawn_flusher(self: &Arc<Self>, interval: Duration) -> std::thread::JoinHandle<()> {
         let weak = Arc::downgrade(self);
         let signal = self.pressure.clone();
@@ -628,19 +630,23 @@ impl Engine {
             .spawn(move || {
                 // Ticks in a row without a commit, and whether this quiet spell compacted.
                 let (mut quiet, mut compacted, mut last) = (0u32, false, u64::MAX);
+                let mut synced_at = std::time::Instant::now();
                 loop {
                     let pressure = {
                         let mut p = signal.0.lock();
                         if !*p {
-                            signal.1.wait_for(&mut p, interval);
+                            let left = interval.saturating_sub(synced_at.elapsed());
+                            signal.1.wait_for(&mut p, left);
                         }
                         std::mem::take(&mut *p)
                     };
                     let Some(e) = weak.upgrade() else { return };
                     let before = e.commits.load(Ordering::SeqCst);
-                    let r = if pressure {
+                    let due = synced_at.elapsed() >= interval;
+                    let r = if pressure && !due {
                         e.flush_some(e.tuning.dirty_limit / 4)
                     } else {
+                        synced_at = std::time::Instant::now();
                         e.sync_all()
                     };
                     if let Err(err) = r {
