@@ -80,6 +80,13 @@ pub fn run(a: Args) -> Result<()> {
         },
         human(s.pack_read_bytes)
     );
+    if s.records_reused > 0 {
+        println!(
+            "written in place  {} in {} records over dead records of the same size (since served)",
+            human(s.reused_bytes),
+            s.records_reused
+        );
+    }
     if s.uncompressed_bytes > 0 {
         println!(
             "to compress       {} written uncompressed; compressed once idle 10 min, or now by tessera gc",

@@ -378,6 +378,8 @@ impl Engine {
         // each group is appended to the pack while the next one compresses (the append is a
         // serial copy into the page cache, and without the overlap a core would sit idle).
         let mut locs = HashMap::new();
+        // Dead records' places the appends wrote over (`store::reuse`), for the commit.
+        let mut reused: HashSet<(crate::store::pack::PackId, u64)> = HashSet::new();
         // Chunks stored raw are appended straight from the write-back buffer (`RecordRef`);
         // the others from their compressed copy.
         enum Prepared<'a> {
@@ -407,9 +409,10 @@ impl Engine {
                         Prepared::Raw(r) => *r,
                     })
                     .collect();
-                let ls = self
+                let (ls, over) = self
                     .timings
-                    .time(Stage::Append, || self.store.append_refs(&refs))?;
+                    .time(Stage::Append, || self.store.append_refs_reusing(&refs))?;
+                reused.extend(over.iter().map(|p| (p.pack, p.offset)));
                 Ok(refs.iter().map(|r| r.id).zip(ls).collect())
             };
         let mut pending: Option<Vec<Prepared<'_>>> = None;
@@ -429,7 +432,7 @@ impl Engine {
         };
         if let Err(e) = appending() {
             // What was appended before the failure is referenced by nothing.
-            self.settle_failed_appends(&locs);
+            self.settle_failed_appends(&locs, &reused);
             return Err(e);
         }
         let mut updates = hashed;
@@ -437,6 +440,7 @@ impl Engine {
         let dirty = chunks;
         let t = super::timing::thread_cpu_ns();
         let r = self.txn(durable, |w| {
+            w.chunks.reused = reused.clone();
             let mut inode = match w.inode(ino) {
                 Ok(i) => i,
                 // Deleted meanwhile (NFS has no open state): its data goes with it.
@@ -494,7 +498,8 @@ impl Engine {
                 inode.mtime = t;
                 inode.ctime = t;
             }
-            w.chunks.settle_flushed(&locs, &recorded, &deferred)?;
+            w.chunks
+                .settle_flushed(&locs, &recorded, &deferred, &reused)?;
             w.put_inode(ino, &inode)
         });
         let stage = if durable {
@@ -505,7 +510,7 @@ impl Engine {
         self.timings
             .add(stage, super::timing::thread_cpu_ns().saturating_sub(t));
         match &r {
-            Err(_) => self.settle_failed_appends(&locs),
+            Err(_) => self.settle_failed_appends(&locs, &reused),
             Ok(()) => self.add_raw_backlog(
                 deferred.len() as u64
                     * (self.chunk_size + crate::store::pack::RECORD_HEADER_LEN as u64),

@@ -101,7 +101,7 @@ use crate::schema::*;
 use crate::store::pack::{DirPackIo, PackIo};
 use crate::store::remote::TierConfig;
 use crate::store::tier::TieredPackIo;
-use crate::store::{ChunkTables, Store};
+use crate::store::{ChunkLoc, ChunkTables, Store};
 pub use error::{FsError, FsResult};
 pub use inode::{Generation, Inode, InodeId, Kind, Time};
 
@@ -252,7 +252,7 @@ pub struct Engine {
 /// until it ends (compaction deletes a pack only once no snapshot older than its commit lives).
 pub(crate) struct Snapshot<'a> {
     txn: redb::ReadTransaction,
-    _gate: parking_lot::RwLockReadGuard<'a, ()>,
+    _gate: crate::store::ReadGate<'a>,
 }
 
 impl std::ops::Deref for Snapshot<'_> {
@@ -304,10 +304,14 @@ impl<'txn> W<'txn> {
         })
     }
 
-    fn finish(mut self) -> FsResult<Vec<crate::store::chunk::ChunkId>> {
+    /// Apply the transaction's reference drops: the chunks released, and their records.
+    fn finish(mut self) -> FsResult<(Vec<crate::store::chunk::ChunkId>, Vec<ChunkLoc>)> {
         self.chunks.apply_decrefs()?;
         self.sup.insert(K_NEXT_NODE, self.next_node)?;
-        Ok(std::mem::take(&mut self.chunks.released))
+        Ok((
+            std::mem::take(&mut self.chunks.released),
+            std::mem::take(&mut self.chunks.died),
+        ))
     }
 
     pub fn tree(&mut self) -> tree::TreeTx<'_, 'txn> {
@@ -616,7 +620,7 @@ impl Engine {
             Durability::None
         })
         .map_err(|e| FsError::BadMeta(e.to_string()))?;
-        let (out, released) = {
+        let (out, (released, died)) = {
             let mut w = W::open(&txn)?;
             let out = f(&mut w)?;
             (out, w.finish()?)
@@ -625,9 +629,12 @@ impl Engine {
             self.store.sync()?;
         }
         txn.commit()?;
-        self.commits.fetch_add(1, Ordering::SeqCst);
+        let number = self.commits.fetch_add(1, Ordering::SeqCst);
+        // Their places may be written over once the deaths are durable (`store::reuse`).
+        self.store.record_deaths(number, durable, &died);
         if durable {
             self.durable_upto.fetch_max(covers, Ordering::SeqCst);
+            self.store.deaths_durable(covers);
         }
         for id in released {
             self.store.forget(&id);

@@ -370,7 +370,7 @@ impl Engine {
                     let ups = match r {
                         Ok(ups) => ups,
                         Err(e) => {
-                            self.settle_failed_appends(&locs);
+                            self.settle_failed_appends(&locs, &Default::default());
                             return Err(e);
                         }
                     };

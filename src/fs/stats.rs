@@ -53,6 +53,12 @@ pub struct Stats {
     pub cache_capacity_bytes: u64,
     #[serde(default)]
     pub pack_read_bytes: u64,
+    /// Records written over dead records of the same size instead of appended
+    /// (`store::reuse`), and their bytes, since the datastore was opened.
+    #[serde(default)]
+    pub records_reused: u64,
+    #[serde(default)]
+    pub reused_bytes: u64,
     /// Share of pack bytes that are live records (1.0: nothing to reclaim).
     #[serde(default)]
     pub pack_fill: f64,
@@ -211,6 +217,8 @@ impl Engine {
             cache_bytes: cache.chunks * self.chunk_size,
             cache_capacity_bytes: cache.capacity_chunks * self.chunk_size,
             pack_read_bytes: cache.pack_read_bytes,
+            records_reused: self.store.reused().0,
+            reused_bytes: self.store.reused().1,
             pack_fill: if pack_bytes == 0 {
                 1.0
             } else {

@@ -70,6 +70,12 @@ pub struct ChunkTables<'txn> {
     counters: redb::Table<'txn, &'static str, u64>,
     /// Chunks whose last reference went away in this transaction.
     pub released: Vec<ChunkId>,
+    /// Where those chunks' records are: dead once this commits (`store::reuse`).
+    pub died: Vec<ChunkLoc>,
+    /// Places of dead records that records for this transaction were written over
+    /// (`Store::append_refs_reusing`): counted dead already, so a record recorded there moves
+    /// its bytes from dead to live, and one left unreferenced adds no dead bytes.
+    pub reused: HashSet<(PackId, u64)>,
     /// Reference drops not applied yet: they are applied at the end of the transaction, so a
     /// chunk that one slot gives up and another slot takes in the same transaction (data moved
     /// within a file, or between clones) never drops out of the index in between.
@@ -140,6 +146,8 @@ impl<'txn> ChunkTables<'txn> {
             deferred: txn.open_table(schema::PACK_DEFERRED)?,
             counters: txn.open_table(schema::COUNTERS)?,
             released: Vec::new(),
+            died: Vec::new(),
+            reused: HashSet::new(),
             pending: Vec::new(),
             acct: Accounting::default(),
         })
@@ -307,8 +315,19 @@ impl<'txn> ChunkTables<'txn> {
 
     /// Count a record nothing references (a copy made by compaction that lost a race).
     pub fn add_dead(&mut self, loc: &ChunkLoc) -> Result<(), StoreError> {
-        self.acct.pack(loc.pack, 0, record_bytes(loc) as i64);
+        if !self.reused.remove(&(loc.pack, loc.offset)) {
+            self.acct.pack(loc.pack, 0, record_bytes(loc) as i64);
+        }
         Ok(())
+    }
+
+    /// A record now in the index ([`Accounting::recorded`]); written over a dead record
+    /// (`reused`), its bytes stop counting as dead.
+    fn record_live(&mut self, l: &ChunkLoc) {
+        self.acct.recorded(l);
+        if self.reused.remove(&(l.pack, l.offset)) {
+            self.acct.pack(l.pack, 0, -(record_bytes(l) as i64));
+        }
     }
 
     /// Account records appended for this transaction that the index does not point at: the
@@ -335,17 +354,21 @@ impl<'txn> ChunkTables<'txn> {
     /// needed. Also counts the recorded records stored uncompressed (`raw`) as waiting for
     /// compaction to compress them. One counter update per pack: a batch of random 4 KiB
     /// writes appends thousands of raw records to the same pack.
+    /// `over`: the places of dead records they were written over (`store::reuse`), whose
+    /// bytes count as waiting already (a place is taken by a record of its exact size, and a
+    /// whole chunk that size was stored raw: zstd's output is kept only when smaller).
     pub fn settle_flushed<'a>(
         &mut self,
         appended: impl IntoIterator<Item = (&'a ChunkId, &'a ChunkLoc)>,
         recorded: &HashSet<ChunkId>,
         raw: &HashSet<ChunkId>,
+        over: &HashSet<(PackId, u64)>,
     ) -> Result<(), StoreError> {
         let mut waiting: HashMap<u32, u64> = HashMap::new();
         for (id, loc) in appended {
             if !recorded.contains(id) {
                 self.add_dead(loc)?;
-            } else if raw.contains(id) {
+            } else if raw.contains(id) && !over.contains(&(loc.pack, loc.offset)) {
                 *waiting.entry(loc.pack.0).or_default() += record_bytes(loc);
             }
         }
@@ -385,7 +408,7 @@ impl<'txn> ChunkTables<'txn> {
             .insert(k.0, new.as_slice())?
             .map(|v| v.value().to_vec());
         let Some(raw) = replaced else {
-            self.acct.recorded(&l);
+            self.record_live(&l);
             return Ok(Reference {
                 key: k,
                 recorded: true,
@@ -410,7 +433,7 @@ impl<'txn> ChunkTables<'txn> {
             l.refs = cur.loc.refs + 1;
             self.put(k, id, &l)?;
             self.acct.chunks -= 1;
-            self.acct.recorded(&l);
+            self.record_live(&l);
             return Ok(Reference {
                 key: k,
                 recorded: true,
@@ -436,7 +459,7 @@ impl<'txn> ChunkTables<'txn> {
             None => self.new_alias(id)?,
         };
         self.put(key, id, &l)?;
-        self.acct.recorded(&l);
+        self.record_live(&l);
         Ok(Reference {
             key,
             recorded: true,
@@ -559,6 +582,7 @@ impl<'txn> ChunkTables<'txn> {
         if !loc.is_lost() {
             let r = record_bytes(&loc) as i64;
             self.acct.pack(loc.pack, -r, r);
+            self.died.push(loc);
         }
         self.acct.chunk(&loc, -1);
         self.released.push(e.id);
@@ -670,7 +694,8 @@ mod tests {
                 HashMap::from([(a, loc(100)), (b, loc(200)), (c, loc(500)), (d, loc(600))]);
             // c was compressed: it waits for nothing.
             let raw = HashSet::from([a, b, d]);
-            t.settle_flushed(&appended, &recorded, &raw).unwrap();
+            t.settle_flushed(&appended, &recorded, &raw, &HashSet::new())
+                .unwrap();
             let rec = record_bytes(&loc(0));
             assert_eq!(
                 t.acct.packs[&1].1 - dead_before,
@@ -683,7 +708,7 @@ mod tests {
             let e = ChunkId([5; 32]);
             assert!(t.incref_or_insert(&e, &loc(700)).unwrap().recorded);
             let e1 = HashSet::from([e]);
-            t.settle_flushed(&HashMap::from([(e, loc(700))]), &e1, &e1)
+            t.settle_flushed(&HashMap::from([(e, loc(700))]), &e1, &e1, &HashSet::new())
                 .unwrap();
             assert_eq!(waiting(&t), Some(3 * rec));
         }

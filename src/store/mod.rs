@@ -23,6 +23,7 @@ pub use index::{record_bytes, ChunkTables};
 pub use loc::{ChunkKey, ChunkLoc, IndexEntry};
 pub mod pack;
 pub mod remote;
+pub mod reuse;
 pub mod scan;
 pub mod tier;
 
@@ -100,6 +101,12 @@ pub struct Store {
     /// Readers hold it shared while they may read packs; compaction holds it exclusively to
     /// delete a pack, so no read that looked up an old location is still running.
     gate: parking_lot::RwLock<()>,
+    /// Readers' phases, so a dead record's place is used again only once no reader can still
+    /// read it (`reuse`).
+    grace: reuse::Grace,
+    /// Dead records' places on their way to being used again (`reuse`); a leaf.
+    places: Mutex<reuse::Places>,
+    reuse_stats: reuse::ReuseStats,
     /// Held shared by a writer from its first append until the transaction referencing the
     /// appended records has committed (or failed); compaction takes it exclusively once, after
     /// choosing its packs and before reading their live records. Without it, records appended
@@ -121,6 +128,12 @@ pub struct Store {
     /// recent packs' uncompressed records alone: they are likely rewritten, and dead, soon).
     last_append: Mutex<HashMap<PackId, std::time::Instant>>,
     zstd_level: i32,
+}
+
+/// A reader's hold on the packs (see [`Store::read_gate`]).
+pub struct ReadGate<'a> {
+    _pin: reuse::Pin<'a>,
+    _gate: parking_lot::RwLockReadGuard<'a, ()>,
 }
 
 /// What `Store::warm` did.
@@ -250,6 +263,9 @@ impl Store {
             io,
             active: Mutex::new(None),
             gate: parking_lot::RwLock::new(()),
+            grace: reuse::Grace::default(),
+            places: Mutex::new(reuse::Places::default()),
+            reuse_stats: reuse::ReuseStats::default(),
             appenders: parking_lot::RwLock::new(()),
             unsynced: Mutex::new(BTreeSet::new()),
             syncing: Mutex::new(()),
@@ -295,6 +311,61 @@ impl Store {
             }
         }
         r
+    }
+
+    /// [`Store::append_refs`] that writes each record over a dead record of the same size
+    /// where one is free (`reuse`), appending the others. With the locations, in order, the
+    /// places written over: the transaction that references them must say so
+    /// (`ChunkTables::reused`), and if it never commits they stay dead space as they were.
+    pub fn append_refs_reusing(
+        &self,
+        rs: &[RecordRef<'_>],
+    ) -> Result<(Vec<ChunkLoc>, Vec<reuse::Place>), StoreError> {
+        let lens: Vec<u32> = rs.iter().map(|r| r.payload.len() as u32).collect();
+        let places = self.take_places(&lens);
+        if places.iter().all(Option::is_none) {
+            return Ok((self.append_refs(rs)?, Vec::new()));
+        }
+        let mut out: Vec<Option<ChunkLoc>> = vec![None; rs.len()];
+        let mut written = Vec::new();
+        let mut rest = Vec::new();
+        let mut rest_at = Vec::new();
+        let mut buf = Vec::new();
+        for (i, (r, place)) in rs.iter().zip(&places).enumerate() {
+            let Some(h) = place else {
+                rest.push(*r);
+                rest_at.push(i);
+                continue;
+            };
+            buf.clear();
+            pack::write_record(&mut buf, &r.id, r.codec, r.raw_len, r.payload);
+            // Before the write: a failed or torn write leaves a place no commit references,
+            // but the next durable commit must not skip syncing what did reach the pack.
+            self.unsynced.lock().insert(h.pack);
+            if let Err(e) = self.io.write_at(h.pack, h.offset, &buf) {
+                return Err(e.into());
+            }
+            written.push(*h);
+            out[i] = Some(ChunkLoc {
+                pack: h.pack,
+                offset: h.offset,
+                stored_len: r.payload.len() as u32,
+                raw_len: r.raw_len,
+                codec: r.codec,
+                refs: 0,
+            });
+        }
+        if !rest.is_empty() {
+            for (i, l) in rest_at.into_iter().zip(self.append_refs(&rest)?) {
+                out[i] = Some(l);
+            }
+        }
+        Ok((
+            out.into_iter()
+                .map(|l| l.expect("every record placed"))
+                .collect(),
+            written,
+        ))
     }
 
     fn append_records(
@@ -351,9 +422,14 @@ impl Store {
             .collect())
     }
 
-    /// Shared hold on the pack-deletion gate (recursive: a reader may nest snapshots).
-    pub fn read_gate(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
-        self.gate.read_recursive()
+    /// Shared hold on the pack-deletion gate (recursive: a reader may nest snapshots), and a
+    /// pin of the reader phase that keeps dead records' places from being written over under
+    /// the reader (`reuse`). Take it before the snapshot whose locations the reads use.
+    pub fn read_gate(&self) -> ReadGate<'_> {
+        ReadGate {
+            _pin: self.grace.pin(),
+            _gate: self.gate.read_recursive(),
+        }
     }
 
     /// Start appending records that a transaction will reference: hold the guard until that
@@ -376,6 +452,8 @@ impl Store {
             ))));
         }
         let _no_readers = self.gate.write();
+        // None of its places is used again (its id may be used again by a new pack).
+        self.forget_places(pack);
         // Nothing references it any more: no durable commit needs its bytes.
         self.unsynced.lock().remove(&pack);
         self.io.remove(pack)?;

@@ -145,6 +145,19 @@ pub trait PackIo: Send + Sync {
     fn as_tier(&self) -> Option<&super::tier::TieredPackIo> {
         None
     }
+    /// Whether [`PackIo::write_at`] works: dead records' places may be written over
+    /// (`store::reuse`). Packs in an object store never change.
+    fn rewrites(&self) -> bool {
+        false
+    }
+    /// Write `data` over bytes of `pack` at `offset` (a dead record's place, never past the
+    /// end); synced by [`PackIo::sync`] as appends are.
+    fn write_at(&self, _pack: PackId, _offset: u64, _data: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "these packs are never written over",
+        ))
+    }
 }
 
 fn pack_header(pack: PackId) -> [u8; 16] {
@@ -323,6 +336,15 @@ impl PackIo for DirPackIo {
         Ok(off)
     }
 
+    fn rewrites(&self) -> bool {
+        true
+    }
+
+    fn write_at(&self, pack: PackId, offset: u64, data: &[u8]) -> io::Result<()> {
+        // `sync` makes it durable: fsync covers every write to the file, through any handle.
+        self.file(pack)?.write_all_at(data, offset)
+    }
+
     fn read_at(&self, pack: PackId, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let f = self.file(pack)?;
         let mut buf = vec![0u8; len];
@@ -383,11 +405,18 @@ impl PackIo for DirPackIo {
     }
 }
 
+/// Bytes a `MemPackIo::write_at` replaced: (offset, the old bytes).
+type Overwrite = (usize, Vec<u8>);
+
 /// In-memory packs for tests. `crash()` drops every byte appended after the last `sync`,
 /// which is what a power loss does to a real pack file.
 #[derive(Default)]
 pub struct MemPackIo {
     packs: Mutex<HashMap<PackId, (Vec<u8>, usize)>>,
+    /// Bytes written over (`write_at`) since the pack's last sync: (offset, the bytes that
+    /// were there), oldest first. A crash puts them back: a power loss may drop any write
+    /// the disk was not told to keep, and the engine must not care.
+    overwritten: Mutex<HashMap<PackId, Vec<Overwrite>>>,
     /// `pack_target` if set (tests of what spans several packs).
     target: Option<u64>,
 }
@@ -403,8 +432,24 @@ impl MemPackIo {
 
     /// Forget unsynced appends, as a power loss would.
     pub fn crash(&self) {
+        self.undo_overwrites();
         for (data, synced) in self.packs.lock().values_mut() {
             data.truncate(*synced);
+        }
+    }
+
+    /// Put back the bytes every unsynced `write_at` replaced, newest first.
+    fn undo_overwrites(&self) {
+        let mut packs = self.packs.lock();
+        for (pack, writes) in self.overwritten.lock().drain() {
+            if let Some((data, _)) = packs.get_mut(&pack) {
+                for (off, old) in writes.into_iter().rev() {
+                    let end = (off + old.len()).min(data.len());
+                    if off < end {
+                        data[off..end].copy_from_slice(&old[..end - off]);
+                    }
+                }
+            }
         }
     }
 
@@ -412,6 +457,7 @@ impl MemPackIo {
     /// pack's `n` unsynced bytes reached the disk (a prefix: appends are written in order),
     /// and the last kept byte of a torn record may be garbage, as a half-written sector is.
     pub fn crash_torn(&self, mut keep: impl FnMut(usize) -> usize) {
+        self.undo_overwrites();
         for (data, synced) in self.packs.lock().values_mut() {
             let unsynced = data.len() - *synced;
             let k = keep(unsynced).min(unsynced);
@@ -473,6 +519,25 @@ impl PackIo for MemPackIo {
         let mut packs = self.packs.lock();
         let (buf, synced) = packs.get_mut(&pack).ok_or_else(not_found)?;
         *synced = buf.len();
+        self.overwritten.lock().remove(&pack);
+        Ok(())
+    }
+    fn rewrites(&self) -> bool {
+        true
+    }
+    fn write_at(&self, pack: PackId, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut packs = self.packs.lock();
+        let (buf, _) = packs.get_mut(&pack).ok_or_else(not_found)?;
+        let (s, e) = (offset as usize, offset as usize + data.len());
+        if e > buf.len() {
+            return Err(io::Error::other("write past the end of a pack"));
+        }
+        self.overwritten
+            .lock()
+            .entry(pack)
+            .or_default()
+            .push((s, buf[s..e].to_vec()));
+        buf[s..e].copy_from_slice(data);
         Ok(())
     }
     fn len(&self, pack: PackId) -> io::Result<u64> {
@@ -485,6 +550,7 @@ impl PackIo for MemPackIo {
     }
     fn remove(&self, pack: PackId) -> io::Result<()> {
         self.packs.lock().remove(&pack);
+        self.overwritten.lock().remove(&pack);
         Ok(())
     }
 }
