@@ -7,8 +7,8 @@
 //! it takes pages the page cache holds already, as an in-place overwrite (nfs-ganesha's
 //! writes into an image) does. On a VM whose free memory goes back to its host, a new page
 //! costs a fault in the host: with packs whose pages were all cached, the VDI profile over NFS
-//! took 44-48 us of server CPU per I/O instead of 76-82 (`benches/README.md`, "Appends into
-//! cached pages"). ZFS uses freed blocks again the same way, once the transaction group that
+//! took 44-48 us of server CPU per I/O instead of 76-82 (`benches/README.md`, "Dead records
+//! written over in place"). ZFS uses freed blocks again the same way, once the transaction group that
 //! freed them is on disk.
 //!
 //! A record's place may be used again once:
