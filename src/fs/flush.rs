@@ -651,8 +651,11 @@ impl Engine {
                     let r = if pressure && !due {
                         e.flush_some(e.tuning.dirty_limit / 4)
                     } else {
+                        // The next one `interval` after this one ends, as when it only came
+                        // after a quiet `interval`.
+                        let r = e.sync_all();
                         synced_at = std::time::Instant::now();
-                        e.sync_all()
+                        r
                     };
                     if let Err(err) = r {
                         tracing::error!("background flush failed (will retry): {err}");
