@@ -303,6 +303,15 @@ mod tests {
         (ChunkId::of(&data), data)
     }
 
+    /// Append raw records of `chunks`; their locations.
+    fn append(s: &Store, chunks: &[(ChunkId, &Vec<u8>)]) -> Vec<ChunkLoc> {
+        let refs: Vec<RecordRef<'_>> = chunks
+            .iter()
+            .map(|(id, d)| RecordRef::uncompressed(*id, d))
+            .collect();
+        s.append_refs(&refs).unwrap()
+    }
+
     /// Protects acknowledged data and readers: a dead record's place is written over only
     /// once its death is durable and every reader older than that has ended, once, and a
     /// record of another size never takes it.
@@ -310,9 +319,7 @@ mod tests {
     fn a_place_is_taken_once_durable_and_unread() {
         let (s, _) = store();
         let (id, data) = chunk(1);
-        let loc = s
-            .append_refs(&[RecordRef::uncompressed(id, &data)])
-            .unwrap()[0];
+        let loc = append(&s, &[(id, &data)])[0];
         let len = loc.stored_len;
         s.record_deaths(7, false, &[loc]);
         assert_eq!(s.take_places(&[len]), vec![None], "death not durable yet");
@@ -340,12 +347,7 @@ mod tests {
         let (s, _) = store();
         let (a, da) = chunk(2);
         let (b, db) = chunk(3);
-        let locs = s
-            .append_refs(&[
-                RecordRef::uncompressed(a, &da),
-                RecordRef::uncompressed(b, &db),
-            ])
-            .unwrap();
+        let locs = append(&s, &[(a, &da), (b, &db)]);
         let len = locs[0].stored_len;
         s.record_deaths(0, true, &locs[..1]);
         let c = s.compacting(&[locs[0].pack]);
@@ -371,12 +373,7 @@ mod tests {
         let (a, da) = chunk(4);
         let (b, db) = chunk(5);
         let (c, dc) = chunk(6);
-        let locs = s
-            .append_refs(&[
-                RecordRef::uncompressed(a, &da),
-                RecordRef::uncompressed(b, &db),
-            ])
-            .unwrap();
+        let locs = append(&s, &[(a, &da), (b, &db)]);
         s.record_deaths(0, true, &locs[..1]);
         let before = io.len(locs[0].pack).unwrap();
         let (got, over) = s
