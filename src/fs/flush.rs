@@ -500,6 +500,8 @@ impl Engine {
             }
             w.chunks
                 .settle_flushed(&locs, &recorded, &deferred, &reused)?;
+            // Inside the transaction: no durable commit comes between this and the commit.
+            self.store.born(locs.values());
             w.put_inode(ino, &inode)
         });
         let stage = if durable {

@@ -627,6 +627,9 @@ impl Engine {
         };
         if durable {
             self.store.sync()?;
+            // From this commit on, every record born so far may be referenced by durable
+            // state (`store::reuse`); inside the transaction, so no commit comes between.
+            self.store.durable_point();
         }
         txn.commit()?;
         let number = self.commits.fetch_add(1, Ordering::SeqCst);
@@ -706,6 +709,8 @@ impl Engine {
             return Ok(0);
         }
         let mut db = self.db.write();
+        // Compaction rewrites the file durably: whatever is committed becomes durable.
+        self.store.durable_point();
         match db.compact() {
             Ok(_) => {}
             // A transaction is still open (a client call in flight): next time.

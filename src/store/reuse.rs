@@ -14,7 +14,10 @@
 //! A record's place may be used again once:
 //! 1. its death is durable: the commit that dropped its last reference is covered by a
 //!    durable commit, so no state a crash or power loss can return to references it (a
-//!    write into it that a crash tears leaves bytes nothing reads);
+//!    write into it that a crash tears leaves bytes nothing reads). A record born and dead
+//!    between two durable commits (a chunk flushed twice within one flush interval) was never
+//!    referenced by durable state, so its death needs no durable commit (ZFS frees a block
+//!    born in the open transaction group at once the same way): see [`Store::born`];
 //! 2. no reader can still read it: every snapshot that began before that commit has ended
 //!    ([`Grace`]);
 //! 3. its pack is not being compacted ([`Store::compacting`]: compaction copies live records
@@ -127,6 +130,9 @@ pub(crate) struct Places {
     undurable: VecDeque<(u64, Place)>,
     /// Durable deaths by the reader phase when they became durable, oldest first.
     durable: VecDeque<(u64, Place)>,
+    /// Records born since the last durable commit (`Store::born`), by pack and offset: no
+    /// state a crash can return to references them.
+    young: HashSet<(PackId, u64)>,
     /// Free to take, by payload length.
     ready: HashMap<u32, Vec<Place>>,
     ready_count: usize,
@@ -143,6 +149,7 @@ impl Places {
     fn forget(&mut self, packs: &HashSet<PackId>) {
         self.undurable.retain(|(_, h)| !packs.contains(&h.pack));
         self.durable.retain(|(_, h)| !packs.contains(&h.pack));
+        self.young.retain(|(pack, _)| !packs.contains(pack));
         let mut count = 0;
         for v in self.ready.values_mut() {
             v.retain(|h| !packs.contains(&h.pack));
@@ -201,12 +208,41 @@ impl Store {
                 continue;
             }
             let h = Place::of(loc);
-            if durable {
+            // Born since the last durable commit: never referenced by durable state.
+            let young = p.young.remove(&(loc.pack, loc.offset));
+            if durable || young {
                 p.durable.push_back((phase, h));
             } else {
                 p.undurable.push_back((commit, h));
             }
         }
+    }
+
+    /// Records the commit being made references for the first time (new appends and places
+    /// written over). Call it inside that commit's transaction, before it commits: the
+    /// transaction holds the metadata writer lock, so no durable commit can come between
+    /// this call and the commit. Until [`Store::durable_point`], a crash returns to a state
+    /// that does not reference them, so if they die meanwhile their places need no durable
+    /// commit before being used again.
+    pub fn born<'a>(&self, locs: impl IntoIterator<Item = &'a ChunkLoc>) {
+        if !self.io().rewrites() {
+            return;
+        }
+        let mut p = self.places.lock();
+        for loc in locs {
+            // Past the bound a record is simply treated as durable: it waits longer.
+            if p.young.len() >= MAX_WAITING {
+                break;
+            }
+            p.young.insert((loc.pack, loc.offset));
+        }
+    }
+
+    /// A durable commit is being made: every record born so far may be referenced by durable
+    /// state from now on. Call it inside that commit's transaction, before it commits (if the
+    /// commit then fails, those records only wait longer).
+    pub fn durable_point(&self) {
+        self.places.lock().young.clear();
     }
 
     /// Every commit numbered below `upto` is durable.
@@ -338,6 +374,52 @@ mod tests {
         assert_eq!((place.pack, place.offset), (loc.pack, loc.offset));
         assert_eq!(s.take_places(&[len]), vec![None], "taken twice");
         assert_eq!(s.reused().0, 1);
+    }
+
+    /// Protects acknowledged data: a record born after the last durable commit and dead before
+    /// the next is free once unread, without a durable commit; one born before a durable
+    /// commit waits for the durable commit that covers its death.
+    #[test]
+    fn a_record_never_durable_is_free_once_unread() {
+        let (s, _) = store();
+        let (a, da) = chunk(7);
+        let (b, db) = chunk(8);
+        let locs = append(&s, &[(a, &da), (b, &db)]);
+        let len = locs[0].stored_len;
+        s.born(&locs[..1]);
+        s.durable_point();
+        s.born(&locs[1..]);
+        let reader = s.read_gate();
+        s.record_deaths(5, false, &locs);
+        assert_eq!(
+            s.take_places(&[len]),
+            vec![None],
+            "a reader may still read it"
+        );
+        drop(reader);
+        let got: Vec<u64> = s
+            .take_places(&[len, len])
+            .iter()
+            .flatten()
+            .map(|h| h.offset)
+            .collect();
+        assert_eq!(
+            got,
+            vec![locs[1].offset],
+            "only the record born after the durable commit"
+        );
+        s.deaths_durable(6);
+        let got: Vec<u64> = s
+            .take_places(&[len])
+            .iter()
+            .flatten()
+            .map(|h| h.offset)
+            .collect();
+        assert_eq!(
+            got,
+            vec![locs[0].offset],
+            "the older one once its death is durable"
+        );
     }
 
     /// Protects compaction's copies: no place in a pack being compacted is taken, and deaths
