@@ -400,8 +400,10 @@ impl Engine {
                 })
                 .collect()
         };
-        let mut append =
-            |prepared: Vec<Prepared<'_>>| -> FsResult<Vec<(ChunkId, crate::store::ChunkLoc)>> {
+        // `rewritable`: the group is mostly chunks rewritten in part, whose next versions will
+        // likely be written over these records (`PackIo::append_rewritable`).
+        let mut append = |(prepared, rewritable): (Vec<Prepared<'_>>, bool)|
+         -> FsResult<Vec<(ChunkId, crate::store::ChunkLoc)>> {
                 let refs: Vec<RecordRef<'_>> = prepared
                     .iter()
                     .map(|p| match p {
@@ -411,11 +413,13 @@ impl Engine {
                     .collect();
                 let (ls, over) = self
                     .timings
-                    .time(Stage::Append, || self.store.append_refs_reusing(&refs))?;
+                    .time(Stage::Append, || {
+                        self.store.append_refs_reusing(&refs, rewritable)
+                    })?;
                 reused.extend(over.iter().map(|p| (p.pack, p.offset)));
                 Ok(refs.iter().map(|r| r.id).zip(ls).collect())
             };
-        let mut pending: Option<Vec<Prepared<'_>>> = None;
+        let mut pending: Option<(Vec<Prepared<'_>>, bool)> = None;
         let mut appending = || -> FsResult<()> {
             for group in need.chunks(256) {
                 let prev = pending.take();
@@ -423,7 +427,8 @@ impl Engine {
                 if let Some(a) = appended {
                     locs.extend(a?);
                 }
-                pending = Some(encoded);
+                let partial = group.iter().filter(|(_, i)| hot.contains(i)).count();
+                pending = Some((encoded, 2 * partial > group.len()));
             }
             if let Some(p) = pending.take() {
                 locs.extend(append(p)?);

@@ -300,9 +300,19 @@ impl Store {
     /// [`Store::append_many`] of borrowed records: a chunk stored raw goes from the
     /// write-back buffer into the append buffer without a copy of its own.
     pub fn append_refs(&self, rs: &[RecordRef<'_>]) -> Result<Vec<ChunkLoc>, StoreError> {
+        self.append_refs_as(rs, false)
+    }
+
+    /// [`Store::append_refs`]; `rewritable`: the records are likely to be written over in
+    /// place later ([`PackIo::append_rewritable`]).
+    fn append_refs_as(
+        &self,
+        rs: &[RecordRef<'_>],
+        rewritable: bool,
+    ) -> Result<Vec<ChunkLoc>, StoreError> {
         let mut buf = APPEND_BUFS.lock().pop().unwrap_or_default();
         buf.clear();
-        let r = self.append_records(rs, &mut buf);
+        let r = self.append_records(rs, &mut buf, rewritable);
         // Kept for a later append, unless unusually large or enough are kept already.
         if buf.capacity() <= 2 * MAX_COALESCED_READ as usize {
             let mut spare = APPEND_BUFS.lock();
@@ -317,14 +327,17 @@ impl Store {
     /// where one is free (`reuse`), appending the others. With the locations, in order, the
     /// places written over: the transaction that references them must say so
     /// (`ChunkTables::reused`), and if it never commits they stay dead space as they were.
+    /// `rewritable`: the appended records are likely to be written over in turn (chunks
+    /// rewritten in part), so they are laid out for it ([`PackIo::append_rewritable`]).
     pub fn append_refs_reusing(
         &self,
         rs: &[RecordRef<'_>],
+        rewritable: bool,
     ) -> Result<(Vec<ChunkLoc>, Vec<reuse::Place>), StoreError> {
         let lens: Vec<u32> = rs.iter().map(|r| r.payload.len() as u32).collect();
         let places = self.take_places(&lens);
         if places.iter().all(Option::is_none) {
-            return Ok((self.append_refs(rs)?, Vec::new()));
+            return Ok((self.append_refs_as(rs, rewritable)?, Vec::new()));
         }
         let mut out: Vec<Option<ChunkLoc>> = vec![None; rs.len()];
         let mut written = Vec::new();
@@ -356,7 +369,10 @@ impl Store {
             });
         }
         if !rest.is_empty() {
-            for (i, l) in rest_at.into_iter().zip(self.append_refs(&rest)?) {
+            for (i, l) in rest_at
+                .into_iter()
+                .zip(self.append_refs_as(&rest, rewritable)?)
+            {
                 out[i] = Some(l);
             }
         }
@@ -372,6 +388,7 @@ impl Store {
         &self,
         es: &[RecordRef<'_>],
         buf: &mut Vec<u8>,
+        rewritable: bool,
     ) -> Result<Vec<ChunkLoc>, StoreError> {
         let mut rel = Vec::with_capacity(es.len());
         for e in es {
@@ -402,7 +419,11 @@ impl Store {
                 })
             }
         };
-        let offset = self.io.append(a.pack, buf)?;
+        let offset = if rewritable {
+            self.io.append_rewritable(a.pack, buf)?
+        } else {
+            self.io.append(a.pack, buf)?
+        };
         a.len = offset + buf.len() as u64;
         self.last_append
             .lock()

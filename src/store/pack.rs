@@ -102,6 +102,12 @@ pub trait PackIo: Send + Sync {
     fn create(&self, pack: PackId) -> io::Result<()>;
     /// Append bytes at the end; returns the offset they were written at.
     fn append(&self, pack: PackId, data: &[u8]) -> io::Result<u64>;
+    /// [`PackIo::append`] of records likely to be written over in place later (chunks
+    /// rewritten in part: their next versions take these records' places, `store::reuse`),
+    /// laid out for cheap small writes into them.
+    fn append_rewritable(&self, pack: PackId, data: &[u8]) -> io::Result<u64> {
+        self.append(pack, data)
+    }
     /// Read exactly `len` bytes at `offset`.
     fn read_at(&self, pack: PackId, offset: u64, len: usize) -> io::Result<Vec<u8>>;
     /// Read exactly `buf.len()` bytes at `offset` into `buf` (a buffer the caller reuses).
@@ -284,13 +290,53 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Most bytes of one write when appending to a pack (64 KiB). The kernel (6.x) sizes the
-/// page-cache folios of a buffered write by the write, and ext4 walks every block of a folio
-/// for each later write into it: a 16 KiB record written over a dead one (`store::reuse`) in a
-/// pack appended in 4 MiB writes (2 MiB folios) took 8.4 us of system time against 3.5 us in
-/// one appended in 64 KiB writes, and the appends themselves cost no more (`benches/README.md`,
+/// Most bytes of one write when appending records likely to be written over in place
+/// (`PackIo::append_rewritable`; 64 KiB). The kernel (6.x) sizes the page-cache folios of a
+/// buffered write by the write, and ext4 walks every block of a folio for each later write into
+/// it: a 16 KiB record written over a dead one (`store::reuse`) in a pack appended in 4 MiB
+/// writes (2 MiB folios) took 8.4 us of system time against 3.5 us in one appended in 64 KiB
+/// writes. Other appends stay one write: a 2 GiB copy appended in 64 KiB writes took twice the
+/// system time once memory freed by a deleted file was there to reuse (`benches/README.md`,
 /// "Folios of appended packs").
 const APPEND_PIECE: u64 = 64 * 1024;
+
+impl DirPackIo {
+    /// Append `data` in writes that end on multiples of `piece` bytes.
+    fn append_in_pieces(&self, pack: PackId, data: &[u8], piece: u64) -> io::Result<u64> {
+        let f = self.file(pack)?;
+        let mut ends = self.ends.lock();
+        let e = match ends.entry(pack) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let end = f.metadata()?.len();
+                v.insert(End {
+                    end,
+                    unsynced: None,
+                    kicked: end,
+                })
+            }
+        };
+        let off = e.end;
+        let w = e.unsynced.get_or_insert(f);
+        // In pieces that end on multiples of `piece`, so the page cache holds the appended
+        // bytes in folios of at most that size.
+        let (mut at, mut rest) = (off, data);
+        while !rest.is_empty() {
+            let n = rest.len().min((piece - at % piece) as usize);
+            w.write_all_at(&rest[..n], at)?;
+            at += n as u64;
+            rest = &rest[n..];
+        }
+        // A short write (full disk) leaves a torn record past `end`; the next append
+        // overwrites it, and nothing references it.
+        e.end = off + data.len() as u64;
+        if e.end - e.kicked >= WRITEBACK_STEP {
+            start_writeback(w, e.kicked, e.end - e.kicked);
+            e.kicked = e.end;
+        }
+        Ok(off)
+    }
+}
 
 impl PackIo for DirPackIo {
     fn create(&self, pack: PackId) -> io::Result<()> {
@@ -318,38 +364,11 @@ impl PackIo for DirPackIo {
     }
 
     fn append(&self, pack: PackId, data: &[u8]) -> io::Result<u64> {
-        let f = self.file(pack)?;
-        let mut ends = self.ends.lock();
-        let e = match ends.entry(pack) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let end = f.metadata()?.len();
-                v.insert(End {
-                    end,
-                    unsynced: None,
-                    kicked: end,
-                })
-            }
-        };
-        let off = e.end;
-        let w = e.unsynced.get_or_insert(f);
-        // In pieces that end on multiples of `APPEND_PIECE`, so the page cache holds the
-        // pack in folios of at most that size.
-        let (mut at, mut rest) = (off, data);
-        while !rest.is_empty() {
-            let n = rest.len().min((APPEND_PIECE - at % APPEND_PIECE) as usize);
-            w.write_all_at(&rest[..n], at)?;
-            at += n as u64;
-            rest = &rest[n..];
-        }
-        // A short write (full disk) leaves a torn record past `end`; the next append
-        // overwrites it, and nothing references it.
-        e.end = off + data.len() as u64;
-        if e.end - e.kicked >= WRITEBACK_STEP {
-            start_writeback(w, e.kicked, e.end - e.kicked);
-            e.kicked = e.end;
-        }
-        Ok(off)
+        self.append_in_pieces(pack, data, u64::MAX)
+    }
+
+    fn append_rewritable(&self, pack: PackId, data: &[u8]) -> io::Result<u64> {
+        self.append_in_pieces(pack, data, APPEND_PIECE)
     }
 
     fn rewrites(&self) -> bool {
@@ -610,7 +629,7 @@ mod tests {
         assert_eq!(io.list().unwrap(), vec![PackId(7)]);
     }
 
-    /// Protects appends written in pieces (`APPEND_PIECE`): batches larger than a piece, from
+    /// Protects appends written in pieces (`append_rewritable`): batches larger than a piece, from
     /// offsets that are not on a piece boundary, land whole, back to back, where `append` said.
     #[test]
     fn dir_io_appends_large_batches_whole_in_pieces() {
@@ -626,7 +645,7 @@ mod tests {
         let mut expect = Vec::new();
         for (i, n) in sizes.into_iter().enumerate() {
             let data: Vec<u8> = (0..n).map(|j| (j * 31 + i * 7) as u8).collect();
-            let off = io.append(PackId(3), &data).unwrap();
+            let off = io.append_rewritable(PackId(3), &data).unwrap();
             expect.push((off, data));
         }
         let mut end = PACK_HEADER_LEN;

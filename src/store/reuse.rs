@@ -459,7 +459,7 @@ mod tests {
         s.record_deaths(0, true, &locs[..1]);
         let before = io.len(locs[0].pack).unwrap();
         let (got, over) = s
-            .append_refs_reusing(&[RecordRef::uncompressed(c, &dc)])
+            .append_refs_reusing(&[RecordRef::uncompressed(c, &dc)], false)
             .unwrap();
         assert_eq!(over.len(), 1);
         assert_eq!((got[0].pack, got[0].offset), (locs[0].pack, locs[0].offset));
