@@ -165,12 +165,9 @@ fn new_engine() -> (Engine, CrashDisk, Arc<MemPackIo>) {
     (e, disk, io)
 }
 
-/// Protects fsynced data from `store::reuse`: the place of a record whose death is not
-/// durable yet is never written over, so after a kill -9 (metadata back at the last durable
-/// commit, packs keeping every write) each record that commit references reads intact.
-#[test]
-fn a_record_is_written_over_only_once_its_death_is_durable() {
-    let (e, mut disk, io) = new_engine();
+/// A file `f` written with one seed's chunks and fsynced, then rewritten with the chunks of
+/// each seed in `rewrites`, each rewrite flushed without a durable commit; the fsynced content.
+fn fsynced_then_rewritten(e: &Engine, rewrites: std::ops::Range<u64>) -> Vec<u8> {
     let f = e
         .mknod(InodeId::ROOT, b"f", Kind::File, 0o644, 0, Ctx::ROOT)
         .unwrap()
@@ -179,22 +176,37 @@ fn a_record_is_written_over_only_once_its_death_is_durable() {
     let durable = chunk(1);
     e.write(f, 0, &durable).unwrap();
     e.fsync(f).unwrap();
-    // Rewrites committed, never durably: the first one's records die, the next ones would
-    // take their places if deaths counted before they are durable.
-    for seed in 2..6 {
+    for seed in rewrites {
         e.write(f, 0, &chunk(seed)).unwrap();
         e.flush_ino(f, false).unwrap();
     }
-    let img = disk.kill_image();
-    drop(e);
-    disk = CrashDisk::from_image(img);
-    let e = open(&disk, &io);
+    durable
+}
+
+/// After the crash that left `img`: `f` reads `durable` and fsck finds nothing.
+fn reads_back_after(img: Vec<u8>, io: &Arc<MemPackIo>, durable: &[u8]) {
+    let disk = CrashDisk::from_image(img);
+    let e = open(&disk, io);
     assert!(
         read_all(&e, "f") == durable,
         "fsynced data lost to a rewrite"
     );
     let r = e.fsck(&|_, _| {}).unwrap();
     assert!(r.problems.is_empty(), "{:?}", r.problems);
+}
+
+/// Protects fsynced data from `store::reuse`: the place of a record whose death is not
+/// durable yet is never written over, so after a kill -9 (metadata back at the last durable
+/// commit, packs keeping every write) each record that commit references reads intact.
+#[test]
+fn a_record_is_written_over_only_once_its_death_is_durable() {
+    let (e, disk, io) = new_engine();
+    // Rewrites committed, never durably: the first one's records die, the next ones would
+    // take their places if deaths counted before they are durable.
+    let durable = fsynced_then_rewritten(&e, 2..6);
+    let img = disk.kill_image();
+    drop(e);
+    reads_back_after(img, &io, &durable);
 }
 
 /// Protects fsynced data from `store::reuse`'s young records: a record flushed after the
@@ -204,19 +216,8 @@ fn a_record_is_written_over_only_once_its_death_is_durable() {
 #[test]
 fn a_record_never_durable_is_written_over_at_once_and_fsynced_data_survives() {
     for power_loss in [false, true] {
-        let (e, mut disk, io) = new_engine();
-        let f = e
-            .mknod(InodeId::ROOT, b"f", Kind::File, 0o644, 0, Ctx::ROOT)
-            .unwrap()
-            .ino;
-        let chunk = |seed| crate::fs::testutil::unique_data(seed, 16, C as usize);
-        let durable = chunk(1);
-        e.write(f, 0, &durable).unwrap();
-        e.fsync(f).unwrap();
-        for seed in 2..8 {
-            e.write(f, 0, &chunk(seed)).unwrap();
-            e.flush_ino(f, false).unwrap();
-        }
+        let (e, disk, io) = new_engine();
+        let durable = fsynced_then_rewritten(&e, 2..8);
         // Seeds 2..4 appended; from seed 4 on each flush goes over a record of seed - 2 (its
         // death a flush ago, never durable). The fsynced records' deaths are not durable.
         let (reused, _, _) = e.store.reused();
@@ -235,14 +236,7 @@ fn a_record_never_durable_is_written_over_at_once_and_fsynced_data_survives() {
             disk.kill_image()
         };
         drop(e);
-        disk = CrashDisk::from_image(img);
-        let e = open(&disk, &io);
-        assert!(
-            read_all(&e, "f") == durable,
-            "fsynced data lost to a rewrite"
-        );
-        let r = e.fsck(&|_, _| {}).unwrap();
-        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        reads_back_after(img, &io, &durable);
     }
 }
 

@@ -376,6 +376,11 @@ mod tests {
         assert_eq!(s.reused().0, 1);
     }
 
+    /// Offsets of the places taken.
+    fn offsets(places: Vec<Option<Place>>) -> Vec<u64> {
+        places.iter().flatten().map(|h| h.offset).collect()
+    }
+
     /// Protects acknowledged data: a record born after the last durable commit and dead before
     /// the next is free once unread, without a durable commit; one born before a durable
     /// commit waits for the durable commit that covers its death.
@@ -397,26 +402,14 @@ mod tests {
             "a reader may still read it"
         );
         drop(reader);
-        let got: Vec<u64> = s
-            .take_places(&[len, len])
-            .iter()
-            .flatten()
-            .map(|h| h.offset)
-            .collect();
         assert_eq!(
-            got,
+            offsets(s.take_places(&[len, len])),
             vec![locs[1].offset],
             "only the record born after the durable commit"
         );
         s.deaths_durable(6);
-        let got: Vec<u64> = s
-            .take_places(&[len])
-            .iter()
-            .flatten()
-            .map(|h| h.offset)
-            .collect();
         assert_eq!(
-            got,
+            offsets(s.take_places(&[len])),
             vec![locs[0].offset],
             "the older one once its death is durable"
         );
