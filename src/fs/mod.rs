@@ -709,7 +709,8 @@ impl Engine {
             return Ok(0);
         }
         let mut db = self.db.write();
-        // Compaction rewrites the file durably: whatever is committed becomes durable.
+        // Compaction commits, and may make whatever is committed durable: records born so far
+        // count as referenced by durable state from here on (`store::reuse`).
         self.store.durable_point();
         match db.compact() {
             Ok(_) => {}
