@@ -297,9 +297,9 @@ fn be32(b: &[u8], at: &mut usize) -> u32 {
 }
 
 /// Protects: READ replies on the wire carry exactly the bytes read, padded to 4 bytes, each
-/// in a record of the right length, also pipelined (the data leaves from its own buffer after
-/// the packed reply, and its padding before the next record's mark: a slip in either shifts
-/// every reply after it).
+/// in a record of the right length, also pipelined (data over 64 KiB leaves from its own
+/// buffer after the packed reply, and its padding before the next record's mark; smaller data
+/// is copied in with the replies around it: a slip in either shifts every reply after it).
 #[tokio::test(flavor = "multi_thread")]
 async fn read_replies_are_framed_on_the_wire() {
     use nfs3_server::tcp::{NFSTcp, NFSTcpListener};
@@ -308,7 +308,8 @@ async fn read_replies_are_framed_on_the_wire() {
     let (fs, _) = nfs();
     let root = fs.root_dir();
     let (h, _) = fs.create(&root, &n("f"), sattr3::default()).await.unwrap();
-    let content = data(9, 3 * 4096 + 5);
+    // Over 64 KiB, so a whole-file READ takes the path of bulk data.
+    let content = data(9, 20 * 4096 + 5);
     fs.write(&h, 0, &content, stable_how::FILE_SYNC)
         .await
         .unwrap();
@@ -321,9 +322,16 @@ async fn read_replies_are_framed_on_the_wire() {
 
     let mut fh = generation.to_le_bytes().to_vec();
     fh.extend_from_slice(h.as_bytes());
-    // (offset, count): odd lengths (pads of 1, 3 and 2 bytes), a read past the end of the
-    // file (short, eof) and one at it (no data at all).
-    let reads: [(u64, u32); 5] = [(1, 8191), (0, 1 << 20), (4093, 2), (12_000, 4), (12_293, 9)];
+    // (offset, count): odd lengths (pads of 1, 3 and 2 bytes), the whole file (81 925 bytes,
+    // bulk), a read past the end of the file (short, eof) and one at it (no data at all).
+    let reads: [(u64, u32); 6] = [
+        (1, 8191),
+        (0, 1 << 20),
+        (4093, 2),
+        (12_000, 4),
+        (81_923, 4),
+        (81_925, 9),
+    ];
     let mut calls = Vec::new();
     for (i, (off, count)) in reads.iter().enumerate() {
         let mut args = (fh.len() as u32).to_be_bytes().to_vec();
