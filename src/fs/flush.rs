@@ -25,6 +25,31 @@ pub(crate) type Base = Arc<Vec<u8>>;
 /// waited (VDI profile, QD4 over NFS, two cores): 8 keep each hold to tens of microseconds.
 const COMPLETE_GROUP: usize = 8;
 
+/// Background flush batches run on one core while less than this share of the dirty limit
+/// (numerator, denominator) is dirty; past it, on every core (rayon's global pool). See
+/// [`calm_pool`].
+const CALM_BELOW: (u64, u64) = (3, 4);
+
+/// A rayon pool of one thread for background flush batches while the write-back buffer is
+/// calm. A batch hashes, compresses and loads on every core of the global pool, and on two
+/// cores that took both from the request threads (and the client) for the 50-150 ms of a
+/// batch: the latency tail of the VDI profile came in such episodes (fio's latency log, 5 ms
+/// windows). On one core the batch leaves the other to requests: write p99 at QD4 1.56/1.61
+/// -> 1.06/1.12 ms, at QD16 3.36/3.62 -> 2.54/2.70 ms, with as many IOPS or more (alternated
+/// `prof` pairs, benches/README.md). A buffer filling faster than one core flushes crosses
+/// [`CALM_BELOW`] and the batches spread over every core again. Shared by the process's
+/// engines (one per served datastore; tests make many), built on first use.
+fn calm_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "tessera-flush1".into())
+            .build()
+            .expect("start the flusher's one-thread pool")
+    })
+}
+
 /// Flusher ticks without a commit before the metadata file is compacted (at the default 5 s
 /// interval: 30 s of quiet).
 const QUIET_TICKS_BEFORE_COMPACT: u32 = 6;
@@ -693,14 +718,22 @@ impl Engine {
             .expect("spawn flusher thread")
     }
 
-    /// Flush files (not durably), a batch at a time, until at most `target` bytes are dirty.
+    /// Flush files (not durably), a batch at a time, until at most `target` bytes are dirty;
+    /// each batch on one core while the buffer is calm ([`calm_pool`]).
     pub(crate) fn flush_some(&self, target: u64) -> FsResult<()> {
         let inos: Vec<InodeId> = self.files.iter().map(|e| *e.key()).collect();
         let mut failed = None;
         for ino in inos {
             while self.dirty_bytes() > target {
                 let batch = (self.tuning.dirty_limit / FLUSH_BATCH_SHARE / self.chunk_size).max(64);
-                match self.flush_part(ino, Some(batch as usize)) {
+                let calm =
+                    self.dirty_bytes() < self.tuning.dirty_limit / CALM_BELOW.1 * CALM_BELOW.0;
+                let r = if calm {
+                    calm_pool().install(|| self.flush_part(ino, Some(batch as usize)))
+                } else {
+                    self.flush_part(ino, Some(batch as usize))
+                };
+                match r {
                     Ok(true) => {}
                     Ok(false) => break,
                     // This file's other chunks are committed; go on with the next file.
