@@ -22,9 +22,10 @@ declare -A MOUNT_PID=()   # mount point -> pid of its `tessera mount` process
 MOUNT_SEQ=0
 TEST_TMP=
 
-log()  { printf '[%s] %s\n' "$SUITE" "$*" >&2; }
-step() { printf '\n[%s] --- %s\n' "$SUITE" "$*" >&2; }
-fail() { printf '[%s] FAIL: %s\n' "$SUITE" "$*" >&2; exit 1; }
+# Each line carries the seconds since the suite started: a failure in CI says when it came.
+log()  { printf '[%s +%ss] %s\n' "$SUITE" "$SECONDS" "$*" >&2; }
+step() { printf '\n[%s +%ss] --- %s\n' "$SUITE" "$SECONDS" "$*" >&2; }
+fail() { printf '[%s +%ss] FAIL: %s\n' "$SUITE" "$SECONDS" "$*" >&2; exit 1; }
 
 [ -x "$TESSERA" ] || fail "tessera binary not found at $TESSERA (run: make build, or set TESSERA)"
 [ -c /dev/fuse ] || fail "/dev/fuse is missing: FUSE is not available on this machine"
@@ -336,14 +337,25 @@ start_moto() {
     [ -z "$S3_EP" ] || return 0
     [ -x "$MOTO_SERVER" ] || fail "no moto server at $MOTO_SERVER (.ci/deps.sh installs it)"
     command -v curl >/dev/null || fail "curl is required"
-    local port pid
-    port=$((20000 + RANDOM % 20000))
-    "$MOTO_SERVER" -H 127.0.0.1 -p "$port" >"$TEST_TMP/logs/moto.log" 2>&1 &
-    pid=$!
-    BG_PIDS+=("$pid")
-    S3_EP=http://127.0.0.1:$port
-    for _ in $(seq 1 100); do curl -sf -o /dev/null "$S3_EP/" && break; sleep 0.2; done
-    curl -sf -o /dev/null "$S3_EP/" || fail "moto did not start (log: $TEST_TMP/logs/moto.log)"
+    local port pid try up=
+    # A port the kernel hands out as free (a random one may be taken by another socket), and a
+    # new one if moto still loses it; up to 60 s per try: a loaded CI machine starts it slowly.
+    for try in 1 2 3; do
+        port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        "$MOTO_SERVER" -H 127.0.0.1 -p "$port" >"$TEST_TMP/logs/moto.log" 2>&1 &
+        pid=$!
+        BG_PIDS+=("$pid")
+        S3_EP=http://127.0.0.1:$port
+        for _ in $(seq 1 300); do
+            curl -sf -o /dev/null "$S3_EP/" && { up=1; break; }
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        [ -z "$up" ] || break
+        log "moto did not come up on port $port (try $try): $(tail -n 1 "$TEST_TMP/logs/moto.log")"
+        kill "$pid" 2>/dev/null || true
+    done
+    [ -n "$up" ] || fail "moto did not start (log: $TEST_TMP/logs/moto.log)"
     curl -sf -X PUT -o /dev/null "$S3_EP/vdi" || fail "cannot create the bucket"
     export AWS_ACCESS_KEY_ID=tessera-test AWS_SECRET_ACCESS_KEY=tessera-test-secret
     log "S3 API server (moto) at $S3_EP, bucket vdi"

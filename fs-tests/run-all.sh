@@ -57,6 +57,8 @@ sweep_mounts() {
     done
 }
 
+OUT_DIR=$(mktemp -d "$TEST_ROOT/tessera-fs-tests-out.XXXXXX")
+trap 'rm -rf -- "$OUT_DIR"' EXIT
 declare -A result=() took=()
 failed=0
 for s in "${suites[@]}"; do
@@ -69,8 +71,13 @@ for s in "${suites[@]}"; do
         result[$s]="SKIP (needs root)" took[$s]=0
         continue
     fi
-    start=$SECONDS rc=0
-    timeout -k 60 "$limit" "$script" </dev/null || rc=$?
+    start=$SECONDS
+    # The suite's output is kept, so the summary can repeat a failure's last lines: CI shows
+    # only the tail of the run.
+    set +e
+    timeout -k 60 "$limit" "$script" </dev/null 2>&1 | tee "$OUT_DIR/$s.log"
+    rc=${PIPESTATUS[0]}
+    set -e
     took[$s]=$((SECONDS - start))
     sweep_mounts "$s"
     case $rc in
@@ -82,4 +89,9 @@ done
 
 printf '\n==================== fs-tests summary ====================\n'
 for s in "${suites[@]}"; do printf '  %-10s %-32s %5ss\n' "$s" "${result[$s]}" "${took[$s]}"; done
+for s in "${suites[@]}"; do
+    [[ ${result[$s]} == FAIL* ]] || continue
+    printf '\n---- %s: the last 15 lines it printed ----\n' "$s"
+    tail -n 15 -- "$OUT_DIR/$s.log" | cut -c1-300
+done
 exit "$failed"
