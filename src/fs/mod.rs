@@ -163,8 +163,8 @@ impl Default for Tuning {
             dirty_limit: 96 << 20,
             cache_bytes: 48 << 20,
             // Four desktops writing at once ran 10 % more IOPS at 10 % less CPU per I/O with
-            // 96 MiB than with 48 (the flush commits and appends cheaper; two alternated
-            // pairs, benches/README.md "Where the 4-client pool loses"), for about 40 MiB more
+            // 96 MiB than with 48 (the flush commits and appends cheaper; two runs each in one
+            // hour, benches/README.md "Where the 4-client pool loses"), for about 40 MiB more
             // peak RSS; 192 MiB gave no more.
             meta_cache_bytes: 96 << 20,
             compact_min_free: COMPACT_MIN_FREE,
